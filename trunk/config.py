@@ -110,9 +110,9 @@ PRESETS: dict[str, FamilyConfig] = {
     # Benchmarks / small real runs.
     "20m": _llama(384, 8, 6, 2, 1024, exits=(2, 4, 6), vocab=8192, seq=1024),
     "100m": _llama(768, 12, 12, 4, 2048, exits=(3, 6, 9), vocab=32000, seq=2048),
-    "1b": _llama(2048, 16, 32, 8, 5632, exits=(4, 8, 12), vocab=32000, seq=2048),
+    "1b": _llama(2048, 22, 32, 4, 5632, exits=(6, 11, 16), vocab=32000, seq=2048),  # TinyLlama-1.1B shape
     # Paper Table 1 (dense baselines) and Table 2 (families).
-    "dense-1b": _llama(2048, 16, 32, 8, 5632),
+    "dense-1b": _llama(2048, 22, 32, 4, 5632),
     "dense-2b": _llama(2048, 24, 32, 8, 8192),
     "dense-3b": _llama(2560, 28, 32, 8, 8960),
     "dense-4b": _llama(3072, 28, 24, 8, 8192),

@@ -1,0 +1,40 @@
+"""The family training loss: a weighted mean of the exits' next-token cross-entropies.
+
+L = sum_g w_g * CE_g with w_g = 1/G by default. On CUDA the kernels' fused multi-exit linear +
+cross-entropy computes it without materialising any (tokens x V) logits; elsewhere (and for tests)
+the plain PyTorch path below is the reference. This file does not choose exits or weights; the
+trainer's config does.
+
+Legend: B batch, T positions, D d_model, V vocab, N = B*T rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def exit_weights(G: int, weights=None) -> list[float]:
+    """Normalised per-exit weights; default uniform 1/G."""
+    w = [1.0] * G if weights is None else [float(x) for x in weights]
+    if len(w) != G or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"exit weights must be {G} non-negative numbers with a positive sum, got {weights}")
+    s = sum(w)
+    return [x / s for x in w]
+
+
+def family_loss(model, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, weights=None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted loss, per-exit CE of shape (G,) detached). Targets use IGNORE_INDEX for padding."""
+    G = model.cfg.G
+    w = exit_weights(G, weights)
+    feats = model.features(tokens_BT)  # G x (B, T, D)
+    targets_N = targets_BT.reshape(-1)
+    per_exit = []
+    for g, x_BTD in enumerate(feats):
+        logits_NV = F.linear(x_BTD.reshape(-1, x_BTD.shape[-1]), model.unembed_weight(g)).float()
+        per_exit.append(F.cross_entropy(logits_NV, targets_N, ignore_index=IGNORE_INDEX))
+    losses_G = torch.stack(per_exit)
+    loss = (losses_G * losses_G.new_tensor(w)).sum()
+    return loss, losses_G.detach()
