@@ -1,0 +1,113 @@
+"""Tokenizers: a built-in byte-level one and a byte-level BPE trained locally with `tokenizers`.
+
+Both expose the same small interface (encode, decode, vocab_size, bos/eos/pad ids) and save to and
+load from a checkpoint directory with a `tokenizer_config.json` that says which kind it is. Nothing
+here downloads anything; chat templates and streaming detokenisation belong to `serving/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
+CONFIG_FILE = "tokenizer_config.json"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class ByteTokenizer:
+    """ids 0..255 are bytes; 256 = bos, 257 = eos, 258 = pad."""
+
+    kind = "byte"
+    vocab_size = 259
+    bos_id, eos_id, pad_id = 256, 257, 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def files(self) -> list[str]:
+        return [CONFIG_FILE]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        _write_json(Path(directory) / CONFIG_FILE, {"type": "byte", "vocab_size": self.vocab_size})
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenisation) from the `tokenizers` library."""
+
+    kind = "bpe"
+
+    def __init__(self, tok):
+        self._tok = tok
+        ids = [tok.token_to_id(s) for s in SPECIALS]
+        if any(i is None for i in ids):
+            raise TokenizerError("BPE tokenizer lacks the special tokens " + ", ".join(SPECIALS))
+        self.bos_id, self.eos_id, self.pad_id = ids
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def files(self) -> list[str]:
+        return [CONFIG_FILE, "tokenizer.json"]
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        tmp = d / "tokenizer.json.tmp"
+        self._tok.save(str(tmp))
+        os.replace(tmp, d / "tokenizer.json")
+        _write_json(d / CONFIG_FILE, {"type": "bpe", "vocab_size": self.vocab_size})
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    d = Path(directory)
+    cfg_path = d / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise TokenizerError(f"{cfg_path}: missing tokenizer config")
+    try:
+        kind = json.loads(cfg_path.read_text())["type"]
+    except (ValueError, KeyError) as e:
+        raise TokenizerError(f"{cfg_path}: unreadable tokenizer config ({e})") from None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        from tokenizers import Tokenizer
+
+        path = d / "tokenizer.json"
+        try:
+            return BPETokenizer(Tokenizer.from_file(str(path)))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise TokenizerError(f"{path}: cannot load BPE tokenizer ({e})") from None
+    raise TokenizerError(f"{cfg_path}: unknown tokenizer type {kind!r}")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
