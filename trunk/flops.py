@@ -59,36 +59,44 @@ def param_counts(cfg: FamilyConfig) -> ParamCounts:
 
 @dataclass(frozen=True)
 class FlopBreakdown:
-    trunk_matmul: float  # per token, fwd+bwd
-    attention: float
-    heads: float         # unembeddings + branch layers + adapters + head norms
-    embedding: float
+    """Per-token training FLOPs (fwd + bwd) by kind; `matmul` is what a matmul counter sees."""
+    trunk_matmul: float  # trunk decoder layers' projections and MLPs
+    attention: float     # score and value products of trunk and branch layers (12 * d_attn * T each)
+    heads: float         # exit heads' matmuls: unembeddings, branch-layer projections, adapters
+    norms: float         # exit heads' RMSNorms
+    embedding: float     # 6 * V * d when embeddings are counted
+
+    @property
+    def matmul(self) -> float:
+        return self.trunk_matmul + self.attention + self.heads
 
     @property
     def total(self) -> float:
-        return self.trunk_matmul + self.attention + self.heads + self.embedding
+        return self.matmul + self.norms + self.embedding
 
 
 def flop_breakdown(cfg: FamilyConfig, seq_len: int | None = None, *, convention: str = "full",
                    embeddings: bool = False, heads: bool = True) -> FlopBreakdown:
     T = seq_len or cfg.max_seq_len
     d, V = cfg.d_model, cfg.vocab_size
-    d_attn = cfg.n_heads * cfg.head_dim
     emb = 6.0 * V * d if embeddings else 0.0
     if convention == "6N":
         unemb = 6.0 * d * V * cfg.G if heads else 0.0
-        return FlopBreakdown(6.0 * param_counts(cfg).non_embedding, 0.0, unemb, emb)
+        return FlopBreakdown(6.0 * param_counts(cfg).non_embedding, 0.0, unemb, 0.0, emb)
     if convention != "full":
         raise ValueError(f"unknown FLOP convention {convention!r}; use 'full' or '6N'")
-    attn_per_layer = 12.0 * d_attn * T
-    trunk = 6.0 * cfg.n_layers * _layer_matmul_params(cfg)
+    attn_per_layer = 12.0 * cfg.n_heads * cfg.head_dim * T
+    layer_mm = 6.0 * _layer_matmul_params(cfg)
+    trunk = cfg.n_layers * layer_mm
     attn = cfg.n_layers * attn_per_layer
-    head = 0.0
+    head_mm = norms = 0.0
     if heads:
-        branch = cfg.branch_layers * (6.0 * _layer_matmul_params(cfg) + attn_per_layer)
-        shallow = 6.0 * d * V + branch + 12.0 * d * cfg.adapter_rank + _NORM_FLOPS_PER_D * d
-        head = (cfg.G - 1) * shallow + 6.0 * d * V + _NORM_FLOPS_PER_D * d  # + final head
-    return FlopBreakdown(trunk, attn, head, emb)
+        n_shallow = cfg.G - 1
+        attn += n_shallow * cfg.branch_layers * attn_per_layer
+        head_mm = (cfg.G * 6.0 * d * V
+                   + n_shallow * (cfg.branch_layers * layer_mm + 12.0 * d * cfg.adapter_rank))
+        norms = cfg.G * _NORM_FLOPS_PER_D * d
+    return FlopBreakdown(trunk, attn, head_mm, norms, emb)
 
 
 def flops_per_token(cfg: FamilyConfig, seq_len: int | None = None, *, convention: str = "full",

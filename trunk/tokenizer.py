@@ -47,11 +47,15 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, tok):
+    def __init__(self, tok, special_ids: dict | None = None):
+        """`special_ids` ({"bos","eos","pad"} -> id) names specials of a foreign (e.g. Hugging Face)
+        tokenizer.json; by default our own special tokens are looked up."""
         self._tok = tok
         ids = [tok.token_to_id(s) for s in SPECIALS]
-        if any(i is None for i in ids):
-            raise TokenizerError("BPE tokenizer lacks the special tokens " + ", ".join(SPECIALS))
+        if special_ids:
+            ids = [special_ids.get(k, i) for k, i in zip(("bos", "eos", "pad"), ids)]
+        if ids[1] is None:
+            raise TokenizerError("BPE tokenizer has no end-of-sequence token (" + SPECIALS[1] + ")")
         self.bos_id, self.eos_id, self.pad_id = ids
         self.vocab_size = tok.get_vocab_size()
 
@@ -82,7 +86,8 @@ class BPETokenizer:
         tmp = d / "tokenizer.json.tmp"
         self._tok.save(str(tmp))
         os.replace(tmp, d / "tokenizer.json")
-        _write_json(d / CONFIG_FILE, {"type": "bpe", "vocab_size": self.vocab_size})
+        _write_json(d / CONFIG_FILE, {"type": "bpe", "vocab_size": self.vocab_size,
+                                      "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}})
 
 
 def load_tokenizer(directory: str | os.PathLike):
@@ -91,7 +96,8 @@ def load_tokenizer(directory: str | os.PathLike):
     if not cfg_path.is_file():
         raise TokenizerError(f"{cfg_path}: missing tokenizer config")
     try:
-        kind = json.loads(cfg_path.read_text())["type"]
+        tcfg = json.loads(cfg_path.read_text())
+        kind = tcfg["type"]
     except (ValueError, KeyError) as e:
         raise TokenizerError(f"{cfg_path}: unreadable tokenizer config ({e})") from None
     if kind == "byte":
@@ -101,7 +107,7 @@ def load_tokenizer(directory: str | os.PathLike):
 
         path = d / "tokenizer.json"
         try:
-            return BPETokenizer(Tokenizer.from_file(str(path)))
+            return BPETokenizer(Tokenizer.from_file(str(path)), tcfg.get("special_ids"))
         except Exception as e:  # the tokenizers library raises its own exception types
             raise TokenizerError(f"{path}: cannot load BPE tokenizer ({e})") from None
     raise TokenizerError(f"{cfg_path}: unknown tokenizer type {kind!r}")

@@ -1,0 +1,101 @@
+"""The model: stage forward with a KV cache equals the full forward; configs and checkpoints fail clearly."""
+import pytest
+import torch
+
+from trunk import ConfigError, FamilyConfig, FamilyModel, KVCache, get_preset
+from trunk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trunk.kv_cache import CacheError
+from trunk.tokenizer import ByteTokenizer
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return FamilyModel(get_preset("tiny").replace(**kw)).eval()
+
+
+@pytest.mark.parametrize("kw", [{}, {"branch_layers": 1, "adapter_rank": 4, "exit_unembed": "own"},
+                                {"qkv_bias": True, "tie_embeddings": False, "n_kv_heads": 4}])
+def test_staged_chunks_equal_full_forward(kw):
+    model = _model(**kw)
+    cfg = model.cfg
+    tokens = torch.randint(0, cfg.vocab_size, (2, 23))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache()
+        got = [[] for _ in range(cfg.G)]
+        for a, b in [(0, 9), (9, 10), (10, 17), (17, 23)]:  # prompt, one token, chunks
+            h = model.embed_tokens(tokens[:, a:b])
+            layer = 0
+            for g, depth in enumerate(cfg.exits):
+                h = model.run_layers(h, layer, depth, a, cache)
+                layer = depth
+                got[g].append(model.exit_logits(g, h, a, cache))
+    for g in range(cfg.G):
+        assert (torch.cat(got[g], 1) - full[g]).abs().max() < 1e-5
+
+
+def test_exit_subset_and_shapes():
+    model = _model()
+    x = torch.randint(0, 259, (3, 11))
+    out = model(x, exits=[2, 0])
+    assert [o.shape for o in out] == [(3, 11, 259)] * 2
+    assert torch.allclose(out[1], model(x)[2])
+    with pytest.raises(ValueError):
+        model(x, exits=[3])
+
+
+def test_cache_rejects_gaps_and_limits():
+    model = _model()
+    cache = KVCache(max_tokens=8)
+    h = model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))
+    model.run_layers(h, 0, 1, 0, cache)
+    with pytest.raises(CacheError, match="position 6"):
+        model.run_layers(h, 0, 1, 6, cache)
+    with pytest.raises(CacheError, match="limit"):
+        model.run_layers(model.embed_tokens(torch.zeros(1, 5, dtype=torch.long)), 0, 1, 4, cache)
+
+
+@pytest.mark.parametrize("bad,msg", [({"exit_layers": (4,)}, "exit layers"), ({"exit_layers": (2, 1)}, "increasing"),
+                                     ({"n_kv_heads": 3}, "multiple"), ({"exit_unembed": "x"}, "exit_unembed")])
+def test_bad_configs(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        get_preset("tiny").replace(**bad)
+
+
+def test_config_round_trip_and_presets():
+    cfg = FamilyConfig.from_dict({"preset": "family-4b"})
+    assert cfg.exit_layers == (4, 16, 18) and cfg.G == 4
+    assert FamilyConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown preset"):
+        FamilyConfig.from_dict({"preset": "nope"})
+    with pytest.raises(ConfigError, match="unknown model config field"):
+        FamilyConfig.from_dict({"preset": "tiny", "depth": 3})
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    model = _model(branch_layers=1)
+    save_checkpoint(tmp_path / "c", model, ByteTokenizer(), exit_val_loss=[3.0, 2.5, 2.0], dtype="float16")
+    loaded, tok, meta = load_checkpoint(tmp_path / "c")
+    assert [e["val_loss"] for e in meta["exits"]] == [3.0, 2.5, 2.0]
+    x = torch.randint(0, 259, (1, 7))
+    with torch.no_grad():
+        ref = model.half().float()(x)[-1]
+        assert (loaded(x)[-1] - ref).abs().max() < 1e-4
+    # a checkpoint of another architecture
+    other = FamilyModel(get_preset("tiny").replace(d_ff=128, branch_layers=1))
+    save_checkpoint(tmp_path / "o", other, ByteTokenizer(), dtype="float16")
+    (tmp_path / "o" / "family.json").write_text((tmp_path / "c" / "family.json").read_text())
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(tmp_path / "o")
+    # truncated weights
+    w = tmp_path / "c" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(tmp_path / "c")
+    # foreign directory
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "family.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match="not a familial checkpoint"):
+        load_checkpoint(tmp_path / "f")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing")
