@@ -1,0 +1,265 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+INT8: DType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "scales")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    scales: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ExitPolicy(_message.Message):
+    __slots__ = ("kind", "threshold")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FIXED: _ClassVar[ExitPolicy.Kind]
+        MAX_PROB: _ClassVar[ExitPolicy.Kind]
+        ENTROPY: _ClassVar[ExitPolicy.Kind]
+        MARGIN: _ClassVar[ExitPolicy.Kind]
+    FIXED: ExitPolicy.Kind
+    MAX_PROB: ExitPolicy.Kind
+    ENTROPY: ExitPolicy.Kind
+    MARGIN: ExitPolicy.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    kind: ExitPolicy.Kind
+    threshold: float
+    def __init__(self, kind: _Optional[_Union[ExitPolicy.Kind, str]] = ..., threshold: _Optional[float] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ExitConfidence(_message.Message):
+    __slots__ = ("exit", "max_prob", "entropy", "margin")
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROB_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    exit: int
+    max_prob: float
+    entropy: float
+    margin: float
+    def __init__(self, exit: _Optional[int] = ..., max_prob: _Optional[float] = ..., entropy: _Optional[float] = ..., margin: _Optional[float] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("session_id", "max_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class OpenSessionReply(_message.Message):
+    __slots__ = ("session_id", "max_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "pos", "tokens", "hidden", "pending", "max_exit", "policy", "sampling", "fill_only")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXIT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    pos: int
+    tokens: TokenIds
+    hidden: Tensor
+    pending: int
+    max_exit: int
+    policy: ExitPolicy
+    sampling: Sampling
+    fill_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pending: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ...) -> None: ...
+
+class TierTiming(_message.Message):
+    __slots__ = ("tier", "compute_ms")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    compute_ms: float
+    def __init__(self, tier: _Optional[str] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class HopTiming(_message.Message):
+    __slots__ = ("src", "dst", "net_ms")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    NET_MS_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    dst: str
+    net_ms: float
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., net_ms: _Optional[float] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("request_id", "token", "exit", "tier", "confidence", "degraded", "reason", "tiers", "hops", "length", "total_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: int
+    exit: int
+    tier: str
+    confidence: _containers.RepeatedCompositeFieldContainer[ExitConfidence]
+    degraded: bool
+    reason: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierTiming]
+    hops: _containers.RepeatedCompositeFieldContainer[HopTiming]
+    length: int
+    total_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionReply(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "length", "kv_bytes", "log_bytes", "acked", "idle_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    length: int
+    kv_bytes: int
+    log_bytes: int
+    acked: int
+    idle_s: float
+    def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., log_bytes: _Optional[int] = ..., acked: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("tier", "exits", "start_layer", "stop_layer", "sessions", "total_bytes", "max_sessions", "max_tokens", "max_total_bytes", "evicted", "served", "next")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    EXITS_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    STOP_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    exits: _containers.RepeatedScalarFieldContainer[int]
+    start_layer: int
+    stop_layer: int
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    total_bytes: int
+    max_sessions: int
+    max_tokens: int
+    max_total_bytes: int
+    evicted: int
+    served: int
+    next: str
+    def __init__(self, tier: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., evicted: _Optional[int] = ..., served: _Optional[int] = ..., next: _Optional[str] = ...) -> None: ...
+
+class FamilyInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExitInfo(_message.Message):
+    __slots__ = ("index", "layer", "val_loss")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    layer: int
+    val_loss: float
+    def __init__(self, index: _Optional[int] = ..., layer: _Optional[int] = ..., val_loss: _Optional[float] = ...) -> None: ...
+
+class TierInfo(_message.Message):
+    __slots__ = ("tier", "start_layer", "stop_layer", "exits", "onnx", "address", "wire_dtype")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    STOP_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXITS_FIELD_NUMBER: _ClassVar[int]
+    ONNX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    start_layer: int
+    stop_layer: int
+    exits: _containers.RepeatedCompositeFieldContainer[ExitInfo]
+    onnx: bool
+    address: str
+    wire_dtype: str
+    def __init__(self, tier: _Optional[str] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., exits: _Optional[_Iterable[_Union[ExitInfo, _Mapping]]] = ..., onnx: _Optional[bool] = ..., address: _Optional[str] = ..., wire_dtype: _Optional[str] = ...) -> None: ...
+
+class FamilyInfoReply(_message.Message):
+    __slots__ = ("tiers", "n_exits", "complete")
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    N_EXITS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierInfo]
+    n_exits: int
+    complete: bool
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ..., n_exits: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
