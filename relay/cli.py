@@ -1,0 +1,131 @@
+"""Launching a relay node: argparse flags, a blocking `run_node(args)` and an in-process `start_node`.
+
+`familial-serve --tier device|edge|cloud --shards DIR [--next HOST:PORT] [--port N] [--tls-...]`
+(serving/) calls `add_node_args` and `run_node`; tests call `start_node`, which returns a handle with
+`.port` and `async .stop()`. `python3 -m relay.cli ...` runs a node without the serving package.
+This file only turns flags into a stage, a NodeConfig and TLS settings; the node is `relay/node.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import torch
+
+from relay.node import NodeConfig, NodeHandle, serve
+from relay.session import Limits
+from relay.types import TLSConfig
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) -> argparse.ArgumentParser:
+    """Node flags. Pass include_tier=False when the caller defines --tier itself."""
+    if include_tier:
+        parser.add_argument("--tier", required=True, help="tier name in the shard manifest (device, edge, cloud)")
+    g = parser.add_argument_group("relay node")
+    g.add_argument("--shards", help="stage-shard directory written by `familial-deploy split`")
+    g.add_argument("--next", default=None, metavar="HOST:PORT", help="next (deeper) tier to relay to")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=50051, help="port to listen on (0 = any free port)")
+    g.add_argument("--device", default="cpu", help="torch device for the stage")
+    g.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="compute dtype (default: the shards')")
+    g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the shards (shapes are still checked)")
+    g.add_argument("--onnx", action="store_true", help="run this tier on ONNX Runtime (device tier, after `familial-deploy export-onnx`)")
+    g.add_argument("--max-sessions", type=int, default=64, help="live sessions; one more evicts the least recently used")
+    g.add_argument("--max-tokens", type=int, default=4096, help="positions per session (capped by the model's max_seq_len)")
+    g.add_argument("--max-total-mb", type=float, default=4096, help="KV caches + boundary logs of all sessions, MiB")
+    g.add_argument("--idle-timeout-s", type=float, default=600, help="close sessions unused this long")
+    g.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
+                   help="hidden states sent to --next; auto = compute dtype (lossless, exact)")
+    g.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message either way, MiB")
+    g.add_argument("--deadline-margin-ms", type=float, default=25,
+                   help="time kept back from the caller's deadline to answer degraded if --next is late")
+    g.add_argument("--next-timeout-s", type=float, default=30, help="deadline for --next when the caller set none")
+    g.add_argument("--inject-delay-ms", type=float, default=0, help="TEST ONLY: add this much to every Forward here")
+    t = parser.add_argument_group("relay TLS")
+    t.add_argument("--tls-cert", help="PEM certificate this node serves with (enables TLS)")
+    t.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    t.add_argument("--tls-ca", help="PEM CA bundle: verifies client certificates, and --next's certificate")
+    t.add_argument("--require-client-cert", action="store_true", help="mutual TLS: refuse clients without a cert from --tls-ca")
+    t.add_argument("--next-tls-ca", help="CA for --next (default: --tls-ca)")
+    t.add_argument("--next-tls-cert", help="client certificate for --next (default: --tls-cert)")
+    t.add_argument("--next-tls-key", help="client key for --next (default: --tls-key)")
+    t.add_argument("--next-server-name", help="name to check in --next's certificate (default: its host)")
+    t.add_argument("--next-plaintext", action="store_true", help="dial --next without TLS even if this node serves TLS")
+    return parser
+
+
+def tls_from_args(args) -> tuple[TLSConfig | None, TLSConfig | None]:
+    server = TLSConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key) if args.tls_cert else None
+    ca = args.next_tls_ca or args.tls_ca
+    nxt = None
+    if args.next and ca and not args.next_plaintext:
+        nxt = TLSConfig(ca=ca, cert=args.next_tls_cert or args.tls_cert, key=args.next_tls_key or args.tls_key,
+                        server_name=args.next_server_name)
+    return server, nxt
+
+
+def load_stage(shards: str, tier: str, *, onnx: bool = False, device: str = "cpu", dtype: str | None = None,
+               verify: bool = True):
+    if not shards:
+        raise SystemExit("--shards DIR is required")
+    if onnx:
+        from deploy.onnx_export import OnnxTierStage
+        return OnnxTierStage(shards, tier)
+    from deploy.shards import load_tier
+    return load_tier(shards, tier, device=device, dtype=_DTYPES[dtype] if dtype else None, verify=verify)
+
+
+def config_from_args(args, next_tls: TLSConfig | None) -> NodeConfig:
+    return NodeConfig(next=args.next, next_tls=next_tls,
+                      limits=Limits(max_sessions=args.max_sessions, max_tokens=args.max_tokens,
+                                    max_total_bytes=int(args.max_total_mb * 2**20), idle_timeout_s=args.idle_timeout_s),
+                      wire_dtype=args.wire_dtype, max_message_bytes=int(args.max_message_mb * 2**20),
+                      deadline_margin_ms=args.deadline_margin_ms, next_timeout_s=args.next_timeout_s,
+                      inject_delay_ms=args.inject_delay_ms, onnx=args.onnx)
+
+
+async def start_node(shards: str | None = None, tier: str | None = None, *, stage=None, host: str = "127.0.0.1",
+                     port: int = 0, tls: TLSConfig | None = None, require_client_cert: bool = False,
+                     onnx: bool = False, verify: bool = True, **config) -> NodeHandle:
+    """In-process node (tests). `stage` overrides loading from `shards`; `config` are NodeConfig fields
+    (next=, next_tls=, limits=, wire_dtype=, inject_delay_ms=, ...)."""
+    if stage is None:
+        stage = load_stage(shards, tier, onnx=onnx, verify=verify)
+    return await serve(stage, NodeConfig(onnx=onnx, **config), host=host, port=port, tls=tls,
+                       require_client_cert=require_client_cert)
+
+
+async def _serve_until_signal(args) -> None:
+    tls, next_tls = tls_from_args(args)
+    stage = load_stage(args.shards, args.tier, onnx=args.onnx, device=args.device, dtype=args.dtype,
+                       verify=not args.no_verify)
+    handle = await serve(stage, config_from_args(args, next_tls), host=args.host, port=args.port, tls=tls,
+                         require_client_cert=args.require_client_cert)
+    logging.getLogger("familial.relay").warning(
+        "tier %s (layers %d..%d, exits %s) serving on %s:%d%s%s", stage.tier, stage.start_layer, stage.stop_layer,
+        stage.exits, args.host, handle.port, " with TLS" if tls else "", f", next {args.next}" if args.next else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await handle.stop(grace=1.0)
+
+
+def run_node(args) -> None:
+    """Blocking: serve until SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve_until_signal(args))
+
+
+def main(argv=None) -> None:
+    run_node(add_node_args(argparse.ArgumentParser(prog="python3 -m relay.cli",
+                                                   description="Run one relay tier node.")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
