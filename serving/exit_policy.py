@@ -1,0 +1,183 @@
+"""Exit choice by latency budget: per-tier latency models and the planner that reads them.
+
+Latency model. A step sends n_t new positions to each tier t on the exit's path (the prompt on the first
+step; one token later; more when a deeper tier catches up on pending positions). Its predicted time is
+
+    step_ms(g) = sum_{t in path(g)} [decode_ms_t + prefill_ms_per_token_t * (n_t - 1)]
+               + sum_{links on path(g)} rtt_ms_link + overhead_ms
+
+where `overhead_ms` is what the tiers do not report (router <-> head round trip, serialisation, event
+loop). Each term is an EWMA (weight `alpha` on the newest sample) fed by the per-tier timings of every
+step; `calibrate` seeds them from a few warm-up forwards per exit at start-up.
+
+Quality. Each exit's measured validation loss (family.json, lower is better); exits without one rank
+by depth. The planner picks the best-quality exit whose predicted request time fits `margin * remaining`
+budget; when none fits it answers from the shallowest exit and flags the request infeasible. During
+generation `replan` steps down to a shallower exit when the rest of the request, at the current exit,
+no longer fits the remaining budget. It never steps up: deeper tiers would have to catch up on every
+position they skipped.
+
+This file does no I/O and knows nothing of HTTP or gRPC.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExitInfo:
+    index: int                       # exit index g (0 = shallowest)
+    layer: int                       # trunk depth it reads
+    tier: str                        # tier that holds it
+    val_loss: float | None = None    # measured validation loss (lower is better)
+
+
+@dataclass
+class TierCost:
+    decode_ms: float = 1.0               # one new position
+    prefill_ms_per_token: float = 0.05   # each further position in the same step
+    samples: int = 0
+
+    def step_ms(self, n: int) -> float:
+        return self.decode_ms + self.prefill_ms_per_token * max(0, n - 1)
+
+
+def _ewma(old: float, new: float, alpha: float, first: bool) -> float:
+    return new if first else (1 - alpha) * old + alpha * new
+
+
+@dataclass
+class LatencyModel:
+    """Per-tier compute costs, per-link round trips and the router-side overhead, all EWMAs (ms)."""
+    tiers: list[str]                                   # chain order, head first
+    alpha: float = 0.2
+    cost: dict[tuple[str, int], TierCost] = field(default_factory=dict)  # (tier, deepest exit used there)
+    links: dict[str, float] = field(default_factory=dict)                # "device->edge" -> ms
+    overhead_ms: float = 0.5
+    overhead_samples: int = 0
+
+    def _cost(self, tier: str, g: int) -> TierCost:
+        return self.cost.setdefault((tier, g), TierCost())
+
+    def observe(self, work: dict[str, tuple[int, int]], timings: dict[str, float], wall_ms: float) -> None:
+        """Fold one step in. work: tier -> (deepest exit run there, positions it processed)."""
+        reported = 0.0
+        for tier, (g, n) in work.items():
+            ms = timings.get(tier)
+            if ms is None or n <= 0:
+                continue
+            reported += ms
+            c = self._cost(tier, g)
+            first = c.samples == 0
+            if n == 1:
+                c.decode_ms = _ewma(c.decode_ms, ms, self.alpha, first)
+            else:
+                per = max(0.0, ms - c.decode_ms) / (n - 1)
+                c.prefill_ms_per_token = _ewma(c.prefill_ms_per_token, per, self.alpha, first)
+            c.samples += 1
+        for key, ms in timings.items():
+            if key.startswith("net:"):
+                link = key[4:]
+                self.links[link] = _ewma(self.links.get(link, ms), ms, self.alpha, link not in self.links)
+                reported += ms
+        over = max(0.0, wall_ms - reported)
+        self.overhead_ms = _ewma(self.overhead_ms, over, self.alpha, self.overhead_samples == 0)
+        self.overhead_samples += 1
+
+    def step_ms(self, exit: ExitInfo, work: dict[str, int], exits_by_tier: dict[str, int]) -> float:
+        """Predicted wall time of one step to `exit`; work: tier -> positions it must process."""
+        path = self.tiers[: self.tiers.index(exit.tier) + 1]
+        ms = self.overhead_ms
+        for i, tier in enumerate(path):
+            g = exit.index if tier == exit.tier else exits_by_tier[tier]
+            ms += self._cost(tier, g).step_ms(work.get(tier, 1))
+            if i:
+                ms += self.links.get(f"{path[i - 1]}->{tier}", 0.0)
+        return ms
+
+
+@dataclass
+class Plan:
+    exit: int
+    predicted_ms: float
+    infeasible: bool = False
+
+
+class ExitPlanner:
+    def __init__(self, exits: list[ExitInfo], tiers: list[str], *, margin: float = 0.85, alpha: float = 0.2):
+        self.exits = sorted(exits, key=lambda e: e.index)
+        self.tiers = tiers
+        self.margin = margin
+        self.model = LatencyModel(tiers, alpha=alpha)
+        # best quality first: lowest val loss; unknown losses rank by depth, deepest first
+        self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
+        self._deepest_on = {t: max(e.index for e in self.exits if e.tier == t) for t in {e.tier for e in self.exits}}
+
+    # ---- prediction ----------------------------------------------------------------------------
+    def predict_ms(self, g: int, prompt_tokens: int, new_tokens: int) -> float:
+        """Whole request at exit g: prefill + first token, then new_tokens - 1 decode steps."""
+        e = self.exits[g]
+        path = self.tiers[: self.tiers.index(e.tier) + 1]
+        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self._deepest_on)
+        rest = self.model.step_ms(e, {}, self._deepest_on) * max(0, new_tokens - 1)
+        return first + rest
+
+    def decode_ms(self, g: int) -> float:
+        return self.model.step_ms(self.exits[g], {}, self._deepest_on)
+
+    # ---- decisions -----------------------------------------------------------------------------
+    def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> Plan:
+        """Best exit for a whole request given the budget left (None = no budget: best quality)."""
+        best = self.by_quality[0]
+        if budget_ms is None:
+            return Plan(best.index, self.predict_ms(best.index, prompt_tokens, new_tokens))
+        for e in self.by_quality:
+            ms = self.predict_ms(e.index, prompt_tokens, new_tokens)
+            if ms <= self.margin * budget_ms:
+                return Plan(e.index, ms)
+        g = self.exits[0].index
+        return Plan(g, self.predict_ms(g, prompt_tokens, new_tokens), infeasible=True)
+
+    def replan(self, current: int, remaining_ms: float, tokens_left: int) -> Plan | None:
+        """A shallower exit if the rest of the request no longer fits at `current`; else None."""
+        if tokens_left <= 0 or self.decode_ms(current) * tokens_left <= remaining_ms:
+            return None
+        for e in self.by_quality:
+            if e.index >= current:
+                continue
+            ms = self.decode_ms(e.index) * tokens_left
+            if ms <= self.margin * remaining_ms:
+                return Plan(e.index, ms)
+        g = self.exits[0].index
+        if g == current:
+            return None
+        return Plan(g, self.decode_ms(g) * tokens_left, infeasible=True)
+
+    def observe(self, work: dict[str, tuple[int, int]], timings: dict[str, float], wall_ms: float) -> None:
+        self.model.observe(work, timings, wall_ms)
+
+    def snapshot(self) -> dict:
+        """The current model, for /v1/models and logs."""
+        return {
+            "tiers": {f"{t}@exit{g}": {"decode_ms": round(c.decode_ms, 3),
+                                       "prefill_ms_per_token": round(c.prefill_ms_per_token, 4),
+                                       "samples": c.samples} for (t, g), c in self.model.cost.items()},
+            "links_ms": {k: round(v, 3) for k, v in self.model.links.items()},
+            "overhead_ms": round(self.model.overhead_ms, 3),
+        }
+
+
+def work_for_step(exit: ExitInfo, tiers: list[str], deepest_on: dict[str, int], seen: dict[str, int],
+                  end_pos: int) -> dict[str, tuple[int, int]]:
+    """tier -> (deepest exit run there, positions it processes) for a step ending at end_pos."""
+    path = tiers[: tiers.index(exit.tier) + 1]
+    return {t: (exit.index if t == exit.tier else deepest_on[t], end_pos - seen.get(t, 0)) for t in path}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]

@@ -1,0 +1,262 @@
+"""Pydantic models of the HTTP API: OpenAI's completions / chat completions schema plus our extensions.
+
+Fields follow OpenAI's order. Everything Familial adds sits in one block marked "Familial extensions"
+in each model, so a reader can see at a glance what the `openai` client sends and what it does not
+know about (it keeps unknown response fields in `model_extra`, and sends ours through `extra_body`).
+Only the parameters we honour are modelled; unknown request fields are ignored (as vLLM does) except
+`n`, which must be 1. This file holds no logic beyond field validation.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(OpenAIModel):
+    error: ErrorInfo
+
+
+# ---- shared pieces --------------------------------------------------------------------------------
+
+class StreamOptions(OpenAIModel):
+    include_usage: Optional[bool] = False
+
+
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+ExitChoice = Union[int, str]  # "auto" | exit index | tier name
+
+
+class _SamplingFields(OpenAIModel):
+    """Validation shared by both request kinds (the fields themselves are declared in OpenAI order)."""
+
+    @field_validator("n", check_fields=False)
+    @classmethod
+    def _only_n1(cls, v):
+        if v is not None and v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stop_list(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else list(v)
+        if len(v) > 4 or any(not s for s in v):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+
+# ---- /v1/completions ------------------------------------------------------------------------------
+
+class CompletionRequest(_SamplingFields):
+    model: Optional[str] = None
+    prompt: Union[str, list[str], list[int]]
+    max_tokens: Optional[int] = Field(16, ge=1)
+    n: Optional[int] = 1
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None
+    # ---- Familial extensions (not in the OpenAI schema) ----
+    latency_budget_ms: Optional[float] = Field(None, gt=0)  # whole request, arrival to last token
+    exit: ExitChoice = "auto"                               # "auto" | exit index | tier name
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------------
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: Optional[str] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: Optional[int] = 1
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    user: Optional[str] = None
+    # ---- Familial extensions (not in the OpenAI schema) ----
+    latency_budget_ms: Optional[float] = Field(None, gt=0)
+    exit: ExitChoice = "auto"
+
+
+# ---- Familial extension object on responses -------------------------------------------------------
+
+class LatencySplit(OpenAIModel):
+    """Milliseconds, summed over the request's steps. `network` = hops between tiers + router<->head."""
+    queue: float = 0.0
+    device: float = 0.0
+    network: float = 0.0
+    edge: float = 0.0
+    cloud: float = 0.0
+    total: float = 0.0
+
+
+class Replan(OpenAIModel):
+    at_token: int          # index of the first completion token produced by the new exit
+    from_exit: int
+    to_exit: int
+    reason: str
+
+
+class FamilialInfo(OpenAIModel):
+    """`choice.familial`: which exit and tier produced each token (of this chunk, when streaming).
+
+    The summary fields are filled on non-streaming choices and on the streamed chunk that carries
+    `finish_reason`.
+    """
+    exits: list[int] = []
+    tiers: list[str] = []
+    exit_requested: Optional[ExitChoice] = None
+    latency_budget_ms: Optional[float] = None
+    budget_met: Optional[bool] = None
+    infeasible: Optional[bool] = None     # no exit was predicted to fit the budget; answered from the shallowest
+    replans: Optional[list[Replan]] = None
+    degraded: Optional[bool] = None       # a tier failed; some tokens came from a shallower exit than asked
+    degraded_reasons: Optional[list[str]] = None
+    latency_ms: Optional[LatencySplit] = None
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+class CompletionChoice(OpenAIModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    # ---- Familial extensions ----
+    familial: Optional[FamilialInfo] = None
+
+
+class CompletionResponse(OpenAIModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ChatResponseMessage(OpenAIModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+
+
+class ChatCompletionChoice(OpenAIModel):
+    index: int = 0
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    # ---- Familial extensions ----
+    familial: Optional[FamilialInfo] = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class DeltaMessage(OpenAIModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionChunkChoice(OpenAIModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    # ---- Familial extensions ----
+    familial: Optional[FamilialInfo] = None
+
+
+class ChatCompletionChunk(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# Streamed completions reuse CompletionResponse (OpenAI streams "text_completion" objects too).
+
+
+# ---- /v1/models -----------------------------------------------------------------------------------
+
+class ExitCard(OpenAIModel):
+    index: int
+    layer: int
+    tier: str
+    val_loss: Optional[float] = None
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "familial"
+    # ---- Familial extensions ----
+    exits: list[ExitCard] = []
+    tiers: list[str] = []
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

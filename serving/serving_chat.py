@@ -1,0 +1,69 @@
+"""POST /v1/chat/completions: messages in, one assistant message out, whole or as SSE chunks.
+
+Chat template (the built-in tokenizers have no chat tokens, so it is plain text): each message becomes
+one line `"<Role>: <content>\n"` with Role in System / User / Assistant (a "developer" message counts as
+System), and the prompt ends with `"Assistant:"`. Generation also stops at `"\nUser:"` so the model does
+not write the next user turn. `render_chat` is the one place that knows this.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
+                              ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
+                              DeltaMessage, FamilialInfo, random_id)
+from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump
+
+ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"
+
+
+def render_chat(messages: list[ChatMessage]) -> str:
+    lines = [f"{ROLE_NAMES[m.role]}: {m.text()}\n" for m in messages]
+    return "".join(lines) + "Assistant:"
+
+
+class OpenAIServingChat(OpenAIServing):
+    endpoint = "chat.completions"
+
+    async def create(self, req: ChatCompletionRequest, arrival_s: float, is_disconnected):
+        name = check_model(self.settings, self.engine, req.model)
+        prompt = self.engine.tokenizer.encode(render_chat(req.messages))
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
+        run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), CHAT_STOP], exit_requested=req.exit)
+        stack = contextlib.AsyncExitStack()
+        try:
+            await self.admit(stack, run)
+        except BaseException:
+            await stack.aclose()
+            raise
+        if req.stream:
+            return self.sse(stack, run, *self._chunkers(run, name, req))
+        async with stack:
+            text, _ = await self.collect(run, is_disconnected)
+        resp = ChatCompletionResponse(model=name, usage=run.usage(), choices=[ChatCompletionChoice(
+            message=ChatResponseMessage(content=text), finish_reason=run.finish_reason,
+            familial=run.summary(run.exits, run.tiers))])
+        return dump(resp)
+
+    def _chunkers(self, run: RequestRun, name: str, req: ChatCompletionRequest):
+        rid, created = random_id("chatcmpl"), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        first = [True]
+
+        def chunk(d):
+            last = d.finish_reason is not None
+            fam = run.summary(d.exits, d.tiers) if last else FamilialInfo(exits=d.exits, tiers=d.tiers)
+            delta = DeltaMessage(role="assistant" if first[0] else None, content=d.text)
+            first[0] = False
+            return ChatCompletionChunk(id=rid, created=created, model=name,
+                                       usage=run.usage() if last and not include_usage else None,
+                                       choices=[ChatCompletionChunkChoice(delta=delta, finish_reason=d.finish_reason,
+                                                                          familial=fam)])
+
+        def usage_chunk():
+            return ChatCompletionChunk(id=rid, created=created, model=name, choices=[], usage=run.usage())
+
+        return chunk, (usage_chunk if include_usage else None)
