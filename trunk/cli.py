@@ -1,0 +1,197 @@
+"""`familial-train`: the command line of the data preparer and the trainer.
+
+    familial-train prepare INPUT... --out DIR [--tokenizer byte|bpe --vocab-size N]
+    familial-train [train] --config run.yaml [--flag value ...]
+
+A config file (YAML or JSON) is {"model": {FamilyConfig fields, or "preset": NAME plus overrides},
+"train": {TrainConfig fields}}; flags override it. Every user error (bad config, missing data, budget
+too small) ends as one line on stderr and exit code 2, never a traceback. This file only parses and
+reports; the work is in `trunk/data.py` and `trunk/train.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from trunk.checkpoint import CheckpointError
+from trunk.config import ConfigError, FamilyConfig
+from trunk.data import DEFAULT_EXTS, DataError
+from trunk.tokenizer import TokenizerError
+from trunk.train import TrainConfig, TrainError
+
+PROG = "familial-train"
+USER_ERRORS = (ConfigError, TrainError, DataError, CheckpointError, TokenizerError)
+_BUDGET = ("steps", "tokens", "flops")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
+        raise UsageError(message)
+
+
+def _prepare_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards",
+                       description="Tokenize text into memory-mapped token shards with a held-out validation split.")
+    p.add_argument("inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
+    p.add_argument("--out", required=True, help="output data directory (shards, index.json, tokenizer files)")
+    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
+                   help="built-in byte-level tokenizer, or a byte-level BPE trained here on the train split")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size, special tokens included (bpe only)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
+    p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="comma-separated file extensions read from folders")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip folder entries whose path relative to the folder matches GLOB (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file before starting a new one")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a family (the default subcommand)",
+                       description="Train a familial model: weighted mean of exit cross-entropies, AdamW, "
+                                   "warmup + cosine. Run under torchrun for DDP.")
+    p.add_argument("--config", help="YAML or JSON file {model: {...}, train: {...}}; flags override it")
+    g = p.add_argument_group("model (override the config's model section)")
+    g.add_argument("--preset", help="start the model from this named preset (trunk/config.py PRESETS)")
+    g.add_argument("--exit-layers", help="comma-separated shallow exit layers, e.g. 2,4 ('' = no shallow exits)")
+    g.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any FamilyConfig field, value parsed as JSON when it can be (repeatable)")
+    g = p.add_argument_group("training (override the config's train section)")
+    for f in dataclasses.fields(TrainConfig):
+        kw = {"help": f.metadata["help"], "default": None, "dest": f.name}
+        if f.type in ("bool", bool):
+            g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "exit_weights":
+            g.add_argument(_flag(f.name), type=float, nargs="+", **kw)
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            g.add_argument(_flag(f.name), type=typ, **kw)
+    return p
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = _Parser(prog=PROG, description="Prepare data for and train familial (multi-exit) language models. "
+                                            "With no subcommand, `train` is assumed.")
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train}", parser_class=_Parser)
+    return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub)}
+
+
+# ---- config assembly ---------------------------------------------------------------------------
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainError(f"{path}: config file not found")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            cfg = yaml.safe_load(text) or {}
+        else:
+            cfg = json.loads(text)
+    except Exception as e:  # yaml and json raise different types; both mean "unparseable"
+        raise TrainError(f"{path}: cannot parse config ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise TrainError(f"{path}: config must be a mapping with 'model' and 'train' sections")
+    unknown = sorted(set(cfg) - {"model", "train"})
+    if unknown:
+        raise TrainError(f"{path}: unknown config section(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    for k in ("model", "train"):
+        if not isinstance(cfg.get(k, {}), dict):
+            raise TrainError(f"{path}: '{k}' must be a mapping")
+    return cfg
+
+
+def _model_overrides(args) -> dict:
+    over = {}
+    if args.preset:
+        over["preset"] = args.preset
+    if args.exit_layers is not None:
+        over["exit_layers"] = [int(x) for x in args.exit_layers.split(",") if x.strip()]
+    for kv in args.model:
+        if "=" not in kv:
+            raise TrainError(f"--model expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            over[k] = json.loads(v)
+        except ValueError:
+            over[k] = v
+    return over
+
+
+def resolve_configs(args) -> tuple[FamilyConfig, TrainConfig]:
+    file_cfg = load_config_file(args.config) if args.config else {}
+    model = dict(file_cfg.get("model", {}))
+    over = _model_overrides(args)
+    model.update(over)  # a --preset flag keeps the file's explicit fields as overrides
+    mcfg = FamilyConfig.from_dict(model)
+    train = dict(file_cfg.get("train", {}))
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    if any(k in flags for k in _BUDGET):  # a budget flag replaces the file's budget
+        for k in _BUDGET:
+            train.pop(k, None)
+    train.update(flags)
+    return mcfg, TrainConfig.from_dict(train)
+
+
+# ---- entry -------------------------------------------------------------------------------------
+
+def _run(argv: list[str]) -> int:
+    parser, subs = build_parser()
+    if argv in (["-h"], ["--help"]):
+        parser.print_help()
+        for name, p in subs.items():
+            print(f"\n{'=' * 20} {PROG} {name} {'=' * 20}")
+            p.print_help()
+        return 0
+    if not argv or argv[0] not in subs:
+        argv = ["train", *argv]
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        from trunk.data import prepare
+
+        exts = tuple(e if e.startswith(".") else "." + e for e in args.ext.split(",") if e)
+        index = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                        val_fraction=args.val_fraction, exts=exts, exclude=tuple(args.exclude), seed=args.seed,
+                        shard_tokens=args.shard_tokens, progress=not args.no_progress)
+        s = index["splits"]
+        print(f"{args.out}: {s['train']['tokens']} train + {s['val']['tokens']} val tokens "
+              f"({s['train']['documents']} + {s['val']['documents']} documents), {index['tokenizer']['type']} "
+              f"vocab {index['vocab_size']}")
+        return 0
+    from trunk.train import train
+
+    mcfg, tcfg = resolve_configs(args)
+    rec = train(mcfg, tcfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        losses = ", ".join(f"{v:.4f}" for v in rec["exit_val_loss"])
+        print(f"{tcfg.out}: {rec['steps']} steps, D={rec['D']}, exit val loss [{losses}]")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except (UsageError, *USER_ERRORS) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The family trainer: AdamW + warmup/cosine on the weighted mean of exit cross-entropies.
+
+One process or many (`torchrun`, DDP: gloo on CPU, nccl on CUDA). The global batch is
+batch_size * grad_accum * world_size sequences of seq_len tokens; step s consumes global samples
+[s*GB, (s+1)*GB) of the data sampler (`trunk/data.py`), rank r taking micro-batch m's slice
+[(m*world + r)*B, (m*world + r + 1)*B). So a 2-process run sees exactly the batches of a 1-process
+run with twice the batch size, and the whole data position is the step number.
+
+Outputs under `out`:
+    model.safetensors + family.json + tokenizer files   the checkpoint (trunk/checkpoint.py)
+    trainer_state.pt    fp32 weights, optimizer, step, RNG states, data cursor: exact resume
+    metrics.jsonl       one line per logged step / evaluation
+    runs.jsonl          one run record per finished run (schema: docs/run-record.md)
+Checkpoint and trainer state are each written atomically; family.json and trainer_state.pt carry the
+step, and resume refuses a pair that disagrees. The CLI (argparse, config files) lives in
+`trunk/cli.py`; this file takes dataclasses.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trunk.checkpoint import read_meta, save_checkpoint
+from trunk.config import FamilyConfig
+from trunk.data import DataError, TokenData
+from trunk.flops import flops_per_token, param_counts, tokens_for_budget
+from trunk.loss import exit_weights, family_loss
+from trunk.model import FamilyModel
+
+RUN_SCHEMA = "familial.run/v1"
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run; one line naming the field or file."""
+
+
+def _opt(default, help: str):
+    """A TrainConfig field; `help` is its comment and its CLI help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    data: str = _opt("", "data directory written by `familial-train prepare`")
+    out: str = _opt("runs/out", "output directory: checkpoint, trainer state, metrics, run record")
+    steps: int = _opt(0, "optimizer steps; set at most one of steps / tokens / flops")
+    tokens: int = _opt(0, "training-token budget D; steps = ceil(D / (global batch * seq_len))")
+    flops: float = _opt(0.0, "compute budget C in FLOPs; D = C / flops_per_token (trunk.flops)")
+    seq_len: int = _opt(256, "tokens per training sequence (<= the model's max_seq_len)")
+    batch_size: int = _opt(8, "sequences per micro-batch per process")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(50, "linear warmup steps from 0 to lr")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on norms, biases)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    eval_every: int = _opt(100, "evaluate per-exit validation loss every this many steps (0 = only at the end)")
+    eval_batches: int = _opt(8, "validation micro-batches per process per evaluation (fixed set of eval_batches*batch_size*world sequences)")
+    log_every: int = _opt(10, "write a metrics line every this many steps")
+    exit_weights: list = _opt([], "per-exit loss weights shallow->deep, normalised (empty = 1/G each)")
+    seed: int = _opt(0, "seed for initialisation and data order")
+    device: str = _opt("auto", "auto | cpu | cuda (under torchrun: cuda:LOCAL_RANK)")
+    dtype: str = _opt("auto", "autocast dtype: auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32")
+    save_every: int = _opt(0, "save checkpoint + trainer state every this many steps (0 = only at the end)")
+    save_dtype: str = _opt("float32", "dtype of model.safetensors: float32 | float16 | bfloat16")
+    resume: str = _opt("", "resume from this output directory's trainer state ('auto' = out, if present)")
+    stop_at: int = _opt(0, "stop (after saving) at this step, as if interrupted; 0 = run to the end")
+    run_record: str = _opt("", "JSONL file the run record is appended to (default <out>/runs.jsonl)")
+    threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
+    compile: bool = _opt(False, "torch.compile the model")
+    progress: bool = _opt(True, "show a tqdm progress bar")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainError(f"unknown train config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+# ---- planning ----------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    steps: int
+    global_batch: int  # sequences per optimizer step
+    tokens: int        # D actually trained = steps * global_batch * seq_len
+    flops_per_token: float
+
+
+def make_plan(mcfg: FamilyConfig, t: TrainConfig, world: int) -> Plan:
+    for name in ("seq_len", "batch_size", "grad_accum"):
+        if getattr(t, name) <= 0:
+            raise TrainError(f"{name} must be positive, got {getattr(t, name)}")
+    if t.seq_len > mcfg.max_seq_len:
+        raise TrainError(f"seq_len {t.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if t.exit_weights:
+        try:
+            exit_weights(mcfg.G, t.exit_weights)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+    gb = t.batch_size * t.grad_accum * world
+    per_step = gb * t.seq_len
+    fpt = flops_per_token(mcfg, t.seq_len)
+    given = [n for n in ("steps", "tokens", "flops") if getattr(t, n)]
+    if len(given) != 1:
+        raise TrainError(f"set exactly one of steps / tokens / flops (got {', '.join(given) or 'none'})")
+    if t.steps:
+        steps = t.steps
+    else:
+        D = t.tokens if t.tokens else tokens_for_budget(mcfg, t.flops, t.seq_len)
+        if D < per_step:
+            raise TrainError(f"budget of {D:.4g} tokens is too small for one step of {per_step} tokens "
+                             f"(global batch {gb} x seq_len {t.seq_len})")
+        steps = math.ceil(D / per_step)
+    if steps <= 0:
+        raise TrainError(f"steps must be positive, got {steps}")
+    return Plan(steps, gb, steps * per_step, fpt)
+
+
+def lr_at(step: int, t: TrainConfig, total: int) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr at `total` steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, total - t.warmup_steps)
+    frac = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+# ---- process / device setup --------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(t: TrainConfig) -> Dist:
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device {t.device!r} asked for but CUDA is not available")
+    if world == 1:
+        return Dist(0, 1, torch.device(want))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def autocast_dtype(t: TrainConfig, device: torch.device):
+    d = t.dtype if t.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if d not in ("bfloat16", "float32"):
+        raise TrainError(f"dtype must be auto, bfloat16 or float32, got {t.dtype!r}")
+    return torch.bfloat16 if d == "bfloat16" else None
+
+
+class _LossModule(torch.nn.Module):
+    """Wraps the model so DDP sees family_loss as its forward (its hooks need forward to go through it)."""
+
+    def __init__(self, model: FamilyModel, weights):
+        super().__init__()
+        self.model, self.weights = model, weights
+
+    def forward(self, tokens_BT, targets_BT):
+        return family_loss(self.model, tokens_BT, targets_BT, self.weights)
+
+
+def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
+# ---- state -------------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: TrainConfig, tok,
+               exit_val_loss, mcfg: FamilyConfig) -> None:
+    """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`."""
+    save_checkpoint(out, model, tok, exit_val_loss=exit_val_loss,
+                    tokens_seen=step * plan.global_batch * t.seq_len,
+                    flops_seen=step * plan.global_batch * t.seq_len * plan.flops_per_token,
+                    train_config=dataclasses.asdict(t), dtype=t.save_dtype, extra={"step": step})
+    state = {
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "scheduler": {"step": step, "total": plan.steps},  # the LR is a pure function of step (lr_at)
+        "data": {"cursor": step * plan.global_batch, "seed": t.seed},
+        "rng": _rng_state(),
+        "model_config": mcfg.to_dict(),
+        "train_config": dataclasses.asdict(t),
+    }
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out / STATE_FILE)
+
+
+def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: FamilyConfig) -> int:
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise TrainError(f"{path}: no trainer state to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["model_config"] != mcfg.to_dict():
+        raise TrainError(f"{path}: model config differs from the one being trained")
+    if state["data"]["cursor"] != state["step"] * plan.global_batch:
+        raise TrainError(f"{path}: global batch differs from the saved run's; resume needs the same one")
+    meta_step = read_meta(directory).get("step")
+    if meta_step != state["step"]:
+        raise TrainError(f"{directory}: family.json is at step {meta_step}, trainer state at {state['step']}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def _to(arr: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(arr).to(device, non_blocking=True)
+    return x[:, :-1], x[:, 1:]  # inputs, next-token targets
+
+
+@torch.no_grad()
+def evaluate(model: FamilyModel, data: TokenData, t: TrainConfig, d: Dist, amp) -> list[float]:
+    """Per-exit mean validation CE over a fixed set of eval_batches * world micro-batches, split over ranks."""
+    model.eval()
+    G = model.cfg.G
+    sums = torch.zeros(G + 1, dtype=torch.float64, device=d.device)
+    n = t.eval_batches * d.world  # the val set is eval_batches * batch_size * world sequences
+    for b in range(d.rank, n, d.world):
+        x, y = _to(data.val_batch(b, t.batch_size, n), d.device)
+        with _autocast(d.device, amp):
+            _, per_exit = family_loss(model, x, y)
+        sums[:G] += per_exit.double()
+        sums[G] += 1
+    if d.world > 1:
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[:G] / sums[G].clamp(min=1)).tolist()
+
+
+def _autocast(device, amp):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp)
+
+
+def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Plan, d: Dist, amp) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the global mean loss."""
+    lr = lr_at(step, t, plan.steps)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=d.device)
+    for m in range(t.grad_accum):
+        cursor = step * plan.global_batch + (m * d.world + d.rank) * t.batch_size
+        x, y = _to(data.train_batch(cursor, t.batch_size, t.seed), d.device)
+        sync = m == t.grad_accum - 1 or d.world == 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d.device, amp):
+            loss, _ = net(x, y)
+            (loss / t.grad_accum).backward()
+        total += loss.detach() / t.grad_accum
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if d.world > 1:
+        dist.all_reduce(total)
+        total /= d.world
+    return float(total)
+
+
+def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
+    """Run (or resume) training; returns the run record (written by rank 0)."""
+    d = setup(t)
+    if not t.data:
+        raise TrainError("no training data: set train.data (or --data) to a `familial-train prepare` directory")
+    data = TokenData(t.data, t.seq_len)
+    if data.vocab_size > mcfg.vocab_size:
+        raise TrainError(f"data vocab {data.vocab_size} exceeds the model's vocab_size {mcfg.vocab_size}")
+    plan = make_plan(mcfg, t, d.world)
+    tok = data.tokenizer()
+    out = Path(t.out)
+    amp = autocast_dtype(t, d.device)
+
+    torch.manual_seed(t.seed)
+    model = FamilyModel(mcfg).to(d.device)
+    opt = make_optimizer(model, t)
+    start = 0
+    resume_dir = out if t.resume == "auto" else (Path(t.resume) if t.resume else None)
+    if resume_dir is not None and (t.resume != "auto" or (out / STATE_FILE).is_file()):
+        start = load_state(resume_dir, model, opt, plan, mcfg)
+    weights = t.exit_weights or None
+    net = _LossModule(model, weights)
+    if t.compile:
+        net = torch.compile(net)
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg)
+
+
+def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg) -> dict:
+    from tqdm import tqdm
+
+    stop = min(plan.steps, t.stop_at) if t.stop_at else plan.steps
+    bar = tqdm(total=plan.steps, initial=start, desc="train", unit="step", disable=not (t.progress and d.main))
+    metrics = open(out / "metrics.jsonl", "a") if d.main else None
+    val, t0, loss, step = None, time.time(), float("nan"), start
+    try:
+        for step in range(start, stop):
+            loss = train_step(step, net, opt, data, t, plan, d, amp)
+            done = step + 1
+            rec = {"step": done, "loss": loss, "lr": lr_at(step, t, plan.steps)}
+            if (t.eval_every and done % t.eval_every == 0) or done == plan.steps:
+                val = evaluate(model, data, t, d, amp)
+                rec["exit_val_loss"] = val
+            if metrics and (done % max(1, t.log_every) == 0 or "exit_val_loss" in rec or done == start + 1):
+                metrics.write(json.dumps(rec) + "\n")
+                metrics.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val[-1]:.4f}"} if val else {}))
+            if t.save_every and done % t.save_every == 0 and done < stop and d.main:
+                save_state(out, model, opt, done, plan, t, tok, val, mcfg)
+        done = stop
+        if val is None or done != plan.steps:
+            val = evaluate(model, data, t, d, amp)
+        if d.main:
+            save_state(out, model, opt, done, plan, t, tok, val, mcfg)
+    finally:
+        bar.close()
+        if metrics:
+            metrics.close()
+    record = run_record(mcfg, t, plan, done, val, time.time() - t0, d.world)
+    if d.main and done == plan.steps:
+        path = Path(t.run_record) if t.run_record else out / "runs.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if d.world > 1:
+        dist.barrier()
+    return record
+
+
+def run_record(mcfg: FamilyConfig, t: TrainConfig, plan: Plan, steps_done: int, val: list[float],
+               seconds: float, world: int) -> dict:
+    """The run record (docs/run-record.md). D counts the tokens actually trained."""
+    pc = param_counts(mcfg)
+    D = steps_done * plan.global_batch * t.seq_len
+    w = exit_weights(mcfg.G, t.exit_weights or None)
+    return {
+        "schema": RUN_SCHEMA,
+        "run_id": uuid.uuid4().hex[:12],
+        "N": pc.non_embedding,
+        "N_total": pc.total,
+        "D": D,
+        "G": mcfg.G,
+        "exit_layers": list(mcfg.exit_layers),
+        "n_layers": mcfg.n_layers,
+        "flops_per_token": plan.flops_per_token,
+        "flops_total": plan.flops_per_token * D,
+        "exit_val_loss": [float(v) for v in val],
+        "loss": float(sum(wi * v for wi, v in zip(w, val))),
+        "steps": steps_done,
+        "global_batch": plan.global_batch,
+        "seq_len": t.seq_len,
+        "world_size": world,
+        "config": {"model": mcfg.to_dict(), "train": dataclasses.asdict(t)},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(seconds, 3),
+    }
