@@ -12,6 +12,7 @@ VARIANTS = {
     "tied": {},
     "branch": dict(branch_layers=1),
     "own": dict(exit_unembed="own"),
+    "branch_own": dict(branch_layers=1, exit_unembed="own"),
     "untied_adapter_branch": dict(tie_embeddings=False, branch_layers=1, adapter_rank=4, qkv_bias=True),
 }
 
