@@ -74,7 +74,7 @@ def load_stage(shards: str, tier: str, *, onnx: bool = False, device: str = "cpu
         raise SystemExit("--shards DIR is required")
     if onnx:
         from deploy.onnx_export import OnnxTierStage
-        return OnnxTierStage(shards, tier)
+        return OnnxTierStage(shards, tier, verify=verify)
     from deploy.shards import load_tier
     return load_tier(shards, tier, device=device, dtype=_DTYPES[dtype] if dtype else None, verify=verify)
 

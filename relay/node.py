@@ -196,7 +196,11 @@ class RelayNode(pb_grpc.RelayServicer):
             logits = await asyncio.to_thread(self._compute, s, x, pos, need)
             if self.conf.inject_delay_ms > 0:
                 await asyncio.sleep(self.conf.inject_delay_ms / 1000.0)
-            self.sessions.enforce_bytes(s)
+            try:
+                self.sessions.enforce_bytes(s)
+            except SessionError:
+                s.truncate(pos)  # the step did not happen; the caller may retry at `pos`
+                raise
             self.served += 1
             if req.fill_only:
                 return pb.ForwardReply(request_id=req.request_id, token=-1, exit=-1, tier=self.tier, length=s.length,
@@ -389,6 +393,42 @@ class NodeHandle:
         await self.server.wait_for_termination()
 
 
+class _Undecodable:
+    """A request whose bytes are not the expected protobuf (answered INVALID_ARGUMENT, not UNKNOWN)."""
+
+    def __init__(self, what: str, err: Exception):
+        self.msg = f"request is not a valid {what}: {err}"
+
+
+def _add_relay_service(node: RelayNode, server) -> None:
+    """Like the generated add_RelayServicer_to_server, but bytes that fail to parse reach the handler
+    as `_Undecodable` so the caller gets INVALID_ARGUMENT with a message instead of gRPC's UNKNOWN."""
+    from google.protobuf.message import DecodeError
+
+    def tolerant(cls):
+        def parse(data: bytes):
+            try:
+                return cls.FromString(data)
+            except DecodeError as e:
+                return _Undecodable(cls.DESCRIPTOR.full_name, e)
+        return parse
+
+    def checked(fn):
+        async def handle(req, ctx):
+            if isinstance(req, _Undecodable):
+                await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"[{node.tier}] {req.msg}")
+            return await fn(req, ctx)
+        return handle
+
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Relay"].methods:
+        req_cls, rep_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            checked(getattr(node, m.name)), request_deserializer=tolerant(req_cls),
+            response_serializer=rep_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 async def serve(stage, config: NodeConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
                 tls: TLSConfig | None = None, require_client_cert: bool = False) -> NodeHandle:
     """Start a node on host:port (0 = any free port) and return once it is serving."""
@@ -397,7 +437,7 @@ async def serve(stage, config: NodeConfig | None = None, *, host: str = "127.0.0
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", mb),
                                       ("grpc.max_send_message_length", mb),
                                       ("grpc.so_reuseport", 0)])
-    pb_grpc.add_RelayServicer_to_server(node, server)
+    _add_relay_service(node, server)
     hs = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     addr = f"{host}:{port}"
