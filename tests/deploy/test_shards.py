@@ -162,3 +162,20 @@ def test_parse_tiers(spec, want):
 def test_parse_tiers_rejects(spec):
     with pytest.raises(TierSpecError):
         parse_tiers(spec, 5)
+
+
+def test_float16_shards_load_and_upcast(make_ckpt, tmp_path, run_chain, chunks):
+    ckpt, model = make_ckpt("branch_own")
+    m = split_checkpoint(ckpt, tmp_path / "sh", dtype="float16")
+    assert m["dtype"] == "float16" and verify_dir(tmp_path / "sh")
+    assert load_tier(tmp_path / "sh", "edge").dtype == torch.float16
+    # upcast on load: equals the full model with its weights rounded to fp16
+    stages = load_chain(tmp_path / "sh", dtype=torch.float32)
+    rounded = type(model)(model.cfg).eval()
+    rounded.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    tokens = torch.randint(0, 259, (1, chunks[-1][1]), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = rounded(tokens)
+    got = run_chain(stages, [s.new_cache() for s in stages], tokens, chunks)
+    for g in range(model.cfg.G):
+        torch.testing.assert_close(got[g], want[g], rtol=0, atol=1e-5)
