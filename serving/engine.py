@@ -187,13 +187,17 @@ class SteppedEngine:
         self._live[req.request_id] = session
         seen: dict[str, int] = {}
         ids, pos, g, replan = list(req.prompt_ids), 0, plan.exit, None
+        inflight: asyncio.Future | None = None
         try:
             for i in range(req.max_tokens):
                 if req.request_id in self._aborted:
                     return
                 t_step = time.perf_counter()
+                # shielded: a cancelled request lets its step finish, so the close below reaches every
+                # tier the step opened a session on (a close racing a forward could miss the deeper ones)
+                inflight = asyncio.ensure_future(self._step(session, ids, pos, g, req.sampling))
                 try:
-                    res = await self._step(session, ids, pos, g, req.sampling)
+                    res = await asyncio.shield(inflight)
                 except Exception as e:  # noqa: BLE001
                     raise EngineError(f"head tier failed: {e}") from e
                 wall = (time.perf_counter() - t_step) * 1e3
@@ -222,7 +226,7 @@ class SteppedEngine:
         finally:
             self._live.pop(req.request_id, None)
             self._aborted.discard(req.request_id)
-            await asyncio.shield(self._close_quietly(session))
+            await asyncio.shield(self._close_after(inflight, session))
 
     def _first_plan(self, req: GenerateRequest) -> Plan:
         if req.exit is not None:
@@ -231,6 +235,13 @@ class SteppedEngine:
         if req.budget_ms is not None:
             remaining = req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3
         return self.planner.plan(remaining, len(req.prompt_ids), req.max_tokens)
+
+    async def _close_after(self, inflight: asyncio.Future | None, session) -> None:
+        if inflight is not None and not inflight.done():
+            await asyncio.wait({inflight}, timeout=getattr(self, "timeout_s", 30.0))
+            if inflight.done() and not inflight.cancelled():
+                inflight.exception()  # retrieved: a failed step of a cancelled request is not an error
+        await self._close_quietly(session)
 
     async def _close_quietly(self, session) -> None:
         try:

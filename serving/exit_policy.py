@@ -37,14 +37,18 @@ class ExitInfo:
 class TierCost:
     decode_ms: float = 1.0               # one new position
     prefill_ms_per_token: float = 0.05   # each further position in the same step
-    samples: int = 0
+    samples: int = 0                     # decode observations
+    prefill_samples: int = 0
 
     def step_ms(self, n: int) -> float:
         return self.decode_ms + self.prefill_ms_per_token * max(0, n - 1)
 
 
-def _ewma(old: float, new: float, alpha: float, first: bool) -> float:
-    return new if first else (1 - alpha) * old + alpha * new
+def _ewma(old: float, new: float, alpha: float, n: int) -> float:
+    """EWMA after n earlier samples; the first samples are averaged plainly (weight 1/(n+1)) so a
+    start-up guess does not linger."""
+    w = max(alpha, 1.0 / (n + 1))
+    return (1 - w) * old + w * new
 
 
 @dataclass
@@ -54,6 +58,7 @@ class LatencyModel:
     alpha: float = 0.2
     cost: dict[tuple[str, int], TierCost] = field(default_factory=dict)  # (tier, deepest exit used there)
     links: dict[str, float] = field(default_factory=dict)                # "device->edge" -> ms
+    link_samples: dict[str, int] = field(default_factory=dict)
     overhead_ms: float = 0.5
     overhead_samples: int = 0
 
@@ -69,20 +74,22 @@ class LatencyModel:
                 continue
             reported += ms
             c = self._cost(tier, g)
-            first = c.samples == 0
             if n == 1:
-                c.decode_ms = _ewma(c.decode_ms, ms, self.alpha, first)
-            else:
+                c.decode_ms = _ewma(c.decode_ms, ms, self.alpha, c.samples)
+                c.samples += 1
+            elif c.samples:  # the per-token part is only known once the fixed part is
                 per = max(0.0, ms - c.decode_ms) / (n - 1)
-                c.prefill_ms_per_token = _ewma(c.prefill_ms_per_token, per, self.alpha, first)
-            c.samples += 1
+                c.prefill_ms_per_token = _ewma(c.prefill_ms_per_token, per, self.alpha, c.prefill_samples)
+                c.prefill_samples += 1
         for key, ms in timings.items():
             if key.startswith("net:"):
                 link = key[4:]
-                self.links[link] = _ewma(self.links.get(link, ms), ms, self.alpha, link not in self.links)
+                self.link_samples[link] = k = self.link_samples.get(link, 0)
+                self.links[link] = _ewma(self.links.get(link, 0.0), ms, self.alpha, k)
+                self.link_samples[link] = k + 1
                 reported += ms
         over = max(0.0, wall_ms - reported)
-        self.overhead_ms = _ewma(self.overhead_ms, over, self.alpha, self.overhead_samples == 0)
+        self.overhead_ms = _ewma(self.overhead_ms, over, self.alpha, self.overhead_samples)
         self.overhead_samples += 1
 
     def step_ms(self, exit: ExitInfo, work: dict[str, int], exits_by_tier: dict[str, int]) -> float:

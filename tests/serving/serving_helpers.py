@@ -32,3 +32,47 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.sock.close()
+
+
+class NodeChain:
+    """Real relay nodes (device -> edge -> cloud) on loopback, hosted on an event loop in a daemon thread."""
+
+    def __init__(self, shards, tiers=("device", "edge", "cloud"), delays_ms: dict | None = None):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.shards, self.tiers, self.delays = shards, list(tiers), delays_ms or {}
+
+    def call(self, coro, timeout: float = 60):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self):
+        from serving.cli import start_family
+
+        self.thread.start()
+        self.handles = self.call(start_family(self.shards, self.tiers, self.delays))
+        self.addresses = {t: f"127.0.0.1:{h.port}" for t, h in zip(self.tiers, self.handles)}
+        self.head = self.addresses[self.tiers[0]]
+        return self
+
+    def live_sessions(self) -> dict[str, int]:
+        """Live sessions per tier, from each node's Stats RPC."""
+        async def go():
+            from relay.client import RelayClient
+
+            out = {}
+            for t, addr in self.addresses.items():
+                async with RelayClient(addr, timeout_s=5) as c:
+                    out[t] = (await c.stats())["live_sessions"]
+            return out
+
+        return self.call(go())
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            self.call(h.stop(grace=0.2))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)

@@ -186,3 +186,28 @@ def test_disconnect_frees_local_session(tiny_ckpt, serve):
     while eng.live_requests() and time.time() < deadline:
         time.sleep(0.02)
     assert eng.live_requests() == 0
+
+
+def test_replan_steps_down_when_running_late(tiny_ckpt, serve):
+    # Calibrated with a 10 ms cloud, the planner picks the cloud exit; then the cloud slows to 150 ms
+    # per token mid-request, and the router must step down (and say so) to finish within the budget.
+    eng = LocalEngine.from_checkpoint(tiny_ckpt, name="tiny", delays_ms={"edge": 2, "cloud": 10})
+    s = serve(build_app(eng))
+    httpx.get(s.url + "/health")
+    n = 30
+    budget = eng.planner.predict_ms(2, 2, n) / 0.7
+    import json
+    with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
+                      json={"prompt": "ab", "max_tokens": n, "stream": True, "latency_budget_ms": budget}) as r:
+        chunks = []
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                eng.delays_ms["cloud"] = 150.0
+    fam = chunks[-1]["choices"][0]["familial"]
+    exits = [e for ch in chunks for e in ch["choices"][0]["familial"]["exits"]]
+    assert exits[0] == 2 and fam["replans"], fam
+    rp = fam["replans"][0]
+    assert rp["from_exit"] == 2 and rp["to_exit"] < 2 and "late" in rp["reason"]
+    assert all(e == exits[0] for e in exits[: rp["at_token"]]) and exits[rp["at_token"]] == rp["to_exit"]
+    assert max(exits[rp["at_token"]:]) < 2 and fam["budget_met"], fam

@@ -1,0 +1,279 @@
+"""`familial-serve`: run one relay tier node, the HTTP router, or a whole local family (demo).
+
+    familial-serve --tier device|edge|cloud --shards DIR [--next HOST:PORT] [--port N]   # one node (relay.cli)
+    familial-serve --tier router --family family.yaml [--port 8000]                      # HTTP face over a chain
+    familial-serve --tier router --checkpoint DIR                                         # HTTP face, in-process model
+    familial-serve demo [--host H] [--port P]                                             # built-in family on loopback
+
+The demo splits the built-in family with `deploy`, starts device, edge and cloud nodes and the router
+in this process (one event loop; nodes talk real gRPC over loopback) and prints a curl line.
+This file only parses flags and wires parts together; the parts live in app.py, engine.py, relay.cli.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from serving.settings import ServeSettings
+
+DEFAULT_ROUTER_PORT = 8000
+DEFAULT_NODE_PORT = 50051
+DEMO_TIERS = "device=0,edge=1,cloud=2.."
+
+
+# ---- flags ----------------------------------------------------------------------------------------
+
+def _add_router_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("router (--tier router)")
+    g.add_argument("--family", metavar="YAML", help="family file listing the tier addresses, head first "
+                                                    "(see examples/family.yaml)")
+    g.add_argument("--checkpoint", metavar="DIR", help="serve this checkpoint in-process instead of a relay chain")
+    _add_http_args(g)
+
+
+def _add_http_args(g) -> None:
+    d = ServeSettings()
+    g.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $FAMILIAL_API_KEY; unset = open)")
+    g.add_argument("--model-name", help="model id to report and accept (default: the family's name)")
+    g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted")
+    g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
+    g.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="requests generating at once")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="requests waiting for a slot; more get 429 with Retry-After")
+    g.add_argument("--calibrate-rounds", type=int, default=3, help="warm-up forwards per exit at start-up")
+    g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from relay.cli import add_node_args
+
+    p = argparse.ArgumentParser(
+        prog="familial-serve",
+        description="Serve a familial model: one relay tier node (--tier device|edge|cloud|<name>), the HTTP "
+                    "router (--tier router), or `familial-serve demo` for a whole local family.",
+        epilog="Subcommand: `familial-serve demo [--host H] [--port P] [--checkpoint DIR]` starts device, edge and "
+               "cloud nodes and the router on loopback with the built-in family (see `familial-serve demo --help`).")
+    p.add_argument("--tier", required=True, metavar="TIER",
+                   help="`router` for the HTTP face; otherwise the tier name in the shard manifest to serve "
+                        "(device, edge, cloud)")
+    add_node_args(p, include_tier=False)
+    for a in p._actions:  # --host/--port serve both roles; the port default depends on the role
+        if a.dest == "port":
+            a.default, a.help = None, (f"port to listen on (default {DEFAULT_NODE_PORT} for a node, "
+                                       f"{DEFAULT_ROUTER_PORT} for the router; 0 = any free port)")
+    _add_router_args(p)
+    return p
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="familial-serve demo",
+                                description="Start device, edge and cloud relay nodes and the HTTP router on "
+                                            "loopback with the built-in family; Ctrl-C stops everything.")
+    p.add_argument("--host", default="127.0.0.1", help="router address (nodes always listen on 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_ROUTER_PORT, help="router port (0 = any free port)")
+    p.add_argument("--checkpoint", metavar="DIR", help="family checkpoint to serve (default: the built-in family)")
+    p.add_argument("--tiers", default=DEMO_TIERS, help="tier split passed to deploy (familial-deploy --tiers)")
+    p.add_argument("--inject-delay-ms", default="", metavar="TIER=MS,...",
+                   help="TEST ONLY: per-tier delay per forward, e.g. edge=20,cloud=80 (shows the budget logic)")
+    g = p.add_argument_group("router")
+    _add_http_args(g)
+    return p
+
+
+def settings_from_args(args) -> ServeSettings:
+    return ServeSettings(model_name=args.model_name, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
+                         max_tokens_limit=args.max_tokens_limit, max_concurrency=args.max_concurrency,
+                         max_queue=args.max_queue)
+
+
+# ---- family.yaml ----------------------------------------------------------------------------------
+
+def load_family_yaml(path) -> dict:
+    """{"name", "tokenizer" (dir), "tiers": [{"name", "address"}], "tls": TLSConfig | None, "max_seq_len"}."""
+    import yaml
+
+    path = Path(path)
+    doc = yaml.safe_load(path.read_text()) or {}
+    tiers = doc.get("tiers") or []
+    if not tiers or not all(isinstance(t, dict) and t.get("name") and t.get("address") for t in tiers):
+        raise SystemExit(f"{path}: `tiers` must list {{name, address}} entries, head first")
+    tok = doc.get("tokenizer")
+    if not tok:
+        raise SystemExit(f"{path}: `tokenizer` must name a directory with the tokenizer files (shards or checkpoint)")
+    tok = (path.parent / tok).resolve()
+    tls = None
+    if doc.get("tls"):
+        from relay.types import TLSConfig
+
+        t = {k: (str((path.parent / v).resolve()) if k in ("ca", "cert", "key") and v else v)
+             for k, v in doc["tls"].items()}
+        tls = TLSConfig(**t)
+    return {"name": doc.get("name", "familial"), "tokenizer": tok, "tiers": tiers, "tls": tls,
+            "max_seq_len": doc.get("max_seq_len") or _max_seq_len(tok)}
+
+
+def _max_seq_len(directory: Path) -> int | None:
+    for name in ("manifest.json", "family.json"):
+        f = directory / name
+        if f.is_file():
+            return json.loads(f.read_text()).get("architecture", {}).get("max_seq_len")
+    return None
+
+
+def relay_engine_from_family(fam: dict, timeout_s: float = 30.0):
+    from serving.engine import RelayEngine
+    from trunk.tokenizer import load_tokenizer
+
+    return RelayEngine(fam["tiers"][0]["address"], load_tokenizer(fam["tokenizer"]), name=fam["name"],
+                       tier_addresses={t["name"]: t["address"] for t in fam["tiers"]}, tls=fam["tls"],
+                       timeout_s=timeout_s, max_seq_len=fam["max_seq_len"])
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+async def serve_http(app, host: str, port: int, log_level: str = "warning", on_ready=None) -> None:
+    """Run uvicorn on the current loop until SIGINT/SIGTERM; `on_ready(port)` once it listens."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise SystemExit("the HTTP server did not start")
+        await asyncio.sleep(0.05)
+    if on_ready is not None:
+        on_ready(server.servers[0].sockets[0].getsockname()[1])
+    await task
+
+
+def run_router(args) -> None:
+    from serving.app import build_app
+    from serving.engine import LocalEngine
+
+    if bool(args.family) == bool(args.checkpoint):
+        raise SystemExit("--tier router needs exactly one of --family YAML or --checkpoint DIR")
+    port = DEFAULT_ROUTER_PORT if args.port is None else args.port
+    settings = settings_from_args(args)
+
+    async def main():
+        if args.family:
+            engine = relay_engine_from_family(load_family_yaml(args.family))
+        else:
+            engine = LocalEngine.from_checkpoint(args.checkpoint)
+        await engine.start(args.calibrate_rounds)
+        app = build_app(engine, settings)
+        await serve_http(app, args.host, port, args.log_level,
+                         on_ready=lambda p: print(f"familial router on http://{args.host}:{p}/v1", flush=True))
+
+    asyncio.run(main())
+
+
+def builtin_checkpoint() -> Path:
+    import trunk
+
+    fn = getattr(trunk, "builtin_path", None)
+    path = Path(fn()) if fn else Path(trunk.__file__).parent / "builtin"
+    if not (path / "family.json").is_file():
+        raise SystemExit(f"no built-in family at {path}; pass --checkpoint DIR")
+    return path
+
+
+def _delays(spec: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, spec.split(",")):
+        k, _, v = part.partition("=")
+        out[k.strip()] = float(v)
+    return out
+
+
+def curl_line(url: str, model: str, api_key: str | None) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
+                       "max_tokens": 48, "stream": True, "latency_budget_ms": 2000})
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+
+
+async def start_family(shards: Path, tiers: list[str], delays: dict[str, float] | None = None) -> list:
+    """Start one in-process relay node per tier, deepest first so each knows its next; head first in the result."""
+    from relay.cli import start_node
+
+    handles, nxt = [], None
+    for tier in reversed(tiers):
+        h = await start_node(str(shards), tier, next=nxt, inject_delay_ms=(delays or {}).get(tier, 0.0))
+        handles.insert(0, h)
+        nxt = f"127.0.0.1:{h.port}"
+    return handles
+
+
+def run_demo(argv: list[str]) -> None:
+    args = build_demo_parser().parse_args(argv)
+    from deploy.shards import split_checkpoint
+
+    from serving.app import build_app
+    from serving.engine import RelayEngine
+    from trunk.tokenizer import load_tokenizer
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else builtin_checkpoint()
+    work = Path(tempfile.mkdtemp(prefix="familial-demo-"))
+    settings = settings_from_args(args)
+
+    async def main():
+        manifest = split_checkpoint(ckpt, work / "shards", args.tiers)
+        tiers = [t["name"] for t in manifest["tiers"]]
+        handles = await start_family(work / "shards", tiers, _delays(args.inject_delay_ms))
+        name = args.model_name or f"familial-{ckpt.resolve().name}"
+        engine = RelayEngine(f"127.0.0.1:{handles[0].port}", load_tokenizer(work / "shards"), name=name,
+                             max_seq_len=manifest["architecture"]["max_seq_len"])
+        try:
+            await engine.start(args.calibrate_rounds)
+            for t, h in zip(tiers, handles):
+                print(f"  {t:>6} node on 127.0.0.1:{h.port}", flush=True)
+
+            def ready(port):
+                url = f"http://{args.host}:{port}"
+                print(f"familial demo: router on {url}/v1 (model {name!r}); Ctrl-C stops everything.\n"
+                      f"Try:\n  {curl_line(url, name, settings.api_key)}\n", flush=True)
+
+            await serve_http(build_app(engine, settings), args.host, args.port, args.log_level, on_ready=ready)
+        finally:
+            await engine.close()
+            for h in handles:
+                await h.stop(grace=0.5)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        print("familial demo stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return run_demo(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.tier == "router":
+        return run_router(args)
+    from relay.cli import run_node
+
+    if args.port is None:
+        args.port = DEFAULT_NODE_PORT
+    logging.basicConfig(level=logging.WARNING)
+    run_node(args)
+
+
+if __name__ == "__main__":
+    main()
