@@ -159,12 +159,14 @@ def _check_tokenizer(directory: Path, m: dict, verify_hash: bool) -> None:
 
 
 def verify_dir(shards_dir) -> dict:
-    """Check the manifest, the tokenizer files and every shard; the manifest."""
+    """Check the manifest, the tokenizer files, every shard and any exported ONNX graph; the manifest."""
     d = Path(shards_dir)
     m, cfg = read_manifest(d)
     _check_tokenizer(d, m, True)
     for entry in m["shards"]:
         check_shard(d, entry, cfg, m["dtype"])
+    for entry in m.get("onnx", {}).values():
+        check_file(d / entry["file"], entry)
     return m
 
 

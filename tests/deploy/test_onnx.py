@@ -102,6 +102,8 @@ def test_onnx_file_tamper_refused(exported, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"device\.onnx: sha256"):
         OnnxTierStage(d, "device")
+    with pytest.raises(ShardError, match=r"device\.onnx: sha256"):
+        verify_dir(d)
     with pytest.raises(ShardError, match="no ONNX export for tier 'edge'"):
         OnnxTierStage(d, "edge")
 
