@@ -1,0 +1,91 @@
+"""kernels: fused Triton kernels for the familial model, each with a PyTorch reference.
+
+Public ops (Triton on CUDA, the reference elsewhere; `FAMILIAL_KERNELS=auto|torch|triton`, see
+kernels/backend.py):
+  prefill_attention   causal/non-causal GQA attention over ragged batches and a KV cache (forward)
+  decode_attention    split-KV decode over a KV cache, 1..8 queries per sequence (forward)
+  write_kv_cache      write new keys/values into the cache layout both attention ops read
+  exit_head           RMSNorm + unembedding + softmax statistics (+ Gumbel sample), no logits
+  multi_exit_linear_cross_entropy   training loss and gradients of G exits, chunked
+Each `<op>_reference` has the same signature. Layouts and numerics: docs/kernels.md.
+This package imports only torch (and triton when present); it knows nothing of the model.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import dispatch
+from kernels.attention_decode import MAX_SPLITS, decode_attention_reference, decode_attention_triton
+from kernels.attention_prefill import (prefill_attention_reference, prefill_attention_triton,
+                                       write_kv_cache_reference, write_kv_cache_triton)
+from kernels.backend import mode, use_triton
+from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
+from kernels.linear_ce import (multi_exit_linear_cross_entropy_reference,
+                               multi_exit_linear_cross_entropy_triton)
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def prefill_attention(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
+                      cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+    """Attention of new positions over themselves and any cached prefix. Layouts: attention_prefill.py.
+
+    The Triton kernel is forward-only: when autograd needs a graph this is SDPA (flash/cuDNN
+    backward). Dense shapes go to whichever of Triton and SDPA measured faster (kernels/dispatch.py).
+    """
+    kw = dict(causal=causal, cu_seqlens=cu_seqlens, k_cache=k_cache, v_cache=v_cache,
+              cache_offsets=cache_offsets, sm_scale=sm_scale, max_seqlen=max_seqlen, cache_slots=cache_slots)
+    if _needs_graph(q, k, v) or not use_triton(q, k, v, k_cache):
+        return prefill_attention_reference(q, k, v, **kw)
+    dense = cu_seqlens is None and k_cache is None and q.shape[2] == k.shape[2]
+    if dense and mode() == "auto" and dispatch.prefill_choice(q.shape[-1], causal, q.shape[2]) == "sdpa":
+        return prefill_attention_reference(q, k, v, **kw)
+    return prefill_attention_triton(q, k, v, **kw)
+
+
+def decode_attention(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
+                     cache_slots=None, num_splits=None):
+    """Attention of 1..8 new queries per sequence over its cache (new K/V already written)."""
+    kw = dict(sm_scale=sm_scale, max_splits=max_splits, cache_slots=cache_slots, num_splits=num_splits)
+    if _needs_graph(q, k_cache, v_cache) or not use_triton(q, k_cache, v_cache):
+        return decode_attention_reference(q, k_cache, v_cache, cache_lens, **kw)
+    return decode_attention_triton(q, k_cache, v_cache, cache_lens, **kw)
+
+
+def write_kv_cache(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None, max_seqlen=None):
+    """cache[slot_b, :, off_b : off_b + len_b] = new k/v of sequence b (padded or packed layout)."""
+    kw = dict(cu_seqlens=cu_seqlens, cache_slots=cache_slots, max_seqlen=max_seqlen)
+    if use_triton(k_cache, k):
+        return write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, **kw)
+    return write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, **kw)
+
+
+def exit_head(h, norm_weight, W, *, eps, temperature=0.0, seed=None) -> ExitHeadOut:
+    """Per row: argmax token, its probability, entropy, logsumexp and a sampled token (no logits)."""
+    kw = dict(eps=eps, temperature=temperature, seed=seed)
+    if use_triton(h, norm_weight, W):
+        return exit_head_triton(h, norm_weight, W, **kw)
+    return exit_head_reference(h, norm_weight, W, **kw)
+
+
+def multi_exit_linear_cross_entropy(hs, W, targets, *, weights=None, ignore_index=-100, chunk_rows=None,
+                                    return_per_exit=False):
+    """sum_g w_g CE(h_g W_g^T, targets), gradients for every h_g and W; (loss, per-exit CE) if asked."""
+    kw = dict(weights=weights, ignore_index=ignore_index, chunk_rows=chunk_rows, return_per_exit=return_per_exit)
+    Ws = list(W) if isinstance(W, (list, tuple)) else [W]
+    hs_l = [hs] if isinstance(hs, torch.Tensor) else list(hs)
+    if use_triton(*hs_l, *Ws, targets):
+        return multi_exit_linear_cross_entropy_triton(hs, W, targets, **kw)
+    return multi_exit_linear_cross_entropy_reference(hs, W, targets, **kw)
+
+
+__all__ = [
+    "prefill_attention", "decode_attention", "write_kv_cache", "exit_head", "ExitHeadOut",
+    "multi_exit_linear_cross_entropy",
+    "prefill_attention_reference", "decode_attention_reference", "write_kv_cache_reference",
+    "exit_head_reference", "multi_exit_linear_cross_entropy_reference",
+    "prefill_attention_triton", "decode_attention_triton", "write_kv_cache_triton",
+    "exit_head_triton", "multi_exit_linear_cross_entropy_triton",
+]

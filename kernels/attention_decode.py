@@ -1,0 +1,198 @@
+"""Decode attention over a KV cache: 1..8 new queries per sequence, ragged cache lengths, split-KV.
+
+Shapes: q (B, n_q, Hq, D) with n_q <= 8 (one decode step, or n_q drafted tokens to verify);
+k_cache/v_cache (B_cache, Hkv, S_max, D); cache_lens (B,) int = valid positions of sequence b,
+*including* its n_q new tokens (write those first, e.g. with `write_kv_cache`); sequence b reads
+cache row cache_slots[b] (default b). Query t of sequence b sits at position L_b - n_q + t and sees
+keys j <= L_b - n_q + t (so the drafted tokens attend causally to each other). Output like q.
+
+Flash-decoding: split the L keys of each (sequence, kv head) into P chunks; program (b, kv head, p)
+computes, for all G = Hq/Hkv query heads of that kv head and all n_q tokens (GQA packing: M = G*n_q
+rows share every K/V tile, so each cache byte is read once):
+    m_p = max_j s_j,  l_p = sum_j 2^(s_j - m_p),  o_p = sum_j 2^(s_j - m_p) v_j / l_p,
+    lse_p = m_p + log2 l_p            (scores s in base 2: s = c * log2(e) * q.k)
+and a combine kernel merges the chunks:
+    o = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M),   M = max_p lse_p   (empty chunks: lse = -inf).
+P is fixed at launch from shapes only (never from cache_lens), so a captured CUDA graph stays valid
+when lengths change: chunk size = ceil(L_b / P) rounded up to the key block, computed on the device.
+
+Not here: writing the new tokens' K/V (see `kernels.attention_prefill.write_kv_cache`) and paging.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.backend import config, jit, next_pow2, num_sms, tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+_SPLIT_CONFIGS = [
+    config(BLOCK_N=64, num_warps=4, num_stages=3),
+    config(BLOCK_N=64, num_warps=4, num_stages=4),
+    config(BLOCK_N=128, num_warps=4, num_stages=3),
+    config(BLOCK_N=32, num_warps=4, num_stages=5),
+]
+
+
+@jit(configs=_SPLIT_CONFIGS, key=["HEAD_DIM", "GROUP", "N_Q", "SPLITS", "LEN_BUCKET"],
+     default=dict(BLOCK_N=64, num_warps=4, num_stages=3), interpret_default=dict(BLOCK_N=32))
+def _decode_split_kernel(
+    Q, K, V, LENS, SLOTS, O_PART, LSE_PART,
+    sqb, sqt, sqh, skb, skh, skt, svb, svh, svt,
+    qk_scale, H_KV, LEN_BUCKET,
+    SPLITS, N_Q: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    p = tl.program_id(1)
+    b = pid_bh // H_KV
+    hk = pid_bh % H_KV
+    L = tl.load(LENS + b)
+    slot = tl.load(SLOTS + b).to(tl.int64)
+    # rows r = t * GROUP + g: query token t, query head hk * GROUP + g
+    r = tl.arange(0, BLOCK_M)
+    t = r // GROUP
+    g = r % GROUP
+    row_ok = r < N_Q * GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b.to(tl.int64) * sqb + t[:, None] * sqt + (hk * GROUP + g)[:, None] * sqh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_pos = L - N_Q + t  # last key each row may see
+
+    chunk = tl.cdiv(tl.cdiv(L, SPLITS), BLOCK_N) * BLOCK_N
+    lo = p * chunk
+    hi = tl.minimum(lo + chunk, L)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = K + slot * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :]
+    v_ptrs = V + slot * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        n = start_n + offs_n
+        k = tl.load(k_ptrs + start_n * skt, mask=n[:, None] < hi, other=0.0)
+        v = tl.load(v_ptrs + start_n * svt, mask=n[:, None] < hi, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where((n[None, :] < hi) & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        pr = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    lse = tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    # partials: (B, Hq, N_Q, SPLITS, D) and (B, Hq, N_Q, SPLITS), fp32
+    hq = hk * GROUP + g
+    base = ((b * (H_KV * GROUP) + hq) * N_Q + t).to(tl.int64) * SPLITS + p
+    tl.store(LSE_PART + base, lse, mask=row_ok)
+    tl.store(O_PART + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+
+
+@jit(default=dict(num_warps=4), interpret_default=dict())
+def _decode_combine_kernel(
+    O_PART, LSE_PART, O, sob, sot, soh, H_Q, SPLITS,
+    N_Q: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    row = tl.program_id(0)  # over (b, hq, t)
+    t = row % N_Q
+    hq = (row // N_Q) % H_Q
+    b = row // (N_Q * H_Q)
+    sp = tl.arange(0, SPLITS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(LSE_PART + row.to(tl.int64) * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m_safe)  # 0 for empty chunks
+    o = tl.load(O_PART + (row.to(tl.int64) * SPLITS + sp)[:, None] * HEAD_DIM + d[None, :],
+                mask=(sp < SPLITS)[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(O + b.to(tl.int64) * sob + t * sot + hq * soh + d, out.to(O.dtype.element_ty))
+
+
+def choose_splits(batch: int, n_kv_heads: int, s_max: int, device=None, max_splits: int = MAX_SPLITS) -> int:
+    """Number of KV chunks: enough (batch x kv head x chunk) programs for ~2 waves on the GPU, no
+    chunk shorter than 256 keys at full capacity. Depends on shapes only (CUDA-graph safe)."""
+    want = math.ceil(2 * num_sms(device) / max(1, batch * n_kv_heads))
+    return int(max(1, min(max_splits, want, math.ceil(s_max / 256))))
+
+
+def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
+                            cache_slots=None, num_splits=None):
+    """Triton split-KV decode attention; same signature and result as `decode_attention_reference`."""
+    B, n_q, hq, d = q.shape
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    _check(q, k_cache, n_q, hq, hkv, d)
+    dev = q.device
+    lens = cache_lens.to(device=dev, dtype=torch.int32)
+    slots = (torch.arange(B, device=dev, dtype=torch.int32) if cache_slots is None
+             else cache_slots.to(device=dev, dtype=torch.int32))
+    P = int(num_splits) if num_splits is not None else choose_splits(B, hkv, s_max, dev, max_splits)
+    G = hq // hkv
+    o = torch.empty_like(q)
+    if B == 0:
+        return o
+    o_part = torch.empty(B, hq, n_q, P, d, device=dev, dtype=torch.float32)
+    lse_part = torch.empty(B, hq, n_q, P, device=dev, dtype=torch.float32)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    fp32 = q.dtype == torch.float32
+    _decode_split_kernel[(B * hkv, P)](
+        q, k_cache, v_cache, lens, slots, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        scale * LOG2E, hkv, next_pow2(s_max), P,
+        N_Q=n_q, GROUP=G, HEAD_DIM=d, BLOCK_M=max(16, next_pow2(n_q * G)),
+        PRECISION="ieee" if fp32 else "tf32",
+        meta=dict(BLOCK_N=32, num_warps=4, num_stages=2) if fp32 else None,
+    )
+    _decode_combine_kernel[(B * hq * n_q,)](
+        o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), hq, P,
+        N_Q=n_q, SPLITS_P2=next_pow2(P), HEAD_DIM=d,
+    )
+    return o
+
+
+def _check(q, k_cache, n_q, hq, hkv, d):
+    if not 1 <= n_q <= 8:
+        raise ValueError(f"decode takes 1..8 query tokens per sequence, got {n_q}")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if k_cache.shape[-1] != d or d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim must be a power of two in 16..256 and match the cache, got {d}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("the head dim must be contiguous (stride 1)")
+
+
+def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
+                               cache_slots=None, num_splits=None):
+    """PyTorch reference: per sequence, SDPA over its L cached positions with the causal offset."""
+    B, n_q, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    _check(q, k_cache, n_q, hq, hkv, d)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    lens = cache_lens.tolist()
+    slots = list(range(B)) if cache_slots is None else cache_slots.tolist()
+    o = torch.zeros_like(q)
+    for b in range(B):
+        L = int(lens[b])
+        if L <= 0:
+            continue
+        k = k_cache[slots[b], :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=0)  # (Hq, L, D)
+        v = v_cache[slots[b], :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=0)
+        qb = q[b].transpose(0, 1)  # (Hq, n_q, D)
+        i = torch.arange(n_q, device=q.device)[:, None]
+        j = torch.arange(L, device=q.device)[None, :]
+        mask = j <= (L - n_q) + i
+        ob = torch.nn.functional.scaled_dot_product_attention(qb[None], k[None], v[None], attn_mask=mask,
+                                                              scale=scale)[0]
+        ob = torch.where(mask.any(1)[None, :, None], ob, torch.zeros_like(ob))
+        o[b] = ob.transpose(0, 1)
+    return o

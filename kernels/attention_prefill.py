@@ -1,0 +1,354 @@
+"""Prefill attention: many query positions per sequence, causal or not, GQA, ragged batches, KV cache.
+
+Math (per sequence, per query head h with kv head h // (Hq/Hkv), scale c = sm_scale):
+    s_ij = c * q_i . k_j                       (j visible to i)
+    o_i  = sum_j softmax_j(s_i) v_j
+Visibility: with T queries over S keys, query i sits at key position i + (S - T) (bottom-right
+alignment, so a cached prefix of S - T positions is seen by every query); causal keeps j <= i + S - T.
+A query that sees no key (only possible when S < T) gets a zero output, not NaN.
+
+Online softmax (FlashAttention-2), in fp32 and base 2 so the exponentials are single ex2 ops:
+    u_ij = s_ij * log2(e)
+    m_i' = max(m_i, max_j u_ij);  p_ij = 2^(u_ij - m_i');  alpha = 2^(m_i - m_i')
+    l_i' = alpha l_i + sum_j p_ij;  acc_i' = alpha acc_i + sum_j p_ij v_j;   o_i = acc_i / l_i
+Key blocks split in two loops: blocks every row of the query block may see in full (no masks, no
+bounds checks: the hot loop), then the diagonal/tail blocks with masks.
+
+Layouts (the strides are taken from the tensors, so views work):
+  padded  q (B, Hq, T, D), k/v (B, Hkv, S, D)              (SDPA's layout; o like q)
+  ragged  q (N, Hq, D), k/v (N, Hkv, D) and cu_seqlens (B+1,) int  (flash-attn varlen; self-attention)
+  cache   k_cache/v_cache (B_cache, Hkv, S_max, D); sequence b owns row cache_slots[b] (default b)
+          and already holds cache_offsets[b] positions. The new k/v (either layout above) are written
+          at [off_b, off_b + len_b) first, then the queries attend to all off_b + len_b positions.
+          Positions past S_max are dropped by the Triton write (bounds are the caller's job); the
+          reference raises.
+
+Forward only: training goes through SDPA (flash/cuDNN backward); `kernels.prefill_attention`
+falls back to the reference whenever autograd needs a graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kernels.backend import config, jit, tl
+
+LOG2E = 1.4426950408889634
+
+# 16-bit configs tried on a GPU (H100: wgmma tiles of 64 rows per warpgroup). fp32 inputs use a
+# small fixed config instead (see _meta_fp32): these would not fit in shared memory.
+_CONFIGS = [
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    config(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+    config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+]
+
+
+@jit(configs=_CONFIGS, key=["HEAD_DIM", "CAUSAL", "GROUP", "LEN_BUCKET"],
+     default=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+     interpret_default=dict(BLOCK_M=32, BLOCK_N=32))
+def _prefill_fwd_kernel(
+    Q, K, V, O,
+    Q_START, Q_LEN, K_START, K_LEN, K_ROW,  # (B,) int32: where each sequence's rows are
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+    qk_scale,  # sm_scale * log2(e)
+    H_Q, LEN_BUCKET,  # LEN_BUCKET only keys the autotuner
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Query blocks in reverse so the longest causal rows start first (better tail balance).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    q_len = tl.load(Q_LEN + b)
+    m0 = pid_m * BLOCK_M
+    if m0 < q_len:
+        q_start = tl.load(Q_START + b)
+        k_start = tl.load(K_START + b)
+        k_len = tl.load(K_LEN + b)
+        k_row = tl.load(K_ROW + b).to(tl.int64)
+        shift = k_len - q_len  # query i sits at key position i + shift
+        hk = h // GROUP
+
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_rows = (q_start + offs_m).to(tl.int64)
+        q_ptrs = Q + b.to(tl.int64) * sqb + h * sqh + q_rows[:, None] * sqt + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0)
+        k_ptrs = K + k_row * skb + hk * skh + (k_start + offs_n).to(tl.int64)[:, None] * skt + offs_d[None, :]
+        v_ptrs = V + k_row * svb + hk * svh + (k_start + offs_n).to(tl.int64)[:, None] * svt + offs_d[None, :]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+        if CAUSAL:
+            hi = tl.minimum(k_len, m0 + BLOCK_M + shift)  # no row of the block sees keys >= hi
+            full = tl.minimum(k_len, m0 + shift + 1)      # every row sees keys < full
+        else:
+            hi = k_len
+            full = k_len
+        hi = tl.maximum(hi, 0)
+        full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
+
+        # Loop 1: whole blocks visible to every row: no masks.
+        for start_n in range(0, full, BLOCK_N):
+            k = tl.load(k_ptrs + start_n * skt)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs + start_n * svt)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        # Loop 2: diagonal and tail blocks: causal and length masks; rows may still be empty.
+        for start_n in range(full, hi, BLOCK_N):
+            n = start_n + offs_n
+            k = tl.load(k_ptrs + start_n * skt, mask=n[:, None] < k_len, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            visible = n[None, :] < k_len
+            if CAUSAL:
+                visible = visible & (n[None, :] <= offs_m[:, None] + shift)
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptrs + start_n * svt, mask=n[:, None] < k_len, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        o_ptrs = O + b.to(tl.int64) * sob + h * soh + q_rows[:, None] * sot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
+
+
+@jit(default=dict(BLOCK_T=64, num_warps=4), interpret_default=dict(BLOCK_T=64))
+def _kv_write_kernel(
+    K, V, KC, VC, SRC_START, LEN, OFFS, SLOTS,
+    skb, skt, skh, svb, svt, svh, sckb, sckt, sckh, scvb, scvt, scvh,
+    S_MAX, H_KV,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # cache[slot_b, h, off_b + t] = new[b, h, t] for t < len_b (and off_b + t < S_MAX)
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    n = tl.load(LEN + b)
+    if pid_t * BLOCK_T < n:
+        src = tl.load(SRC_START + b)
+        off = tl.load(OFFS + b)
+        slot = tl.load(SLOTS + b).to(tl.int64)
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, HEAD_DIM)
+        mask = ((t < n) & (off + t < S_MAX))[:, None]
+        src_rows = (src + t).to(tl.int64)[:, None]
+        dst_rows = (off + t).to(tl.int64)[:, None]
+        kt = tl.load(K + b.to(tl.int64) * skb + h * skh + src_rows * skt + d[None, :], mask=mask)
+        vt = tl.load(V + b.to(tl.int64) * svb + h * svh + src_rows * svt + d[None, :], mask=mask)
+        tl.store(KC + slot * sckb + h * sckh + dst_rows * sckt + d[None, :], kt.to(KC.dtype.element_ty), mask=mask)
+        tl.store(VC + slot * scvb + h * scvh + dst_rows * scvt + d[None, :], vt.to(VC.dtype.element_ty), mask=mask)
+
+
+# ---- sequence bookkeeping shared by the launcher and the reference ---------------------------------
+
+def _seq_layout(q, k, cu_seqlens, max_seqlen):
+    """Per-sequence (start, len) of the new rows, the row strides (batch, token, head), B, max len."""
+    if cu_seqlens is not None:
+        if q.dim() != 3 or k.dim() != 3:
+            raise ValueError("with cu_seqlens, q and k/v are packed (N, H, D)")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        start, length = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
+        max_len = int(max_seqlen) if max_seqlen is not None else int(length.max().item()) if len(length) else 0
+        return start, length, cu.numel() - 1, max_len, True
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("without cu_seqlens, q is (B, Hq, T, D) and k/v are (B, Hkv, S, D)")
+    B, T = q.shape[0], q.shape[2]
+    start = torch.zeros(B, dtype=torch.int32, device=q.device)
+    length = torch.full((B,), T, dtype=torch.int32, device=q.device)
+    return start, length, B, T, False
+
+
+def _strides(x, varlen):
+    """(batch, token, head) strides: varlen rows are (N, H, D), padded are (B, H, T, D)."""
+    if varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(2), x.stride(1)
+
+
+def _check_heads(q, k, varlen):
+    hq, hkv = (q.shape[1], k.shape[1])
+    d = q.shape[-1]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if d not in (16, 32, 64, 128, 256) or k.shape[-1] != d:
+        raise ValueError(f"head dim must be a power of two in 16..256 and equal for q/k/v, got {d}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("the head dim must be contiguous (stride 1)")
+    return hq, hkv, d
+
+
+def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
+                          max_seqlen=None):
+    """Write new keys/values into the cache (layout in the module docstring). Returns nothing."""
+    start, length, B, max_len, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
+    offs = cache_offsets.to(device=k.device, dtype=torch.int32)
+    slots = (torch.arange(B, device=k.device, dtype=torch.int32) if cache_slots is None
+             else cache_slots.to(device=k.device, dtype=torch.int32))
+    hkv, d = k.shape[1], k.shape[-1]
+    if max_len == 0 or B == 0:
+        return
+    skb, skt, skh = _strides(k, varlen)
+    svb, svt, svh = _strides(v, varlen)
+    meta = _kv_write_kernel.meta()
+    grid = (triton_cdiv(max_len, meta["BLOCK_T"]), B * hkv)
+    _kv_write_kernel[grid](
+        k, v, k_cache, v_cache, start, length, offs, slots,
+        skb, skt, skh, svb, svt, svh,
+        k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
+        k_cache.shape[2], hkv, HEAD_DIM=d,
+    )
+
+
+def write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
+                             max_seqlen=None):
+    start, length, B, _, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
+    offs = cache_offsets.tolist()
+    slots = list(range(B)) if cache_slots is None else cache_slots.tolist()
+    for b in range(B):
+        s, n, o = int(start[b]), int(length[b]), int(offs[b])
+        if o + n > k_cache.shape[2]:
+            raise ValueError(f"sequence {b}: positions up to {o + n} exceed the cache's {k_cache.shape[2]}")
+        kb = k[s:s + n].transpose(0, 1) if varlen else k[b]  # (Hkv, n, D)
+        vb = v[s:s + n].transpose(0, 1) if varlen else v[b]
+        k_cache[slots[b], :, o:o + n] = kb.to(k_cache.dtype)
+        v_cache[slots[b], :, o:o + n] = vb.to(v_cache.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _meta_fp32(d):
+    # fp32 tiles are twice the bytes: keep q (64 x D) + two stages of k/v within shared memory.
+    return dict(BLOCK_M=64, BLOCK_N=32 if d >= 128 else 64, num_warps=4, num_stages=2)
+
+
+# ---- launcher --------------------------------------------------------------------------------------
+
+def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
+                             cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+    """Triton prefill attention; same signature and result as `prefill_attention_reference`."""
+    hq, hkv, d = _check_heads(q, k, cu_seqlens is not None)
+    q_start, q_len, B, max_len, varlen = _seq_layout(q, k, cu_seqlens, max_seqlen)
+    dev = q.device
+    if k_cache is not None:
+        if cache_offsets is None:
+            raise ValueError("k_cache needs cache_offsets (positions already cached per sequence)")
+        offs = cache_offsets.to(device=dev, dtype=torch.int32)
+        slots = (torch.arange(B, device=dev, dtype=torch.int32) if cache_slots is None
+                 else cache_slots.to(device=dev, dtype=torch.int32))
+        write_kv_cache_triton(k_cache, v_cache, k, v, offs, cu_seqlens=cu_seqlens, cache_slots=slots,
+                              max_seqlen=max_len)
+        K, V = k_cache, v_cache
+        k_start = torch.zeros(B, dtype=torch.int32, device=dev)
+        k_len = torch.clamp(offs + q_len, max=k_cache.shape[2]).to(torch.int32)
+        k_row = slots
+        skb, skt, skh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+        svb, svt, svh = v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+    else:
+        K, V = k, v
+        if varlen:
+            k_start, k_len = q_start, q_len
+        else:
+            k_start = torch.zeros(B, dtype=torch.int32, device=dev)
+            k_len = torch.full((B,), k.shape[2], dtype=torch.int32, device=dev)
+        k_row = torch.arange(B, dtype=torch.int32, device=dev)
+        skb, skt, skh = _strides(k, varlen)
+        svb, svt, svh = _strides(v, varlen)
+    o = torch.empty_like(q)
+    if B == 0 or max_len == 0:
+        return o
+    sqb, sqt, sqh = _strides(q, varlen)
+    sob, sot, soh = _strides(o, varlen)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    fp32 = q.dtype == torch.float32
+    meta = _meta_fp32(d) if fp32 else None
+
+    def grid(META):
+        return (triton_cdiv(max_len, META["BLOCK_M"]), B * hq)
+
+    _prefill_fwd_kernel[grid](
+        q, K, V, o, q_start, q_len, k_start, k_len, k_row,
+        sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+        scale * LOG2E, hq, _len_bucket(max_len),
+        GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=bool(causal), PRECISION="ieee" if fp32 else "tf32",
+        meta=meta,
+    )
+    return o
+
+
+def _len_bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---- reference -------------------------------------------------------------------------------------
+
+def _attend_one(q_HTD, k_HSD, v_HSD, causal, scale):
+    """Reference attention for one sequence, bottom-right causal, zero rows where nothing is visible."""
+    T, S = q_HTD.shape[1], k_HSD.shape[1]
+    g = q_HTD.shape[0] // k_HSD.shape[0]
+    k_HSD = k_HSD.repeat_interleave(g, dim=0)
+    v_HSD = v_HSD.repeat_interleave(g, dim=0)
+    if not causal:
+        return F.scaled_dot_product_attention(q_HTD[None], k_HSD[None], v_HSD[None], scale=scale)[0]
+    i = torch.arange(T, device=q_HTD.device)[:, None]
+    j = torch.arange(S, device=q_HTD.device)[None, :]
+    mask_TS = j <= i + (S - T)
+    o = F.scaled_dot_product_attention(q_HTD[None], k_HSD[None], v_HSD[None], attn_mask=mask_TS, scale=scale)[0]
+    return torch.where(mask_TS.any(1)[None, :, None], o, torch.zeros_like(o))
+
+
+def prefill_attention_reference(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
+                                cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+    """PyTorch reference (SDPA). The dense case (padded, no cache, T == S or not causal) is one SDPA
+    call on its fastest backend; that is the path the dispatcher picks when SDPA measured faster."""
+    hq, hkv, d = _check_heads(q, k, cu_seqlens is not None)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    varlen = cu_seqlens is not None
+    if k_cache is None and not varlen and (not causal or q.shape[2] == k.shape[2]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale, enable_gqa=hq != hkv)
+    q_start, q_len, B, _, _ = _seq_layout(q, k, cu_seqlens, max_seqlen)
+    if k_cache is not None:
+        write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, cu_seqlens=cu_seqlens,
+                                 cache_slots=cache_slots)
+    slots = list(range(B)) if cache_slots is None else cache_slots.tolist()
+    o = torch.empty_like(q)
+    for b in range(B):
+        s, n = int(q_start[b]), int(q_len[b])
+        qb = q[s:s + n].transpose(0, 1) if varlen else q[b]  # (Hq, n, D)
+        if k_cache is not None:
+            total = int(cache_offsets[b]) + n
+            kb, vb = k_cache[slots[b], :, :total], v_cache[slots[b], :, :total]
+        elif varlen:
+            kb, vb = k[s:s + n].transpose(0, 1), v[s:s + n].transpose(0, 1)
+        else:
+            kb, vb = k[b], v[b]
+        ob = _attend_one(qb, kb.to(q.dtype), vb.to(q.dtype), causal, scale)
+        if varlen:
+            o[s:s + n] = ob.transpose(0, 1)
+        else:
+            o[b] = ob
+    return o
