@@ -142,10 +142,29 @@ def relay_engine_from_family(fam: dict, timeout_s: float = 30.0):
 # ---- running --------------------------------------------------------------------------------------
 
 async def serve_http(app, host: str, port: int, log_level: str = "warning", on_ready=None) -> None:
-    """Run uvicorn on the current loop until SIGINT/SIGTERM; `on_ready(port)` once it listens."""
+    """Run uvicorn on the current loop until SIGINT/SIGTERM; `on_ready(port)` once it listens.
+
+    Signals are handled here rather than by uvicorn (which re-raises them once it has stopped), so the
+    caller's clean-up (stopping relay nodes) runs to the end; a second Ctrl-C skips waiting on open streams.
+    """
+    import signal
+
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    class _Server(uvicorn.Server):
+        def capture_signals(self):
+            return contextlib.nullcontext()
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+
+    def on_signal():
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
