@@ -200,7 +200,8 @@ def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    fused = next(model.parameters()).is_cuda  # one kernel for the whole update on CUDA
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
 
 
 # ---- state -------------------------------------------------------------------------------------
