@@ -31,7 +31,8 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) ->
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=50051, help="port to listen on (0 = any free port)")
     g.add_argument("--device", default="cpu", help="torch device for the stage")
-    g.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="compute dtype (default: the shards')")
+    g.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="compute dtype (default: float32 on CPU, where half-precision matmuls are slow; else the shards')")
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the shards (shapes are still checked)")
     g.add_argument("--onnx", action="store_true", help="run this tier on ONNX Runtime (device tier, after `familial-deploy export-onnx`)")
     g.add_argument("--max-sessions", type=int, default=64, help="live sessions; one more evicts the least recently used")
@@ -76,6 +77,8 @@ def load_stage(shards: str, tier: str, *, onnx: bool = False, device: str = "cpu
         from deploy.onnx_export import OnnxTierStage
         return OnnxTierStage(shards, tier, verify=verify)
     from deploy.shards import load_tier
+    if dtype is None and str(device) == "cpu":
+        dtype = "float32"
     return load_tier(shards, tier, device=device, dtype=_DTYPES[dtype] if dtype else None, verify=verify)
 
 

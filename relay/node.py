@@ -62,6 +62,8 @@ class NodeConfig:
     next_timeout_s: float = 30.0            # deadline for the next tier when the caller set none
     inject_delay_ms: float = 0.0            # TEST ONLY: added to this tier's compute per Forward
     onnx: bool = False                      # the stage runs on ONNX Runtime (reported in FamilyInfo)
+    offload_compute: bool = True            # run the stage in a worker thread so the event loop keeps serving
+                                            # other sessions, health checks and deadlines during a long prefill
 
 
 class RelayNode(pb_grpc.RelayServicer):
@@ -193,7 +195,8 @@ class RelayNode(pb_grpc.RelayServicer):
                 raise Abort("RESOURCE_EXHAUSTED", f"positions up to {pos + T} exceed the session limit of {s.max_tokens}")
             s.truncate(pos)  # no-op unless this is a replay / rewind
             need = [] if req.fill_only else self._exits_needed(req, wanted)
-            logits = await asyncio.to_thread(self._compute, s, x, pos, need)
+            logits = (await asyncio.to_thread(self._compute, s, x, pos, need) if self.conf.offload_compute
+                      else self._compute(s, x, pos, need))
             if self.conf.inject_delay_ms > 0:
                 await asyncio.sleep(self.conf.inject_delay_ms / 1000.0)
             try:

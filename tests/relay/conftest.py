@@ -82,8 +82,9 @@ def family(builtin_family, tiny_family) -> Family:
 
 
 def stage(fam: Family, tier: str):
+    """PyTorch stage in float32, the reference's dtype (fp16 shards upcast exactly)."""
     from deploy.shards import load_tier
-    return load_tier(fam.shards, tier)
+    return load_tier(fam.shards, tier, dtype=torch.float32)
 
 
 @contextlib.asynccontextmanager
