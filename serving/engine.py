@@ -70,6 +70,7 @@ class TokenOutput:
     reason: str = ""
     replan: Replan | None = None        # set on the first token made after a step-down
     infeasible: bool = False            # set on the first token when no exit fitted the budget
+    predicted_ms: float | None = None   # first token only: the plan's predicted request time
     decision_us: float = 0.0            # router time spent choosing this step's exit
     finish_reason: str | None = None    # "stop" (end of sequence) | "length" (max_tokens)
 
@@ -171,7 +172,7 @@ class SteppedEngine:
 
     def _work(self, res: StepResult, seen: dict[str, int], end: int) -> dict[str, tuple[int, int]]:
         e = self.info.exits[res.exit]
-        deepest = self.planner._deepest_on
+        deepest = self.planner.deepest_on
         return work_for_step(e, self.info.tiers, deepest, seen, end)
 
     # ---- Engine interface ----------------------------------------------------------------------
@@ -209,6 +210,7 @@ class SteppedEngine:
                 yield TokenOutput(token_id=res.token, exit=res.exit, tier=res.tier,
                                   latency_ms=_split(res.timings, wall), degraded=res.degraded, reason=res.reason,
                                   replan=replan, infeasible=plan.infeasible and i == 0, decision_us=decision_us,
+                                  predicted_ms=plan.predicted_ms if i == 0 else None,
                                   finish_reason=finish)
                 if finish:
                     return

@@ -119,19 +119,19 @@ class ExitPlanner:
         self.model = LatencyModel(tiers, alpha=alpha)
         # best quality first: lowest val loss; unknown losses rank by depth, deepest first
         self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
-        self._deepest_on = {t: max(e.index for e in self.exits if e.tier == t) for t in {e.tier for e in self.exits}}
+        self.deepest_on = {t: max(e.index for e in self.exits if e.tier == t) for t in {e.tier for e in self.exits}}
 
     # ---- prediction ----------------------------------------------------------------------------
     def predict_ms(self, g: int, prompt_tokens: int, new_tokens: int) -> float:
         """Whole request at exit g: prefill + first token, then new_tokens - 1 decode steps."""
         e = self.exits[g]
         path = self.tiers[: self.tiers.index(e.tier) + 1]
-        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self._deepest_on)
-        rest = self.model.step_ms(e, {}, self._deepest_on) * max(0, new_tokens - 1)
+        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self.deepest_on)
+        rest = self.model.step_ms(e, {}, self.deepest_on) * max(0, new_tokens - 1)
         return first + rest
 
     def decode_ms(self, g: int) -> float:
-        return self.model.step_ms(self.exits[g], {}, self._deepest_on)
+        return self.model.step_ms(self.exits[g], {}, self.deepest_on)
 
     # ---- decisions -----------------------------------------------------------------------------
     def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> Plan:
@@ -148,7 +148,7 @@ class ExitPlanner:
 
     def replan(self, current: int, remaining_ms: float, tokens_left: int) -> Plan | None:
         """A shallower exit if the rest of the request no longer fits at `current`; else None."""
-        if tokens_left <= 0 or self.decode_ms(current) * tokens_left <= remaining_ms:
+        if tokens_left <= 0 or self.decode_ms(current) * tokens_left <= self.margin * remaining_ms:
             return None
         for e in self.by_quality:
             if e.index >= current:

@@ -162,6 +162,7 @@ class FamilialInfo(OpenAIModel):
     exit_requested: Optional[ExitChoice] = None
     latency_budget_ms: Optional[float] = None
     budget_met: Optional[bool] = None
+    predicted_ms: Optional[float] = None  # the router's prediction for the exit it chose at admission
     infeasible: Optional[bool] = None     # no exit was predicted to fit the budget; answered from the shallowest
     replans: Optional[list[Replan]] = None
     degraded: Optional[bool] = None       # a tier failed; some tokens came from a shallower exit than asked

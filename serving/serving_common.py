@@ -158,6 +158,7 @@ class RequestRun:
     replans: list[Replan] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     infeasible: bool = False
+    predicted_ms: float | None = None
     finish_reason: str | None = None
     e2e_ms: float = 0.0
     first_token_s: float | None = None
@@ -218,6 +219,8 @@ class RequestRun:
             self.degraded.append(out.reason or "degraded")
         if out.infeasible:
             self.infeasible = True
+        if out.predicted_ms is not None:
+            self.predicted_ms = round(out.predicted_ms, 3)
         if out.replan:
             self.replans.append(Replan(**vars(out.replan)))
         return now
@@ -254,7 +257,7 @@ class RequestRun:
                              **{k: round(self.split.get(k, 0.0), 3) for k in SPLIT_KEYS})
         budget = self.req.budget_ms
         return FamilialInfo(exits=exits, tiers=tiers, exit_requested=self.exit_requested, latency_budget_ms=budget,
-                            budget_met=None if budget is None else self.e2e_ms <= budget,
+                            budget_met=None if budget is None else self.e2e_ms <= budget, predicted_ms=self.predicted_ms,
                             infeasible=self.infeasible, replans=self.replans, degraded=bool(self.degraded),
                             degraded_reasons=self.degraded or None, latency_ms=split)
 
