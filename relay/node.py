@@ -187,6 +187,8 @@ class RelayNode(pb_grpc.RelayServicer):
         async with s.lock:
             if s.closed:
                 raise Abort("NOT_FOUND", f"session {s.id!r} was closed")
+            if time.monotonic() >= deadline:  # queued behind a slow step and the caller is gone: skip it
+                raise Abort("DEADLINE_EXCEEDED", "deadline passed while waiting for the session")
             x = self._decode_input(req, s.max_tokens)
             pos, T = int(req.pos), x.shape[1]
             if pos > s.length:
