@@ -22,7 +22,7 @@ import math
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from relay.pb import SERVICE_NAME, pb, pb_grpc
+from relay.pb import pb, pb_grpc
 from relay.types import ExitPolicy, Sampling, StepResult, TLSConfig
 
 __all__ = ["RelayClient", "RelayError", "ExitPolicy", "Sampling", "StepResult", "TLSConfig", "make_channel"]

@@ -6,7 +6,6 @@ import random
 
 import grpc
 import numpy as np
-import pytest
 
 from relay.client import RelayClient
 from relay.pb import pb, pb_grpc

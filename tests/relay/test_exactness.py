@@ -85,6 +85,19 @@ def test_exact_with_onnx_device_tier(family, tmp_path):
     dev = onnx_mod.OnnxTierStage(shards, "device")
     _exact(family, stages={"device": dev, "edge": stage(family, "edge"), "cloud": stage(family, "cloud")})
 
+    async def flag():  # the CLI path: --onnx loads the exported graph from the shard directory
+        from relay.cli import start_node
+        h = await start_node(str(shards), "device", onnx=True)
+        c = RelayClient(f"127.0.0.1:{h.port}")
+        info = await c.family_info()
+        sid = await c.open_session()
+        r = await c.forward(sid, [1, 2, 3], 0, exit=0)
+        await c.close()
+        await h.stop()
+        return info, r
+    info, r = run(flag())
+    assert info["tiers"][0]["onnx"] and r.tier == "device" and r.token == family.ref_token([1, 2, 3], 0)
+
 
 def test_confidence_policy_matches_reference(family):
     """max_prob policy: the answer comes from the first exit whose max probability passes."""
