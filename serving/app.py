@@ -51,6 +51,8 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
         if start_engine and hasattr(engine, "start"):
             await engine.start()
         yield
+        if hasattr(engine, "close"):
+            await engine.close()
 
     app = FastAPI(title="Familial", lifespan=lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics

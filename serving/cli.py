@@ -186,11 +186,14 @@ def run_router(args) -> None:
     settings = settings_from_args(args)
 
     async def main():
-        if args.family:
-            engine = relay_engine_from_family(load_family_yaml(args.family))
-        else:
-            engine = LocalEngine.from_checkpoint(args.checkpoint)
-        await engine.start(args.calibrate_rounds)
+        try:
+            if args.family:
+                engine = relay_engine_from_family(load_family_yaml(args.family))
+            else:
+                engine = LocalEngine.from_checkpoint(args.checkpoint)
+            await engine.start(args.calibrate_rounds)
+        except Exception as e:  # noqa: BLE001 - say what is wrong in one line, not a traceback
+            raise SystemExit(f"familial-serve: cannot start the router: {type(e).__name__}: {e}") from None
         app = build_app(engine, settings)
         await serve_http(app, args.host, port, args.log_level,
                          on_ready=lambda p: print(f"familial router on http://{args.host}:{p}/v1", flush=True))

@@ -379,6 +379,9 @@ class LocalEngine(SteppedEngine):
     async def stats(self) -> dict[str, int]:
         return {"local": len(self._live)}
 
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
 
 # ---- relay chain engine ---------------------------------------------------------------------------
 
@@ -448,5 +451,7 @@ class RelayEngine(SteppedEngine):
         return out
 
     async def close(self) -> None:
-        for c in {id(c): c for c in [self.head, *self.clients.values()] if c is not None}.values():
+        clients = {id(c): c for c in [self.head, *self.clients.values()] if c is not None}
+        self.head, self.clients, self._started = None, {}, False
+        for c in clients.values():
             await c.close()

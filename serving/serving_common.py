@@ -103,8 +103,9 @@ def build_request(engine: Engine, settings: ServeSettings, prompt_ids: list[int]
                   req, arrival_s: float) -> GenerateRequest:
     if not prompt_ids:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    if any((not isinstance(t, int)) or t < 0 for t in prompt_ids):
-        raise APIError(400, "token ids in prompt must be non-negative integers", param="prompt")
+    vocab = getattr(engine.tokenizer, "vocab_size", None) or (1 << 62)
+    if any((not isinstance(t, int)) or not 0 <= t < vocab for t in prompt_ids):
+        raise APIError(400, f"token ids in prompt must be integers in [0, {vocab})", param="prompt")
     limit = min(settings.max_prompt_tokens, engine.info.max_seq_len - 1)
     if len(prompt_ids) > limit:
         raise APIError(400, f"prompt is {len(prompt_ids)} tokens; the limit is {limit}", param="prompt",

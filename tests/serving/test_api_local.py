@@ -105,6 +105,8 @@ def _err(r: httpx.Response, status: int) -> dict:
     ({"prompt": "x", "exit": "moon"}, "exit"),
     ({"prompt": "x", "latency_budget_ms": -5}, "latency_budget_ms"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": [1, 2, 100000]}, "prompt"),
+    ({"prompt": [1, -2]}, "prompt"),
 ])
 def test_4xx_openai_shape(local_server, body, param):
     e = _err(httpx.post(local_server.url + "/v1/completions", json=body), 400)
