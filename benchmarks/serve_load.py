@@ -75,7 +75,7 @@ def checkpoint(path: str | None, tmp: Path) -> Path:
 class Family:
     """Three node processes and the router process."""
 
-    def __init__(self, shards: Path, tmp: Path, delays: dict[str, float], base_port: int):
+    def __init__(self, shards: Path, tmp: Path, delays: dict[str, float], base_port: int, device: str = "cpu"):
         self.procs: dict[str, subprocess.Popen] = {}
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         tiers = ["device", "edge", "cloud"]
@@ -84,7 +84,7 @@ class Family:
         nxt = None
         for t in reversed(tiers):
             cmd = [sys.executable, "-m", "serving.cli", "--tier", t, "--shards", str(shards), "--port", str(ports[t]),
-                   "--inject-delay-ms", str(delays.get(t, 0.0))]
+                   "--inject-delay-ms", str(delays.get(t, 0.0)), "--device", device]
             if nxt:
                 cmd += ["--next", nxt]
             self.procs[t] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -227,7 +227,7 @@ def summarize(rows: list, seconds: float) -> dict:
 
 
 def run_scenario(name, shards, tmp, delays, args, budget, base_port) -> tuple[dict, list]:
-    fam = Family(shards, tmp, delays, base_port)
+    fam = Family(shards, tmp, delays, base_port, args.node_device)
     try:
         rows: list = []
         start_at = time.perf_counter() + args.warmup
@@ -242,6 +242,7 @@ def run_scenario(name, shards, tmp, delays, args, budget, base_port) -> tuple[di
         elapsed = time.perf_counter() - start_at
         res = summarize(rows, elapsed)
         res.update({"scenario": name, "seconds": round(elapsed, 1), "warmup_s": args.warmup, "clients": args.clients,
+                    "node_device": args.node_device,
                     "max_tokens": args.max_tokens, "inject_delay_ms": delays, "peak_rss_mb": fam.rss(),
                     "router_decision_us_mean_live": round(router_decision_us(fam.url), 2),
                     "router_decision_us_microbench": planner_microbench(fam.url)})
@@ -282,7 +283,7 @@ def plot(results: list, rows_by: dict, path: Path) -> None:
                    transform=ax[2].transAxes, va="top", fontsize=8)
         ax[2].grid(alpha=0.3)
     fig.suptitle(f"familial serve_load: {results[0]['clients']} streaming clients, {results[0]['max_tokens']} tokens "
-                 f"each, CPU loopback ({os.cpu_count()} cores)")
+                 f"each, loopback, {os.cpu_count()} CPU cores, nodes on {results[0].get('node_device', 'cpu')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -300,6 +301,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="no-budget,budget", help="comma-separated scenarios to run")
     ap.add_argument("--port", type=int, default=18700, help="first port used (each scenario takes a block of 20)")
     ap.add_argument("--out", default="benchmarks/results/serve_load", help="output path without extension")
+    ap.add_argument("--node-device", default="cpu", help="torch device of the three nodes (cpu, cuda)")
     ap.add_argument("--dump-rows", help="also write every request's record to this JSON file")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="date recorded in the results")
     ap.add_argument("--replot", metavar="ROWS_JSON", help="only redraw the PNG from --out's JSON and a --dump-rows file")
@@ -336,6 +338,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": args.date, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (loopback)",
+            "node_device": args.node_device,
             "python": platform.python_version(), "checkpoint": str(args.checkpoint or "builtin (or random at its shape)"),
             "note": "clients, router and three nodes share the same cores; latencies are client-side"}
     try:

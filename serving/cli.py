@@ -202,10 +202,14 @@ def run_router(args) -> None:
 
 
 def builtin_checkpoint() -> Path:
-    import trunk
+    try:
+        from trunk.builtin import builtin_path
 
-    fn = getattr(trunk, "builtin_path", None)
-    path = Path(fn()) if fn else Path(trunk.__file__).parent / "builtin"
+        path = Path(builtin_path())
+    except ImportError:
+        import trunk
+
+        path = Path(trunk.__file__).parent / "builtin"
     if not (path / "family.json").is_file():
         raise SystemExit(f"no built-in family at {path}; pass --checkpoint DIR")
     return path
@@ -219,11 +223,16 @@ def _delays(spec: str) -> dict[str, float]:
     return out
 
 
-def curl_line(url: str, model: str, api_key: str | None) -> str:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Tell me a story."}],
-                       "max_tokens": 48, "stream": True, "latency_budget_ms": 2000})
+def curl_line(url: str, model: str, api_key: str | None, chat: bool = False) -> str:
+    """A streaming request to paste into a shell (the built-in family was trained on Python source)."""
+    body = {"model": model, "max_tokens": 48, "stream": True, "latency_budget_ms": 2000}
+    if chat:
+        body["messages"] = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    else:
+        body["prompt"] = "def fibonacci(n):"
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    return f"curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+    path = "chat/completions" if chat else "completions"
+    return f"curl -N {url}/v1/{path} -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
 async def start_family(shards: Path, tiers: list[str], delays: dict[str, float] | None = None) -> list:
@@ -265,7 +274,8 @@ def run_demo(argv: list[str]) -> None:
             def ready(port):
                 url = f"http://{args.host}:{port}"
                 print(f"familial demo: router on {url}/v1 (model {name!r}); Ctrl-C stops everything.\n"
-                      f"Try:\n  {curl_line(url, name, settings.api_key)}\n", flush=True)
+                      f"Try:\n  {curl_line(url, name, settings.api_key)}\n"
+                      f"or chat:\n  {curl_line(url, name, settings.api_key, chat=True)}\n", flush=True)
 
             await serve_http(build_app(engine, settings), args.host, args.port, args.log_level, on_ready=ready)
         finally:
