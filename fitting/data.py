@@ -1,0 +1,161 @@
+"""Runs in, fitting arrays out: the JSONL run-record and CSV readers and the per-law feature tables.
+
+Formats (the format is read from the content, never from the file name):
+- JSONL run records (docs/run-record.md): one object per line with at least N, D, G, loss; also used
+  when present: flops_total (the run's compute budget), exit_val_loss, exit_layers, n_layers,
+  exit_dense_loss (per-exit loss of a size-matched dense model, for the branch law).
+- CSV with a header: N,D,G,loss (G optional; C optional = compute budget) for family/dense;
+  P,Q,D,loss,L_dense (C or N optional) for the branch law.
+Which runs feed which law: family = every run's `loss`; dense = runs with G == 1; branch = one row per
+shallow-or-final exit (P = exits shallower than it, Q = l_g / L) from CSV rows or from records.
+This file does no fitting; `fitter.py` does.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fitting.objective import LawData
+
+
+class DataError(ValueError):
+    """Input that cannot be fitted; the message is one line for the user."""
+
+
+@dataclass
+class Runs:
+    loss: np.ndarray           # (n,) target loss
+    D: np.ndarray              # (n,) training tokens
+    N: np.ndarray              # (n,) non-embedding params (nan for branch CSV without N)
+    G: np.ndarray              # (n,) exits (1 for dense)
+    C: np.ndarray              # (n,) compute budget (FLOPs): flops_total, or C column, or 6 N D
+    P: np.ndarray | None = None       # branch: upstream branches
+    Q: np.ndarray | None = None       # branch: depth fraction l_g / L
+    L_dense: np.ndarray | None = None  # branch: size-matched dense loss
+
+    @property
+    def n(self) -> int:
+        return len(self.loss)
+
+    def lawdata(self) -> LawData:
+        t = lambda v: torch.tensor(np.nan_to_num(v, nan=1.0), dtype=torch.float64)
+        z = torch.zeros(self.n, dtype=torch.float64)
+        return LawData(y=t(np.log(self.loss)), lnN=t(np.log(self.N)), lnD=t(np.log(self.D)),
+                       lnG=t(np.log(self.G)),
+                       lnP1=t(np.log1p(self.P)) if self.P is not None else z,
+                       lnQ=t(np.log(self.Q)) if self.Q is not None else z,
+                       lnLd=t(np.log(self.L_dense)) if self.L_dense is not None else z)
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL or CSV file as dicts (JSONL when the first non-blank character is '{')."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty")
+    if text.lstrip()[0] == "{":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+        return rows
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for i, r in enumerate(reader, 2):
+        try:
+            rows.append({k.strip(): float(v) for k, v in r.items() if k and v not in (None, "")})
+        except ValueError:
+            raise DataError(f"{path}:{i}: non-numeric value in a CSV row") from None
+    return rows
+
+
+def _col(rows: list[dict], key: str, required: bool = True, default=math.nan) -> np.ndarray:
+    out = []
+    for i, r in enumerate(rows):
+        if key not in r:
+            if required:
+                raise DataError(f"run {i + 1} has no {key!r} field (need {key} for this law)")
+            out.append(default)
+        else:
+            out.append(float(r[key]))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _check(name: str, v: np.ndarray) -> None:
+    if not np.all(np.isfinite(v) & (v > 0)):
+        raise DataError(f"every {name} must be a positive number")
+
+
+def _budget(rows: list[dict], N: np.ndarray, D: np.ndarray) -> np.ndarray:
+    C = np.array([float(r.get("flops_total", r.get("C", math.nan))) for r in rows])
+    fallback = 6.0 * N * D if np.all(np.isfinite(N)) else D
+    return np.where(np.isfinite(C), C, fallback)
+
+
+def family_runs(rows: list[dict], dense_only: bool = False) -> Runs:
+    """Runs for the family law (every run) or the dense law (G == 1 runs; G defaults to 1 in CSV)."""
+    G = _col(rows, "G", required=False, default=1.0)
+    if dense_only:
+        keep = G == 1
+        rows = [r for r, k in zip(rows, keep) if k]
+        if not rows:
+            raise DataError("no dense runs (G == 1) to fit the dense law to")
+        G = G[keep]
+    N, D, L = _col(rows, "N"), _col(rows, "D"), _col(rows, "loss")
+    for name, v in (("N", N), ("D", D), ("loss", L), ("G", G)):
+        _check(name, v)
+    return Runs(loss=L, D=D, N=N, G=G, C=_budget(rows, N, D))
+
+
+def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                ) -> Runs:
+    """One row per exit. CSV rows carry P, Q, D, loss, L_dense; run records are expanded per exit.
+
+    For run records without `exit_dense_loss`, L_dense comes from `dense_predict(N_g, D)` with
+    N_g = N * l_g / L (the exit's share of the trunk), e.g. a dense-law fit to the file's G == 1 runs.
+    """
+    if rows and "P" in rows[0]:
+        P, Q, D, L, Ld = (_col(rows, k) for k in ("P", "Q", "D", "loss", "L_dense"))
+        N = _col(rows, "N", required=False)
+        C = _budget(rows, N, D)
+    else:
+        recs = [r for r in rows if int(r.get("G", 1)) > 1]
+        if not recs:
+            raise DataError("no familial runs (G > 1) to expand into per-exit branch rows")
+        P, Q, D, L, Ld, N, C = ([] for _ in range(7))
+        for i, r in enumerate(recs):
+            try:
+                exits = list(r["exit_layers"]) + [r["n_layers"]]
+                losses = r["exit_val_loss"]
+            except KeyError as e:
+                raise DataError(f"run record {i + 1} lacks {e.args[0]!r}, needed for the branch law") from None
+            if len(losses) != len(exits):
+                raise DataError(f"run record {i + 1}: {len(losses)} exit losses for {len(exits)} exits")
+            for g, (l, loss) in enumerate(zip(exits, losses)):
+                P.append(g), Q.append(l / r["n_layers"]), D.append(r["D"]), L.append(loss)
+                N.append(r["N"] * l / r["n_layers"])
+                C.append(r.get("flops_total", 6.0 * r["N"] * r["D"]))
+                Ld.append(r["exit_dense_loss"][g] if "exit_dense_loss" in r else math.nan)
+        P, Q, D, L, Ld, N, C = (np.asarray(v, dtype=np.float64) for v in (P, Q, D, L, Ld, N, C))
+        if np.isnan(Ld).any():
+            if dense_predict is None:
+                raise DataError("run records have no exit_dense_loss and there is no dense fit to supply L_dense")
+            Ld = np.where(np.isnan(Ld), dense_predict(N, D), Ld)
+    for name, v in (("Q", Q), ("D", D), ("loss", L), ("L_dense", Ld)):
+        _check(name, v)
+    if np.any(P < 0) or np.any(Q > 1):
+        raise DataError("branch rows need P >= 0 and Q in (0, 1]")
+    return Runs(loss=L, D=D, N=N, G=P + 1, C=C, P=P, Q=Q, L_dense=Ld)

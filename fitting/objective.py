@@ -1,0 +1,150 @@
+"""The fitting objective: Huber(delta) on log residuals, SUMMED over runs, with analytic gradients.
+
+Shapes: B = starts (rows of the batch), n = runs (data points), P = law parameters.
+Each law is written in log space with its parameters in the order of its `names`:
+
+  family  x = (e, a, b, alpha, beta, gamma)
+          log L = LSE(e, a - alpha ln N, b - beta ln D) + gamma ln G      (E, A, B = exp(e, a, b))
+  dense   x = (e, a, b, alpha, beta)            the family law without the gamma term
+  branch  x = (ln a, alpha_P, beta_Q, ln D_d)
+          log L = ln L_dense + ln a + alpha_P ln(1+P) - beta_Q ln Q + softplus(ln D_d - ln D)
+
+`evaluate(x, w)` gives the objective sum_i w_i Huber(log L_pred_i - log L_i) for each row and its
+gradient; w (B, n) holds per-row data weights (bootstrap counts, 0 for held-out runs). This file does
+not optimise anything (see `lbfgs.py`) and does not know about grids (see `grids.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HUBER_DELTA = 1e-3
+
+
+def huber(r: torch.Tensor, delta: float = HUBER_DELTA) -> torch.Tensor:
+    """0.5 r^2 for |r| <= delta, delta (|r| - delta/2) beyond: quadratic core, linear tails."""
+    a = r.abs()
+    return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+
+
+@dataclass
+class LawData:
+    """Per-run features as float64 tensors (n,); unused ones are zeros."""
+    y: torch.Tensor        # ln loss
+    lnN: torch.Tensor
+    lnD: torch.Tensor
+    lnG: torch.Tensor
+    lnP1: torch.Tensor     # ln(1 + P)      (branch)
+    lnQ: torch.Tensor      # ln Q           (branch)
+    lnLd: torch.Tensor     # ln L_dense     (branch)
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+
+class Law:
+    """One law: its parameter names and its log prediction with a vector-Jacobian product."""
+    name = ""
+    names: tuple[str, ...] = ()
+
+    def predict(self, x: torch.Tensor, d: LawData):
+        """(log L_pred (B, n), cache for `vjp`)."""
+        raise NotImplementedError
+
+    def vjp(self, x: torch.Tensor, d: LawData, cache, hp: torch.Tensor) -> torch.Tensor:
+        """J^T hp: (B, P) gradient of sum_i hp_i * log L_pred_i."""
+        raise NotImplementedError
+
+    def natural(self, x) -> dict:
+        """Log-space row -> the published parameter names and values."""
+        raise NotImplementedError
+
+    def to_x(self, params: dict) -> list[float]:
+        raise NotImplementedError
+
+
+class FamilyLaw(Law):
+    name = "family"
+    names = ("e", "a", "b", "alpha", "beta", "gamma")
+    with_gamma = True
+
+    def predict(self, x, d):
+        e, a, b, al, be = (x[:, i:i + 1] for i in range(5))
+        t0 = e.expand(-1, d.n)                                     # (B, n)
+        t1 = a - al * d.lnN                                        # (B, n)
+        t2 = b - be * d.lnD                                        # (B, n)
+        m = torch.maximum(torch.maximum(t0, t1), t2)
+        w0, w1, w2 = (t0 - m).exp(), (t1 - m).exp(), (t2 - m).exp()
+        s = w0 + w1 + w2
+        out = m + s.log()
+        if self.with_gamma:
+            out = out + x[:, 5:6] * d.lnG
+        return out, (w0 / s, w1 / s, w2 / s)
+
+    def vjp(self, x, d, cache, hp):
+        p0, p1, p2 = cache
+        h1, h2 = hp * p1, hp * p2                                  # (B, n)
+        cols = [(hp * p0).sum(-1), h1.sum(-1), h2.sum(-1), -(h1 @ d.lnN), -(h2 @ d.lnD)]
+        if self.with_gamma:
+            cols.append(hp @ d.lnG)
+        return torch.stack(cols, -1)                               # (B, P)
+
+    def natural(self, x):
+        x = [float(v) for v in x]
+        out = {"E": _exp(x[0]), "A": _exp(x[1]), "alpha": x[3], "B": _exp(x[2]), "beta": x[4]}
+        if self.with_gamma:
+            out["gamma"] = x[5]
+        return out
+
+    def to_x(self, p):
+        import math
+        x = [math.log(p["E"]), math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]]
+        return x + [p.get("gamma", 0.0)] if self.with_gamma else x
+
+
+class DenseLaw(FamilyLaw):
+    name = "dense"
+    names = ("e", "a", "b", "alpha", "beta")
+    with_gamma = False
+
+
+class BranchLaw(Law):
+    name = "branch"
+    names = ("ln_a", "alpha_P", "beta_Q", "ln_D_d")
+
+    def predict(self, x, d):
+        la, aP, bQ, ldd = (x[:, i:i + 1] for i in range(4))
+        z = ldd - d.lnD                                            # (B, n)
+        out = d.lnLd + la + aP * d.lnP1 - bQ * d.lnQ + torch.nn.functional.softplus(z)
+        return out, torch.sigmoid(z)
+
+    def vjp(self, x, d, cache, hp):
+        return torch.stack([hp.sum(-1), hp @ d.lnP1, -(hp @ d.lnQ), (hp * cache).sum(-1)], -1)
+
+    def natural(self, x):
+        x = [float(v) for v in x]
+        return {"alpha_P": x[1], "beta_Q": x[2], "D_d": _exp(x[3]), "a": _exp(x[0])}
+
+    def to_x(self, p):
+        import math
+        return [math.log(p["a"]), p["alpha_P"], p["beta_Q"], math.log(p["D_d"])]
+
+
+def _exp(v: float) -> float:
+    import math
+    return math.exp(v) if v < 709 else math.inf
+
+
+LAWS: dict[str, Law] = {"family": FamilyLaw(), "dense": DenseLaw(), "branch": BranchLaw()}
+
+
+def evaluate(law: Law, x: torch.Tensor, d: LawData, w: torch.Tensor,
+             delta: float = HUBER_DELTA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective (B,), gradient (B, P)) of sum_i w_i Huber(log L_pred_i - log L_i)."""
+    pred, cache = law.predict(x, d)
+    r = pred - d.y                                                 # (B, n)
+    f = (w * huber(r, delta)).sum(-1)
+    hp = w * r.clamp(-delta, delta)                                # Huber'(r), weighted
+    return f, law.vjp(x, d, cache, hp)
