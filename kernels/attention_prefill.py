@@ -33,9 +33,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import config, jit, tl
+from kernels.backend import HAS_TRITON, config, jit, tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no triton, or one without host tensor descriptors: pointer kernel only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
+# Dense batches (no ragged lengths, no cache) load tiles through TMA tensor descriptors; the
+# pointer-arithmetic kernel serves ragged batches and caches (and is the fallback).
+USE_TMA = HAS_TRITON
 
 # 16-bit configs tried on a GPU (H100: wgmma tiles of 64 rows per warpgroup). fp32 inputs use a
 # small fixed config instead (see _meta_fp32): these would not fit in shared memory.
@@ -131,6 +139,92 @@ def _prefill_fwd_kernel(
         out = acc / l_safe[:, None]
         o_ptrs = O + b.to(tl.int64) * sob + h * soh + q_rows[:, None] * sot + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < q_len)
+
+
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: descriptor block shapes follow the config's BLOCK_M / BLOCK_N."""
+    d = nargs["HEAD_DIM"]
+    nargs["DQ"].block_shape = [1, 1, nargs["BLOCK_M"], d]
+    nargs["DO"].block_shape = [1, 1, nargs["BLOCK_M"], d]
+    nargs["DK"].block_shape = [1, 1, nargs["BLOCK_N"], d]
+    nargs["DV"].block_shape = [1, 1, nargs["BLOCK_N"], d]
+
+
+_TMA_CONFIGS = [
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, pre_hook=_tma_block_shapes),
+    config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pre_hook=_tma_block_shapes),
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4, pre_hook=_tma_block_shapes),
+    config(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, pre_hook=_tma_block_shapes),
+    config(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pre_hook=_tma_block_shapes),
+    config(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pre_hook=_tma_block_shapes),
+]
+
+
+@jit(configs=_TMA_CONFIGS, key=["HEAD_DIM", "CAUSAL", "GROUP", "LEN_BUCKET"],
+     default=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+     interpret_default=dict(BLOCK_M=32, BLOCK_N=32))
+def _prefill_fwd_tma_kernel(
+    DQ, DK, DV, DO,  # tensor descriptors over q/o (B, Hq, T, D) and k/v (B, Hkv, S, D)
+    T, S, qk_scale, H_Q, LEN_BUCKET,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Dense batches only (every sequence has T queries over S keys). Same math as
+    # _prefill_fwd_kernel; tiles come through the TMA copy engine, which zero-fills rows past T / S,
+    # so tails need no load masks, and clips the output store at T.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H_Q
+    h = pid_bh % H_Q
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    shift = S - T
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = DQ.load([b, h, m0, 0]).reshape(BLOCK_M, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(S, m0 + BLOCK_M + shift)
+        full = tl.minimum(S, m0 + shift + 1)
+    else:
+        hi = S
+        full = S
+    hi = tl.maximum(hi, 0)
+    full = (tl.maximum(full, 0) // BLOCK_N) * BLOCK_N
+
+    for start_n in range(0, full, BLOCK_N):
+        k = DK.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = DV.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    for start_n in range(full, hi, BLOCK_N):
+        n = start_n + offs_n
+        k = DK.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = n[None, :] < S
+        if CAUSAL:
+            visible = visible & (n[None, :] <= offs_m[:, None] + shift)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = DV.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    DO.store([b, h, m0, 0], out.to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 @jit(default=dict(BLOCK_T=64, num_warps=4), interpret_default=dict(BLOCK_T=64))
@@ -281,6 +375,8 @@ def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=N
     o = torch.empty_like(q)
     if B == 0 or max_len == 0:
         return o
+    if USE_TMA and k_cache is None and not varlen and _tma_ok(q, k, v, o):
+        return _prefill_dense_tma(q, k, v, o, causal, sm_scale)
     sqb, sqt, sqh = _strides(q, varlen)
     sob, sot, soh = _strides(o, varlen)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
@@ -297,6 +393,36 @@ def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=N
         GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=bool(causal), PRECISION="ieee" if fp32 else "tf32",
         meta=meta,
     )
+    return o
+
+
+def _tma_ok(*ts) -> bool:
+    """TMA needs 16-byte aligned base addresses and non-innermost strides."""
+    if TensorDescriptor is None:
+        return False
+    for t in ts:
+        e = t.element_size()
+        if t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _prefill_dense_tma(q, k, v, o, causal, sm_scale):
+    B, hq, T, d = q.shape
+    hkv, S = k.shape[1], k.shape[2]
+    fp32 = q.dtype == torch.float32
+    meta = _meta_fp32(d) if fp32 else None
+    kern = _prefill_fwd_tma_kernel
+    bm, bn = (128, 64) if kern.will_autotune(meta) else (kern.meta(meta)["BLOCK_M"], kern.meta(meta)["BLOCK_N"])
+    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, blk, d])
+             for x, blk in ((q, bm), (k, bn), (v, bn), (o, bm))]
+
+    def grid(META):
+        return (triton_cdiv(T, META["BLOCK_M"]), B * hq)
+
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    kern[grid](*descs, T, S, scale * LOG2E, hq, _len_bucket(T),
+               GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=bool(causal), PRECISION="ieee" if fp32 else "tf32", meta=meta)
     return o
 
 

@@ -23,6 +23,7 @@ committed measurements.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -152,11 +153,11 @@ def jit(configs=None, key=(), default=None, interpret_default=None):
     return deco
 
 
-def config(num_warps: int = 4, num_stages: int = 2, **meta):
+def config(num_warps: int = 4, num_stages: int = 2, pre_hook=None, **meta):
     """A triton.Config, or None without triton (config lists are only read on a GPU)."""
     if not HAS_TRITON:
         return None
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages, pre_hook=pre_hook)
 
 
 def next_pow2(n: int) -> int:
@@ -164,6 +165,12 @@ def next_pow2(n: int) -> int:
 
 
 def num_sms(device: torch.device | None = None) -> int:
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        return torch.cuda.get_device_properties(device or 0).multi_processor_count
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        return _cuda_sms(dev.index if dev is not None and dev.index is not None else torch.cuda.current_device())
     return 8  # interpreter: any small number; it only shapes the grid
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

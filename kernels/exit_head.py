@@ -43,17 +43,19 @@ SMALL_ROWS = 64
 _SMALL_GRAN = 128  # split sizes are multiples of every small config's BLOCK_V
 _LARGE_GRAN = 256
 
-_SMALL_CONFIGS = [
+_SMALL_CONFIGS = [  # BLOCK_V divides _SMALL_GRAN
     config(BLOCK_V=64, BLOCK_K=256, num_warps=4, num_stages=3),
-    config(BLOCK_V=128, BLOCK_K=128, num_warps=4, num_stages=4),
+    config(BLOCK_V=128, BLOCK_K=128, num_warps=4, num_stages=3),
     config(BLOCK_V=64, BLOCK_K=128, num_warps=4, num_stages=4),
-    config(BLOCK_V=128, BLOCK_K=256, num_warps=8, num_stages=3),
+    config(BLOCK_V=128, BLOCK_K=256, num_warps=8, num_stages=2),
+    config(BLOCK_V=64, BLOCK_K=512, num_warps=4, num_stages=2),
 ]
-_LARGE_CONFIGS = [
+_LARGE_CONFIGS = [  # BLOCK_M = 128 (the split sizing assumes it); BLOCK_V divides _LARGE_GRAN
     config(BLOCK_M=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=3),
     config(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
     config(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=4),
     config(BLOCK_M=128, BLOCK_V=256, BLOCK_K=64, num_warps=8, num_stages=4),
+    config(BLOCK_M=128, BLOCK_V=128, BLOCK_K=128, num_warps=8, num_stages=3),
 ]
 
 
@@ -140,7 +142,7 @@ def _partial_kernel_fn(
             x = x * 0x846CA68B
             x = x ^ (x >> 16)
             u = ((x >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            y = tl.where(valid, z * inv_t[:, None] - tl.log(-tl.log(u)), float("-inf"))
+            y = tl.where(valid, acc * inv_t[:, None] - tl.log(-tl.log(u)), float("-inf"))
             ymax = tl.max(y, 1)
             yarg = tl.argmax(y, 1)
             gupd = ymax > gbest
@@ -170,7 +172,7 @@ _partial_large = jit(configs=_LARGE_CONFIGS, key=_KEY,
 
 @jit(default=dict(num_warps=4), interpret_default=dict())
 def _combine_kernel(
-    PM, PS, PT, PBEST, PARG, PGBEST, PGARG, TOKEN, MAXP, ENT, LSE, SAMPLED,
+    PM, PS, PT, PBEST, PARG, PGBEST, PGARG, INV_T, TOKEN, MAXP, ENT, LSE, SAMPLED,
     N_SPLITS, SAMPLE: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -198,7 +200,9 @@ def _combine_kernel(
         gb = tl.load(PGBEST + idx, mask=ok, other=float("-inf"))
         ga = tl.load(PGARG + idx, mask=ok, other=0)
         gfirst = tl.argmax(gb, 0)
-        tl.store(SAMPLED + row, tl.sum(tl.where(sp == gfirst, ga, 0), 0).to(tl.int64))
+        drawn = tl.sum(tl.where(sp == gfirst, ga, 0), 0)
+        greedy = tl.load(INV_T + row) == 0.0  # temperature 0: the argmax
+        tl.store(SAMPLED + row, tl.where(greedy, token, drawn).to(tl.int64))
 
 
 # ---- seeds and noise shared with the reference -----------------------------------------------------
@@ -246,14 +250,13 @@ def gumbel_noise(seeds_N: torch.Tensor, V: int) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def _inv_temperature(temperature, n_rows, device):
-    """Per-row 1/T (1 where T == 0: those rows take the argmax), and whether any row samples."""
-    t = torch.as_tensor(temperature, dtype=torch.float32, device=device).reshape(-1)
-    t = t.expand(n_rows) if t.numel() == 1 else t
-    if t.numel() != n_rows:
-        raise ValueError(f"temperature has {t.numel()} entries for {n_rows} rows")
-    greedy = t <= 0
-    return torch.where(greedy, torch.ones_like(t), 1.0 / t.clamp_min(1e-6)), greedy
+def _inv_temperature(temperature, n_rows, device) -> torch.Tensor:
+    """Per-row 1/T as fp32, 0 marking rows with T <= 0 (they take the argmax). No host sync."""
+    if not isinstance(temperature, torch.Tensor):
+        t = float(temperature)
+        return torch.full((n_rows,), 1.0 / t if t > 0 else 0.0, device=device)
+    t = temperature.to(device=device, dtype=torch.float32).reshape(-1).expand(n_rows)
+    return torch.where(t > 0, 1.0 / t.clamp_min(1e-6), torch.zeros_like(t))
 
 
 def _as_rows(h):
@@ -261,25 +264,26 @@ def _as_rows(h):
     return h.reshape(-1, H), h.shape[:-1]
 
 
-def _wants_sample(temperature) -> bool:
-    if isinstance(temperature, torch.Tensor):
-        return bool((temperature > 0).any())
-    return float(temperature) > 0
-
-
 # ---- launcher --------------------------------------------------------------------------------------
 
 def _splits(n_rows: int, V: int, block_m: int, gran: int, device) -> tuple[int, int]:
-    """(split size, number of splits): ~2 programs per SM in total, splits a multiple of `gran`."""
+    """(split size, number of splits). Programs are short (a few vocabulary tiles each) and many
+    (~8 per SM), so the last wave is a small fraction of the run; split sizes are multiples of
+    `gran` so that every config's BLOCK_V divides them."""
     n_rb = -(-n_rows // block_m)
-    want = max(1, -(-2 * num_sms(device) // n_rb))
+    want = max(1, -(-8 * num_sms(device) // n_rb))
     size = -(-V // want)
     size = -(-size // gran) * gran
     return size, -(-V // size)
 
 
 def exit_head_triton(h, norm_weight, W, *, eps, temperature=0.0, seed=None):
-    """Triton fused exit head; same signature and result as `exit_head_reference`."""
+    """Triton fused exit head; same signature and result as `exit_head_reference`.
+
+    Host work is kept to allocations and launches (no device syncs): a decode step can be captured
+    in a CUDA graph. A tensor `temperature` always takes the sampling path (rows with T = 0 return
+    the argmax), so its values never have to be read on the host.
+    """
     x, lead = _as_rows(h)
     N, H = x.shape
     V = W.shape[0]
@@ -287,18 +291,19 @@ def exit_head_triton(h, norm_weight, W, *, eps, temperature=0.0, seed=None):
         raise ValueError(f"W must be (V, {H}) with contiguous rows, got {tuple(W.shape)}")
     dev = x.device
     x = x if x.stride(-1) == 1 else x.contiguous()
-    out = ExitHeadOut(torch.empty(N, dtype=torch.int64, device=dev), torch.empty(N, device=dev),
-                      torch.empty(N, device=dev), torch.empty(N, device=dev),
-                      torch.empty(N, dtype=torch.int64, device=dev))
+    token = torch.empty(N, dtype=torch.int64, device=dev)
+    stats = torch.empty(3, N, device=dev)  # max_prob, entropy, lse
+    sample = isinstance(temperature, torch.Tensor) or float(temperature) > 0
+    sampled = torch.empty(N, dtype=torch.int64, device=dev) if sample else token
     if N == 0:
-        return ExitHeadOut(*(o.reshape(lead) for o in out))
+        return ExitHeadOut(*(o.reshape(lead) for o in (token, stats[0], stats[1], stats[2], sampled)))
     xn = torch.empty(N, H, dtype=W.dtype, device=dev)
     _rmsnorm_kernel[(N,)](x, norm_weight, xn, x.stride(0), xn.stride(0), float(eps), H=H, BLOCK_H=next_pow2(H))
-
-    sample = _wants_sample(temperature)
-    inv_t, greedy = _inv_temperature(temperature if sample else 1.0, N, dev)
-    seeds = row_seeds(seed, N, dev) if sample else torch.zeros(N, dtype=torch.int64, device=dev)
-    seeds32 = torch.where(seeds >= 2**31, seeds - 2**32, seeds).to(torch.int32)  # bit pattern
+    if sample:
+        inv_t = _inv_temperature(temperature, N, dev)
+        seeds32 = row_seeds(seed, N, dev).to(torch.int32)  # wraps: the same 32 bits
+    else:
+        inv_t = seeds32 = xn  # never read
 
     fp32 = W.dtype == torch.float32
     small = N <= SMALL_ROWS
@@ -314,29 +319,26 @@ def exit_head_triton(h, norm_weight, W, *, eps, temperature=0.0, seed=None):
         gran = max(64, kern.meta(meta)["BLOCK_V"])
     size, P = _splits(N, V, block_m, gran, dev)
 
-    part = [torch.empty(N, P, device=dev) for _ in range(4)]  # m, s, t, best
-    parg = torch.empty(N, P, dtype=torch.int32, device=dev)
-    pg = torch.empty(N, P, device=dev) if sample else part[0]
-    pga = torch.empty(N, P, dtype=torch.int32, device=dev) if sample else parg
+    part = torch.empty(4 + 2 * sample, N, P, device=dev)  # m, s, t, best (, gumbel best)
+    parg = torch.empty(1 + sample, N, P, dtype=torch.int32, device=dev)  # argmax (, gumbel argmax)
+    pg, pga = (part[4], parg[1]) if sample else (part[0], parg[0])
     extra = dict(BLOCK_M=block_m) if small else {}
 
     def grid(META):
         return (-(-N // META["BLOCK_M"]) * P,)
 
     kern[grid](
-        xn, W, seeds32, inv_t, part[0], part[1], part[2], part[3], parg, pg, pga,
+        xn, W, seeds32, inv_t, part[0], part[1], part[2], part[3], parg[0], pg, pga,
         N, V, xn.stride(0), W.stride(0), size, P, min(next_pow2(N), 4096),
         H=H, SAMPLE=sample, PRECISION="ieee" if fp32 else "tf32", GROUP_M=8,
         meta=meta, **extra,
     )
     _combine_kernel[(N,)](
-        part[0], part[1], part[2], part[3], parg, pg, pga,
-        out.token, out.max_prob, out.entropy, out.lse, out.sampled,
+        part[0], part[1], part[2], part[3], parg[0], pg, pga, inv_t,
+        token, stats[0], stats[1], stats[2], sampled,
         P, SAMPLE=sample, SPLITS_P2=next_pow2(P),
     )
-    sampled = torch.where(greedy, out.token, out.sampled) if sample else out.token.clone()
-    out = out._replace(sampled=sampled)
-    return ExitHeadOut(*(o.reshape(lead) for o in out))
+    return ExitHeadOut(*(o.reshape(lead) for o in (token, stats[0], stats[1], stats[2], sampled)))
 
 
 # ---- reference -------------------------------------------------------------------------------------
@@ -357,10 +359,10 @@ def exit_head_reference(h, norm_weight, W, *, eps, temperature=0.0, seed=None):
     zmax, token = z.max(dim=-1)
     p = torch.exp(z - lse[:, None])
     entropy = lse - (p * z).sum(-1)
-    if _wants_sample(temperature):
-        inv_t, greedy = _inv_temperature(temperature, N, x.device)
+    if isinstance(temperature, torch.Tensor) or float(temperature) > 0:
+        inv_t = _inv_temperature(temperature, N, x.device)
         g = gumbel_noise(row_seeds(seed, N, x.device), z.shape[1])
-        sampled = torch.where(greedy, token, (z * inv_t[:, None] + g).argmax(-1))
+        sampled = torch.where(inv_t == 0, token, (z * inv_t[:, None] + g).argmax(-1))
     else:
         sampled = token.clone()
     out = ExitHeadOut(token, torch.exp(zmax - lse), entropy, lse, sampled)

@@ -14,7 +14,7 @@ Like Liger-Kernel's fused linear CE, the gradients are computed during the forwa
 With tied heads the chunk stacks the same rows of every exit, (G*n x H), so W is streamed once per
 chunk for all exits. The backward only scales the stored gradients by the incoming grad (1 in
 training). Peak extra memory: one R x V buffer + the gradients themselves; R defaults to what fits
-in 256 MB. dW accumulates in W's dtype (fp32 accumulation inside each GEMM, one rounding per chunk),
+in 128 MiB (512 rows at V = 128k). dW accumulates in W's dtype (fp32 accumulation inside each GEMM, one rounding per chunk),
 as Liger does: an fp32 accumulator would cost 2x W's bytes.
 
 Not here: label smoothing, z-loss, soft-capping; choosing the exit weights (trunk/loss.py does).
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from kernels.backend import jit, tl
 
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 128 * 2**20
 
 
 @jit(default=dict(BLOCK_V=4096, num_warps=8), interpret_default=dict(BLOCK_V=1024))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Budget, Results, bench_graph_ms, copy_bandwidth_gbs, is_oom, n_copies, rel_err
+from kernels import attention_decode
 from kernels.attention_decode import _decode_split_kernel, choose_splits, decode_attention_triton
 
 MAX_CACHE_BYTES = 34.5e9
@@ -64,6 +65,10 @@ def run(out_dir: Path, budget: Budget, quick: bool = False):
         q = torch.randn(B, n_q, Hq, D, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
         fns = [lambda kc=kc, vc=vc: decode_attention_triton(q, kc, vc, lens) for kc, vc in caches]
+        attention_decode.FUSED_COMBINE = False  # the two-kernel variant, for comparison
+        fns[0]()
+        row["triton_unfused_gbs"] = kv_bytes / bench_graph_ms(fns) / 1e6
+        attention_decode.FUSED_COMBINE = True
         out = fns[0]()
         ms = bench_graph_ms(fns)
         row.update(splits=choose_splits(B, hkv, L), copies=c, triton_ms=ms, triton_gbs=kv_bytes / ms / 1e6,
@@ -76,6 +81,15 @@ def run(out_dir: Path, budget: Budget, quick: bool = False):
         if n_q > 1:
             i = torch.arange(n_q, device="cuda")[:, None]
             mask = torch.arange(L, device="cuda")[None, :] <= (L - n_q) + i
+        try:  # PyTorch's own choice of backend
+            f = [lambda kc=kc, vc=vc: F.scaled_dot_product_attention(qs, kc, vc, attn_mask=mask, enable_gqa=hkv != Hq)
+                 for kc, vc in caches]
+            f[0]()
+            row["sdpa_default_gbs"] = kv_bytes / bench_graph_ms(f) / 1e6
+        except Exception as e:
+            row["sdpa_default_gbs"] = None
+            if is_oom(e):
+                torch.cuda.empty_cache()
         best = None
         for name, be in BACKENDS.items():
             try:

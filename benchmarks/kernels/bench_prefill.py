@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Budget, Results, bench_ms, is_oom, rel_err  # noqa: E402  (sets sys.path)
+from kernels import attention_prefill
 from kernels.attention_prefill import _prefill_fwd_kernel, prefill_attention_triton
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -44,11 +45,21 @@ def run(out_dir: Path, budget: Budget, quick: bool = False):
         v = torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16)
         flops = 4 * B * Hq * S * S * D * (0.5 if causal else 1.0)
         row = dict(head_dim=D, causal=causal, seq_len=S, batch=B, heads=Hq, kv_heads=Hkv)
-        out = prefill_attention_triton(q, k, v, causal=causal)  # autotunes on first use
-        ms = bench_ms(lambda: prefill_attention_triton(q, k, v, causal=causal))
+        # both kernels: TMA descriptors (the dense default) and pointer arithmetic
+        times, outs = {}, {}
+        for variant, use_tma in (("tma", True), ("pointers", False)):
+            attention_prefill.USE_TMA = use_tma
+            o = prefill_attention_triton(q, k, v, causal=causal)  # autotunes on first use
+            times[variant] = bench_ms(lambda: prefill_attention_triton(q, k, v, causal=causal))
+            row[f"triton_{variant}_tflops"] = flops / times[variant] / 1e9
+            kern = attention_prefill._prefill_fwd_tma_kernel if use_tma else _prefill_fwd_kernel
+            row[f"triton_{variant}_config"] = kern.best_config()
+            outs[variant] = o
+        attention_prefill.USE_TMA = True
+        out = outs["tma"]
+        ms = times["tma"]
         row["triton_ms"] = ms
         row["triton_tflops"] = flops / ms / 1e9
-        row["triton_config"] = _prefill_fwd_kernel.best_config()
         best = None
         for name, be in BACKENDS.items():
             try:
@@ -69,8 +80,9 @@ def run(out_dir: Path, budget: Budget, quick: bool = False):
             row["sdpa_tflops"] = flops / best[1] / 1e9
             row["ratio_vs_sdpa"] = best[1] / ms
             row["rel_err_vs_sdpa"] = rel_err(out, best[2])
+            row["pointers_rel_err_vs_sdpa"] = rel_err(outs["pointers"], best[2])
         res.add(row)
-        del q, k, v, out
+        del q, k, v, out, outs
         torch.cuda.empty_cache()
     return res.doc
 

@@ -31,7 +31,8 @@ def _logits(h, w, W):
 
 def _check(out, ref, z, tol):
     assert torch.allclose(out.lse, ref.lse, atol=tol, rtol=tol)
-    assert torch.allclose(out.entropy, ref.entropy, atol=tol, rtol=tol)
+    # entropy = lse - E_p[z] is a difference of two terms of size |lse|: its error scales with |lse|
+    assert torch.allclose(out.entropy, ref.entropy, atol=tol * (1 + ref.lse.abs().max().item()), rtol=tol)
     assert torch.allclose(out.max_prob, ref.max_prob, atol=tol, rtol=tol)
     picked = z.gather(1, out.token.view(-1, 1)).squeeze(1)
     assert torch.all(picked >= z.max(1).values - tol)
