@@ -32,11 +32,15 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, stream, **kw):
+        super().__init__(stream, **kw)
+        self._stream = stream   # StreamingResponse may wrap it; keep the object whose aclose frees the slot
+
     async def stream_response(self, send) -> None:
         try:
             await super().stream_response(send)
         finally:
-            await self.body_iterator.aclose()
+            await self._stream.aclose()
 
 
 def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_engine: bool = True) -> FastAPI:

@@ -298,12 +298,16 @@ class OpenAIServing:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def sse(self, stack: contextlib.AsyncExitStack, run: RequestRun, chunk, usage_chunk) -> AsyncIterator[str]:
-        """SSE body: one `data:` line per delta (`chunk(delta, last)`), optional usage chunk, `[DONE]`.
+    def sse(self, stack: contextlib.AsyncExitStack, run: RequestRun, chunk, usage_chunk) -> "SSEStream":
+        return SSEStream(self._sse(stack, run, chunk, usage_chunk), stack)
+
+    async def _sse(self, stack: contextlib.AsyncExitStack, run: RequestRun, chunk, usage_chunk) -> AsyncIterator[str]:
+        """SSE body: one `data:` line per delta (`chunk(delta)`), optional usage chunk, `[DONE]`.
         Holds the admission slot (`stack`) until the stream ends or the client disconnects."""
         try:
-            async for d in run.deltas():
-                yield f"data: {json.dumps(dump(chunk(d)))}\n\n"
+            async with contextlib.aclosing(run.deltas()) as deltas:
+                async for d in deltas:
+                    yield f"data: {json.dumps(dump(chunk(d)))}\n\n"
             if usage_chunk is not None:
                 yield f"data: {json.dumps(dump(usage_chunk()))}\n\n"
             yield "data: [DONE]\n\n"
@@ -317,6 +321,23 @@ class OpenAIServing:
             raise
         finally:
             await stack.aclose()
+
+
+class SSEStream:
+    """The SSE body iterator plus what must be released even if iteration never starts (a client that
+    leaves before the first byte): `aclose` closes the generator and the admission slot."""
+
+    def __init__(self, gen, stack: contextlib.AsyncExitStack):
+        self._gen, self._stack = gen, stack
+
+    def __aiter__(self):
+        return self._gen
+
+    async def aclose(self) -> None:
+        try:
+            await self._gen.aclose()
+        finally:
+            await self._stack.aclose()
 
 
 def dump(model) -> dict:

@@ -177,7 +177,7 @@ def test_429_when_full(tiny_ckpt, serve):
 
 def test_disconnect_frees_local_session(tiny_ckpt, serve):
     eng = LocalEngine.from_checkpoint(tiny_ckpt, name="tiny", delays_ms={"device": 10})
-    s = serve(build_app(eng))
+    s = serve(build_app(eng, ServeSettings(max_concurrency=1, max_queue=0)))
     with httpx.stream("POST", s.url + "/v1/completions",
                       json={"prompt": "x", "max_tokens": 200, "stream": True, "exit": 0}) as r:
         for i, _ in enumerate(r.iter_lines()):
@@ -188,6 +188,9 @@ def test_disconnect_frees_local_session(tiny_ckpt, serve):
     while eng.live_requests() and time.time() < deadline:
         time.sleep(0.02)
     assert eng.live_requests() == 0
+    # the gone client's slot is free again: with room for one request, the next one is served
+    assert httpx.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert 'familial_requests_total{endpoint="completions",status="499"} 1.0' in httpx.get(s.url + "/metrics").text
 
 
 def test_replan_steps_down_when_running_late(tiny_ckpt, serve):
