@@ -149,8 +149,9 @@ class SteppedEngine:
 
     async def calibrate(self, rounds: int = 3, prompt_len: int = 8, decode_steps: int = 3) -> None:
         """A few warm-up forwards per exit; the first round only warms caches and is not recorded."""
-        vocab = max(2, self.tokenizer.eos_id)
-        prompt = [random.Random(7).randrange(vocab) for _ in range(prompt_len)]
+        rng = random.Random(7)
+        vocab = getattr(self.tokenizer, "vocab_size", 256)
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
         for r in range(rounds + 1):
             for e in self.info.exits:
                 session = await self._open(prompt_len + decode_steps + 1)
