@@ -337,6 +337,8 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     resume_dir = out if t.resume == "auto" else (Path(t.resume) if t.resume else None)
     if resume_dir is not None and (t.resume != "auto" or (out / STATE_FILE).is_file()):
         start = load_state(resume_dir, model, opt, plan, mcfg)
+        if start >= plan.steps:
+            raise TrainError(f"{resume_dir}: nothing to resume, already at step {start} of {plan.steps}")
     weights = t.exit_weights or None
     net = _LossModule(model, weights)
     if t.compile:

@@ -73,6 +73,8 @@ def test_resume_is_exact(data_dir, tmp_path):
     ra = json.loads((full / "runs.jsonl").read_text())
     rb = json.loads((cut / "runs.jsonl").read_text())
     assert rb["exit_val_loss"] == pytest.approx(ra["exit_val_loss"], abs=1e-5)
+    assert main(_args(data_dir, cut, *common, "--resume", "auto")) == 2  # finished: nothing to resume
+    assert len((cut / "runs.jsonl").read_text().splitlines()) == 1
 
 
 def test_torchrun_two_processes_match_one(data_dir, tmp_path):
