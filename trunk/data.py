@@ -117,11 +117,7 @@ def _encode_all(tok, docs: list[str], desc: str, progress: bool) -> Iterator[np.
     bar = tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress)
     for i in range(0, len(docs), chunk):
         part = docs[i:i + chunk]
-        if isinstance(tok, BPETokenizer):
-            ids = [e.ids for e in tok._tok.encode_batch(part, add_special_tokens=False)]
-        else:
-            ids = [tok.encode(d) for d in part]
-        for seq in ids:
+        for seq in tok.encode_batch(part):
             yield np.asarray(seq + [tok.eos_id], dtype=np.int64)
         bar.update(len(part))
     bar.close()
