@@ -39,6 +39,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _prepare_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Tokenize text into memory-mapped token shards with a held-out validation split.")
     p.add_argument("inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
     p.add_argument("--out", required=True, help="output data directory (shards, index.json, tokenizer files)")
@@ -71,7 +72,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
                    help="set any FamilyConfig field, value parsed as JSON when it can be (repeatable)")
     g = p.add_argument_group("training (override the config's train section)")
     for f in dataclasses.fields(TrainConfig):
-        kw = {"help": f.metadata["help"], "default": None, "dest": f.name}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"help": f"{f.metadata['help']} (default: {default!r})".replace("%", "%%"), "default": None,
+              "dest": f.name}  # None = not given: the config file's value (or the default) stands
         if f.type in ("bool", bool):
             g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "exit_weights":

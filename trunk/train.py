@@ -58,7 +58,7 @@ def _opt(default, help: str):
 class TrainConfig:
     data: str = _opt("", "data directory written by `familial-train prepare`")
     out: str = _opt("runs/out", "output directory: checkpoint, trainer state, metrics, run record")
-    steps: int = _opt(0, "optimizer steps; set at most one of steps / tokens / flops")
+    steps: int = _opt(0, "optimizer steps; set exactly one of steps / tokens / flops")
     tokens: int = _opt(0, "training-token budget D; steps = ceil(D / (global batch * seq_len))")
     flops: float = _opt(0.0, "compute budget C in FLOPs; D = C / flops_per_token (trunk.flops)")
     seq_len: int = _opt(256, "tokens per training sequence (<= the model's max_seq_len)")
