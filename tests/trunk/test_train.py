@@ -1,6 +1,7 @@
 """The trainer: end-to-end run, exact resume, 2-process DDP (gloo) == 1 process, CLI errors and help."""
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -143,3 +144,16 @@ def test_help_documents_every_flag(capsys):
     for name, parser in subs.items():
         for action in parser._actions:
             assert action.help, (name, action.dest)  # every flag and positional has help=
+
+
+def test_flops_budget_sets_tokens():
+    from trunk.config import get_preset
+    from trunk.flops import flops_per_token
+    from trunk.train import make_plan
+
+    cfg = get_preset("tiny")
+    t = TrainConfig(flops=5e10, seq_len=32, batch_size=4, grad_accum=2)
+    plan = make_plan(cfg, t, world=2)
+    D = 5e10 / flops_per_token(cfg, 32)
+    assert plan.global_batch == 16 and plan.steps == math.ceil(D / (16 * 32))
+    assert plan.tokens >= D > plan.tokens - 16 * 32
