@@ -20,6 +20,10 @@ class CodecError(ValueError):
     pass
 
 
+class CodecLimitError(CodecError):
+    """Well-formed, but more positions than the receiver accepts."""
+
+
 # wire dtype name -> (proto enum, torch dtype, bytes per element)
 WIRE_DTYPES = {
     "float32": (pb.FLOAT32, torch.float32, 4),
@@ -104,7 +108,7 @@ def decode(t: "pb.Tensor", *, d_model: int | None = None, out_dtype: torch.dtype
     if d_model is not None and D != d_model:
         raise CodecError(f"hidden size {D} does not match this tier's d_model {d_model}")
     if max_positions is not None and T > max_positions:
-        raise CodecError(f"{T} positions exceed the limit of {max_positions}")
+        raise CodecLimitError(f"{T} positions exceed the limit of {max_positions}")
     if len(t.data) != B * T * D * size:
         raise CodecError(f"{len(t.data)} data bytes for shape {list(shape)} {name}, expected {B * T * D * size}")
     arr = np.frombuffer(t.data, dtype=_NUMPY[name]).reshape(B, T, D)

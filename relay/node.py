@@ -176,9 +176,8 @@ class RelayNode(pb_grpc.RelayServicer):
             return torch.tensor([ids], dtype=torch.long)  # (1, T)
         try:
             return codec.decode(req.hidden, d_model=self.cfg.d_model, out_dtype=self.dtype, max_positions=max_positions)
-        except CodecError as e:
-            code = "RESOURCE_EXHAUSTED" if "exceed the limit" in str(e) else "INVALID_ARGUMENT"
-            raise Abort(code, str(e)) from None
+        except codec.CodecLimitError as e:
+            raise Abort("RESOURCE_EXHAUSTED", str(e)) from None
 
     async def _forward(self, req, deadline: float):
         t0 = time.perf_counter()
