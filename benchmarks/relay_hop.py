@@ -6,8 +6,9 @@ Forward and waits for the reply. One sample = encode + gRPC round trip + server-
 bookkeeping, i.e. what a real hop adds on top of the two tiers' model compute. Hidden sizes
 512..4096, positions 1..512, fp16 vs int8 (per-token scales); p50/p99 over many calls.
 
-Also measures memory per session (KV cache + boundary log bytes per tier, from the nodes' Stats) for
-the built-in family's shape (trunk/builtin/ when a checkpoint is there, else the "builtin" preset with
+Also measures memory per session (KV cache + boundary log bytes per tier, from the nodes' Stats) and
+the timing split of a decode step to each exit (compute per tier, network per hop, as the router sees
+it) for the built-in family (trunk/builtin/ when a checkpoint is there, else the "builtin" preset with
 random weights: the bytes depend only on the shape).
 
     python3 benchmarks/relay_hop.py [--quick] [--out benchmarks/results/relay_hop]
@@ -155,6 +156,7 @@ def session_memory(lengths=(64, 256, 511)) -> dict:
             out["by_length"].append(row)
             await c.close_session(sid)
             print(f"session of {n} positions: {row}", flush=True)
+        out["decode_step_ms"] = await _decode_split(c, cfg.G)
         # exact per-position cost (allocations grow by doubling, so the measured bytes include headroom)
         itemsize = torch.finfo(dev.node.dtype).bits // 8
         kv_layer = 2 * cfg.n_kv_heads * cfg.head_dim * itemsize
@@ -168,6 +170,23 @@ def session_memory(lengths=(64, 256, 511)) -> dict:
             await h.stop()
         return out
     return asyncio.run(go())
+
+
+async def _decode_split(c, G: int, steps: int = 60) -> dict:
+    """p50 of the router-visible timing split of one decode step per exit (64-token prompt)."""
+    out = {}
+    for g in range(G):
+        sid = await c.open_session()
+        r = await c.forward(sid, list(range(1, 65)), 0, exit=g)
+        rows, pos = [], 64
+        for _ in range(steps):
+            r = await c.forward(sid, [r.token], pos, exit=g)
+            pos += 1
+            rows.append(r.timings)
+        await c.close_session(sid)
+        out[f"exit{g}"] = {k: statistics.median(t[k] for t in rows[5:]) for k in rows[-1]}
+        print(f"decode step to exit {g}: {out[f'exit{g}']}", flush=True)
+    return out
 
 
 def machine() -> dict:
