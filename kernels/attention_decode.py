@@ -11,7 +11,7 @@ computes, for all G = Hq/Hkv query heads of that kv head and all n_q tokens (GQA
 rows share every K/V tile, so each cache byte is read once):
     m_p = max_j s_j,  l_p = sum_j 2^(s_j - m_p),  o_p = sum_j 2^(s_j - m_p) v_j / l_p,
     lse_p = m_p + log2 l_p            (scores s in base 2: s = c * log2(e) * q.k)
-and the last chunk of each (sequence, kv head) to finish merges them (or a combine kernel does):
+and a combine kernel merges the chunks (with P = 1 the split kernel writes the output itself):
     o = sum_p 2^(lse_p - M) o_p / sum_p 2^(lse_p - M),   M = max_p lse_p   (empty chunks: lse = -inf).
 P is fixed at launch from shapes only (never from cache_lens), so a captured CUDA graph stays valid
 when lengths change: chunk size = ceil(L_b / P) rounded up to the key block, computed on the device.
@@ -28,10 +28,6 @@ from kernels.backend import config, jit, next_pow2, num_sms, tl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-# Merge the chunks in the split kernel (the last chunk of each (sequence, kv head) to finish does it,
-# found with an atomic counter) instead of a second kernel: one launch and one kernel boundary less
-# per step. The separate combine kernel stays for comparison (benchmarks/kernels/bench_decode.py).
-FUSED_COMBINE = True
 
 _SPLIT_CONFIGS = [
     config(BLOCK_N=64, num_warps=4, num_stages=3),
@@ -44,12 +40,11 @@ _SPLIT_CONFIGS = [
 @jit(configs=_SPLIT_CONFIGS, key=["HEAD_DIM", "GROUP", "N_Q", "SPLITS", "LEN_BUCKET"],
      default=dict(BLOCK_N=64, num_warps=4, num_stages=3), interpret_default=dict(BLOCK_N=32))
 def _decode_split_kernel(
-    Q, K, V, LENS, SLOTS, O_PART, LSE_PART, O, COUNTER,
+    Q, K, V, LENS, SLOTS, O_PART, LSE_PART, O,
     sqb, sqt, sqh, skb, skh, skt, svb, svh, svt, sob, sot, soh,
     qk_scale, H_KV, LEN_BUCKET,
     SPLITS, N_Q: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, FUSED: tl.constexpr, SPLITS_P2: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     p = tl.program_id(1)
@@ -102,29 +97,6 @@ def _decode_split_kernel(
         base = ((b * (H_KV * GROUP) + hq) * N_Q + t).to(tl.int64) * SPLITS + p
         tl.store(LSE_PART + base, lse, mask=row_ok)
         tl.store(O_PART + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
-        if FUSED:
-            # The last chunk of this (sequence, kv head) to finish merges all chunks: the barrier
-            # orders this program's partial stores before its release (acq_rel) increment; the
-            # counter is reset afterwards, so a replayed CUDA graph finds it at zero.
-            tl.debug_barrier()
-            done = tl.atomic_add(COUNTER + pid_bh, 1)
-            if done == SPLITS - 1:
-                sp = tl.arange(0, SPLITS_P2)
-                for rr in range(N_Q * GROUP):
-                    tt = rr // GROUP
-                    hh = hk * GROUP + rr % GROUP
-                    prow = ((b * (H_KV * GROUP) + hh) * N_Q + tt).to(tl.int64) * SPLITS
-                    lse_s = tl.load(LSE_PART + prow + sp, mask=sp < SPLITS, other=float("-inf"),
-                                    cache_modifier=".cg")
-                    mx = tl.max(lse_s, 0)
-                    w = tl.math.exp2(lse_s - tl.where(mx == float("-inf"), 0.0, mx))
-                    o_s = tl.load(O_PART + (prow + sp)[:, None] * HEAD_DIM + offs_d[None, :],
-                                  mask=(sp < SPLITS)[:, None], other=0.0, cache_modifier=".cg")
-                    den = tl.sum(w, 0)
-                    merged = tl.sum(o_s * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
-                    tl.store(O + b.to(tl.int64) * sob + tt * sot + hh * soh + offs_d,
-                             merged.to(O.dtype.element_ty))
-                tl.atomic_xchg(COUNTER + pid_bh, 0)
 
 
 @jit(default=dict(num_warps=4), interpret_default=dict())
@@ -171,23 +143,23 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     o = torch.empty_like(q)
     if B == 0:
         return o
-    o_part = torch.empty(B, hq, n_q, P, d, device=dev, dtype=torch.float32)
-    lse_part = torch.empty(B, hq, n_q, P, device=dev, dtype=torch.float32)
-    counter = torch.zeros(B * hkv, device=dev, dtype=torch.int32) if FUSED_COMBINE and P > 1 else lens
+    # partials only exist with P > 1 (a 1-element fp32 stand-in keeps one kernel specialisation)
+    o_part = torch.empty((B, hq, n_q, P, d) if P > 1 else (1,), device=dev, dtype=torch.float32)
+    lse_part = torch.empty((B, hq, n_q, P) if P > 1 else (1,), device=dev, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     fp32 = q.dtype == torch.float32
     _decode_split_kernel[(B * hkv, P)](
-        q, k_cache, v_cache, lens, slots, o_part, lse_part, o, counter,
+        q, k_cache, v_cache, lens, slots, o_part, lse_part, o,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E, hkv, next_pow2(s_max), P,
         N_Q=n_q, GROUP=G, HEAD_DIM=d, BLOCK_M=max(16, next_pow2(n_q * G)),
-        PRECISION="ieee" if fp32 else "tf32", FUSED=FUSED_COMBINE, SPLITS_P2=next_pow2(P),
+        PRECISION="ieee" if fp32 else "tf32",
         meta=dict(BLOCK_N=32, num_warps=4, num_stages=2) if fp32 else None,
     )
-    if P > 1 and not FUSED_COMBINE:
+    if P > 1:
         _decode_combine_kernel[(B * hq * n_q,)](
             o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), hq, P,
             N_Q=n_q, SPLITS_P2=next_pow2(P), HEAD_DIM=d,

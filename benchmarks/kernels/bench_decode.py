@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import Budget, Results, bench_graph_ms, copy_bandwidth_gbs, is_oom, n_copies, rel_err
-from kernels import attention_decode
 from kernels.attention_decode import _decode_split_kernel, choose_splits, decode_attention_triton
 
 MAX_CACHE_BYTES = 34.5e9
@@ -65,15 +64,18 @@ def run(out_dir: Path, budget: Budget, quick: bool = False):
         q = torch.randn(B, n_q, Hq, D, device="cuda", dtype=torch.bfloat16)
         lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
         fns = [lambda kc=kc, vc=vc: decode_attention_triton(q, kc, vc, lens) for kc, vc in caches]
-        attention_decode.FUSED_COMBINE = False  # the two-kernel variant, for comparison
-        fns[0]()
-        row["triton_unfused_gbs"] = kv_bytes / bench_graph_ms(fns) / 1e6
-        attention_decode.FUSED_COMBINE = True
         out = fns[0]()
         ms = bench_graph_ms(fns)
         row.update(splits=choose_splits(B, hkv, L), copies=c, triton_ms=ms, triton_gbs=kv_bytes / ms / 1e6,
                    triton_config=_decode_split_kernel.best_config())
         row["triton_frac_of_copy"] = row["triton_gbs"] / copy
+        if B == 1:  # the split count is the one free knob at batch 1: record its neighbours
+            P = row["splits"]
+            for alt in sorted({max(1, P // 2), 2 * P}):
+                f = [lambda kc=kc, vc=vc, a=alt: decode_attention_triton(q, kc, vc, lens, num_splits=a)
+                     for kc, vc in caches]
+                f[0]()
+                row[f"triton_splits{alt}_gbs"] = kv_bytes / bench_graph_ms(f) / 1e6
         # SDPA: q (B, Hq, n_q, D) over the whole cache; causal among the n_q new tokens is
         # bottom-right, which SDPA's is_causal is not, so n_q > 1 uses an explicit mask.
         qs = q.transpose(1, 2)

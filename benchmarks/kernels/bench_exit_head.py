@@ -4,7 +4,8 @@ The baseline computes what serving needs from an exit: RMSNorm, logits = x W^T, 
 probability and its token, entropy and logsumexp (no sampling: temperature 0 on every path).
 Sweep (issue 4): rows {1, 8, 64, 256, 4k, 16k} at H 4096, V 128256 (the targets), plus rows
 {1, 64, 4k} at the other (H, V) pairs of {2048, 4096} x {32000, 128256, 151936}. For rows <= 256
-also GB/s of the weight read (V*H*2 bytes / time) against the measured copy bandwidth.
+also GB/s of the weight read (V*H*2 bytes / time, timed as CUDA-graph replays as a serving decode
+step runs; the plain Python-launched time is recorded too) against the measured copy bandwidth.
 torch.compile runs with the row dimension dynamic (one compilation per (H, V)).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common import Budget, Results, bench_ms, copy_bandwidth_gbs, is_oom, peak_extra_bytes
+from common import Budget, Results, bench_graph_ms, bench_ms, copy_bandwidth_gbs, is_oom, peak_extra_bytes
 from kernels.exit_head import _partial_large, _partial_small, exit_head_triton
 
 EPS = 1e-5
@@ -56,8 +57,18 @@ def run(out_dir: Path, budget: Budget, quick: bool = False, with_compile: bool =
         row["triton_config"] = (_partial_small if N <= 64 else _partial_large).best_config()
         row["triton_peak_bytes"] = peak_extra_bytes(lambda: exit_head_triton(h, w, W, eps=EPS))
         if N <= 256:
-            row["triton_gbs"] = (V * H * 2 + N * H * 2) / row["triton_ms"] / 1e6
+            # Decode-sized calls are host-bound when launched one by one from Python (a serving
+            # step runs them inside a CUDA graph): time both, report the graph numbers as GB/s.
+            nbytes = V * H * 2 + N * H * 2
+            row["triton_graph_ms"] = bench_graph_ms([lambda: exit_head_triton(h, w, W, eps=EPS)], reps_per_graph=10)
+            row["triton_gbs"] = nbytes / row["triton_graph_ms"] / 1e6
             row["triton_frac_of_copy"] = row["triton_gbs"] / copy
+            row["triton_nograph_gbs"] = nbytes / row["triton_ms"] / 1e6
+            try:
+                row["eager_graph_ms"] = bench_graph_ms([lambda: eager_exit_head(h, w, W)], reps_per_graph=10)
+                row["eager_graph_gbs"] = nbytes / row["eager_graph_ms"] / 1e6
+            except Exception as e:
+                row["eager_graph_error"] = repr(e)[:200]
         try:
             ref = eager_exit_head(h, w, W)
             row["eager_ms"] = bench_ms(lambda: eager_exit_head(h, w, W))
