@@ -179,9 +179,10 @@ class SteppedEngine:
     # ---- Engine interface ----------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         await self.start()
-        t0 = time.perf_counter()
+        t_plan = time.perf_counter()
         plan = self._first_plan(req)
-        decision_us = (time.perf_counter() - t0) * 1e6
+        decision_us = (time.perf_counter() - t_plan) * 1e6
+        scored = False
         try:
             session = await self._open(len(req.prompt_ids) + req.max_tokens)
         except Exception as e:  # noqa: BLE001 - any transport failure: the engine cannot serve
@@ -214,6 +215,8 @@ class SteppedEngine:
                                   predicted_ms=plan.predicted_ms if i == 0 else None,
                                   finish_reason=finish)
                 if finish:
+                    if not scored:
+                        self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
                     return
                 ids, pos, replan, decision_us = [res.token], end, None, 0.0
                 if req.budget_ms is not None and req.exit is None:
@@ -222,6 +225,9 @@ class SteppedEngine:
                     new = self.planner.replan(g, remaining, req.max_tokens - i - 1)
                     decision_us = (time.perf_counter() - t0) * 1e6
                     if new is not None:
+                        if not scored:  # how late the admission plan ran, up to here
+                            self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
+                            scored = True
                         replan = Replan(at_token=i + 1, from_exit=g, to_exit=new.exit,
                                         reason=f"running late: {remaining:.1f} ms left for {req.max_tokens - i - 1} "
                                                f"tokens; exit {new.exit} predicts {new.predicted_ms:.1f} ms")
@@ -233,7 +239,7 @@ class SteppedEngine:
 
     def _first_plan(self, req: GenerateRequest) -> Plan:
         if req.exit is not None:
-            return Plan(req.exit, self.planner.predict_ms(req.exit, len(req.prompt_ids), req.max_tokens))
+            return self.planner.plan_for(req.exit, len(req.prompt_ids), req.max_tokens)
         remaining = None
         if req.budget_ms is not None:
             remaining = req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3

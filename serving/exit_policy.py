@@ -11,17 +11,20 @@ loop). Each term is an EWMA (weight `alpha` on the newest sample) fed by the per
 step; `calibrate` seeds them from a few warm-up forwards per exit at start-up.
 
 Quality. Each exit's measured validation loss (family.json, lower is better); exits without one rank
-by depth. The planner picks the best-quality exit whose predicted request time fits `margin * remaining`
-budget; when none fits it answers from the shallowest exit and flags the request infeasible. During
-generation `replan` steps down to a shallower exit when the rest of the request, at the current exit,
-no longer fits the remaining budget. It never steps up: deeper tiers would have to catch up on every
-position they skipped.
+by depth. The planner picks the best-quality exit whose predicted request time, times a safety factor,
+fits the remaining budget; when none fits it answers from the shallowest exit and flags the request
+infeasible. The safety factor starts at 1/margin and then tracks the 90th percentile of recent
+(actual / predicted) request times (`score`), so it reflects how wrong the model has been lately (load
+swings, other tenants). During generation `replan` steps down to a shallower exit when the rest of the
+request, at the current exit, no longer fits the remaining budget. It never steps up: deeper tiers would
+have to catch up on every position they skipped.
 
 This file does no I/O and knows nothing of HTTP or gRPC.
 """
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -109,14 +112,25 @@ class Plan:
     exit: int
     predicted_ms: float
     infeasible: bool = False
+    first_ms: float = 0.0     # predicted first step (prefill) and each later step, to score the plan after
+    step_ms: float = 0.0
 
 
 class ExitPlanner:
-    def __init__(self, exits: list[ExitInfo], tiers: list[str], *, margin: float = 0.85, alpha: float = 0.2):
+    """Chooses exits. `margin` is the fraction of the budget a prediction may use until enough requests
+    have finished; from then on the planner uses the 90th percentile of recent (actual / predicted)
+    request times instead, so predictions that run late under load make it more careful, and accurate
+    ones let it use more of the budget."""
+
+    def __init__(self, exits: list[ExitInfo], tiers: list[str], *, margin: float = 0.85, alpha: float = 0.2,
+                 window: int = 64, min_requests: int = 8):
         self.exits = sorted(exits, key=lambda e: e.index)
         self.tiers = tiers
         self.margin = margin
         self.model = LatencyModel(tiers, alpha=alpha)
+        self.ratios: deque[float] = deque(maxlen=window)
+        self.min_requests = min_requests
+        self.safety = 1.0 / margin   # predictions are multiplied by this before they are compared
         # best quality first: lowest val loss; unknown losses rank by depth, deepest first
         self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
         self.deepest_on = {t: max(e.index for e in self.exits if e.tier == t) for t in {e.tier for e in self.exits}}
@@ -130,31 +144,37 @@ class ExitPlanner:
         rest = self.model.step_ms(e, {}, self.deepest_on) * max(0, new_tokens - 1)
         return first + rest
 
+    def plan_for(self, g: int, prompt_tokens: int, new_tokens: int, infeasible: bool = False) -> Plan:
+        """The plan (with its predictions) of running the whole request at exit g."""
+        e = self.exits[g]
+        path = self.tiers[: self.tiers.index(e.tier) + 1]
+        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self.deepest_on)
+        step = self.model.step_ms(e, {}, self.deepest_on)
+        return Plan(g, first + step * max(0, new_tokens - 1), infeasible, first, step)
+
     def decode_ms(self, g: int) -> float:
         return self.model.step_ms(self.exits[g], {}, self.deepest_on)
 
     # ---- decisions -----------------------------------------------------------------------------
     def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> Plan:
         """Best exit for a whole request given the budget left (None = no budget: best quality)."""
-        best = self.by_quality[0]
         if budget_ms is None:
-            return Plan(best.index, self.predict_ms(best.index, prompt_tokens, new_tokens))
+            return self.plan_for(self.by_quality[0].index, prompt_tokens, new_tokens)
         for e in self.by_quality:
-            ms = self.predict_ms(e.index, prompt_tokens, new_tokens)
-            if ms <= self.margin * budget_ms:
-                return Plan(e.index, ms)
-        g = self.exits[0].index
-        return Plan(g, self.predict_ms(g, prompt_tokens, new_tokens), infeasible=True)
+            p = self.plan_for(e.index, prompt_tokens, new_tokens)
+            if p.predicted_ms * self.safety <= budget_ms:
+                return p
+        return self.plan_for(self.exits[0].index, prompt_tokens, new_tokens, infeasible=True)
 
     def replan(self, current: int, remaining_ms: float, tokens_left: int) -> Plan | None:
         """A shallower exit if the rest of the request no longer fits at `current`; else None."""
-        if tokens_left <= 0 or self.decode_ms(current) * tokens_left <= self.margin * remaining_ms:
+        if tokens_left <= 0 or self.decode_ms(current) * tokens_left * self.safety <= remaining_ms:
             return None
         for e in self.by_quality:
             if e.index >= current:
                 continue
             ms = self.decode_ms(e.index) * tokens_left
-            if ms <= self.margin * remaining_ms:
+            if ms * self.safety <= remaining_ms:
                 return Plan(e.index, ms)
         g = self.exits[0].index
         if g == current:
@@ -164,6 +184,15 @@ class ExitPlanner:
     def observe(self, work: dict[str, tuple[int, int]], timings: dict[str, float], wall_ms: float) -> None:
         self.model.observe(work, timings, wall_ms)
 
+    def score(self, plan: Plan, tokens: int, actual_ms: float) -> None:
+        """A finished request: compare its time with what its admission plan predicted for `tokens`."""
+        predicted = plan.first_ms + plan.step_ms * max(0, tokens - 1)
+        if tokens <= 0 or predicted <= 0:
+            return
+        self.ratios.append(actual_ms / predicted)
+        if len(self.ratios) >= self.min_requests:
+            self.safety = min(4.0, max(1.0, percentile(list(self.ratios), 90)))
+
     def snapshot(self) -> dict:
         """The current model, for /v1/models and logs."""
         return {
@@ -172,6 +201,7 @@ class ExitPlanner:
                                        "samples": c.samples} for (t, g), c in self.model.cost.items()},
             "links_ms": {k: round(v, 3) for k, v in self.model.links.items()},
             "overhead_ms": round(self.model.overhead_ms, 3),
+            "safety": round(self.safety, 3),
         }
 
 

@@ -72,3 +72,16 @@ def test_decision_cost_under_200_us():
         p.plan(100 + i % 900, 16, 32)
     per_us = (time.perf_counter() - t0) / n * 1e6
     assert per_us < 200, per_us
+
+
+def test_safety_factor_learns_from_late_requests():
+    p = _planner()
+    assert p.plan(300, 4, 10).exit == 1
+    plan = p.plan_for(1, 4, 10)
+    for _ in range(10):
+        p.score(plan, 10, plan.predicted_ms * 1.5)   # every request took 1.5x its prediction
+    assert abs(p.safety - 1.5) < 1e-6
+    assert p.plan(300, 4, 10).exit == 0               # the edge exit no longer fits with 1.5x
+    for _ in range(64):
+        p.score(plan, 10, plan.predicted_ms * 0.9)   # accurate again: the factor relaxes to 1
+    assert p.safety == 1.0 and p.plan(300, 4, 10).exit == 1
