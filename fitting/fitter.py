@@ -42,6 +42,7 @@ class FitConfig:
     delta: float = HUBER_DELTA          # Huber threshold on log residuals
     lbfgs: lbfgs.LBFGSConfig = field(default_factory=lbfgs.LBFGSConfig)
     chunk: int = 4_000_000              # elements per screening block (memory bound)
+    max_batch: int = 1024               # L-BFGS rows per batched block
     progress: bool = False              # tqdm bars on stderr
     threads: int | None = 1             # torch intra-op threads while fitting (None = leave as is); the
                                         # batch is many small ops, where a second thread gains little and
@@ -164,20 +165,29 @@ def select_starts(obj: np.ndarray, grid: dict, law: str, keep: int | None, per_c
 # ---- optimisation --------------------------------------------------------------------------------
 def optimise(law: Law, d: LawData, x0: np.ndarray, W: torch.Tensor, group: int, cfg: FitConfig,
              desc: str = "L-BFGS") -> lbfgs.LBFGSResult:
-    """Batched L-BFGS from x0 (R, P); row r uses data weights W[r // group] (W: (R/group, n))."""
-    def fun(x, rows):
-        return evaluate(law, x, d, W[rows // group], cfg.delta)
+    """Batched L-BFGS from x0 (R, P); row r uses data weights W[r // group] (W: (R/group, n)).
 
+    Rows go through in blocks of `cfg.max_batch`: each block is one batched problem; blocks keep the
+    (rows, runs) temporaries cache-sized (one 22,500-row block runs ~3x slower than 1,024-row blocks).
+    """
     bar = tqdm(total=len(x0), desc=desc, unit="start", disable=not cfg.progress, leave=False)
+    parts = []
+    for s in range(0, len(x0), cfg.max_batch):
+        offset = s
 
-    def progress(it, n_active):
-        bar.n = len(x0) - n_active
-        bar.set_postfix(iter=it, refresh=False)
-        bar.refresh()
+        def fun(x, rows, offset=offset):
+            return evaluate(law, x, d, W[(rows + offset) // group], cfg.delta)
 
-    res = lbfgs.minimize(fun, torch.tensor(x0, dtype=torch.float64), cfg.lbfgs, progress)
+        def progress(it, n_active, done=s, size=min(cfg.max_batch, len(x0) - s)):
+            bar.n = done + size - n_active
+            bar.set_postfix(iter=it, refresh=False)
+            bar.refresh()
+
+        parts.append(lbfgs.minimize(fun, torch.tensor(x0[s:s + cfg.max_batch], dtype=torch.float64),
+                                    cfg.lbfgs, progress))
     bar.close()
-    return res
+    return lbfgs.LBFGSResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                               ("x", "f", "grad", "n_iter", "converged", "moved")))
 
 
 def _candidates(x_final: np.ndarray, f_final: np.ndarray, x0: np.ndarray, f0: np.ndarray) -> np.ndarray:
