@@ -182,7 +182,6 @@ class SteppedEngine:
         t_plan = time.perf_counter()
         plan = self._first_plan(req)
         decision_us = (time.perf_counter() - t_plan) * 1e6
-        scored = False
         try:
             session = await self._open(len(req.prompt_ids) + req.max_tokens)
         except Exception as e:  # noqa: BLE001 - any transport failure: the engine cannot serve
@@ -209,14 +208,14 @@ class SteppedEngine:
                 self.planner.observe(work, res.timings, wall)
                 seen.update({t: end for t in work})
                 finish = "stop" if res.token == self.tokenizer.eos_id else ("length" if i == req.max_tokens - 1 else None)
+                if finish:  # before the yield: a consumer may stop iterating at the last token
+                    self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
                 yield TokenOutput(token_id=res.token, exit=res.exit, tier=res.tier,
                                   latency_ms=_split(res.timings, wall), degraded=res.degraded, reason=res.reason,
                                   replan=replan, infeasible=plan.infeasible and i == 0, decision_us=decision_us,
                                   predicted_ms=plan.predicted_ms if i == 0 else None,
                                   finish_reason=finish)
                 if finish:
-                    if not scored:
-                        self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
                     return
                 ids, pos, replan, decision_us = [res.token], end, None, 0.0
                 if req.budget_ms is not None and req.exit is None:
@@ -225,9 +224,6 @@ class SteppedEngine:
                     new = self.planner.replan(g, remaining, req.max_tokens - i - 1)
                     decision_us = (time.perf_counter() - t0) * 1e6
                     if new is not None:
-                        if not scored:  # how late the admission plan ran, up to here
-                            self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
-                            scored = True
                         replan = Replan(at_token=i + 1, from_exit=g, to_exit=new.exit,
                                         reason=f"running late: {remaining:.1f} ms left for {req.max_tokens - i - 1} "
                                                f"tokens; exit {new.exit} predicts {new.predicted_ms:.1f} ms")

@@ -75,7 +75,7 @@ def test_demo_prints_curl_line_that_streams(tiny_ckpt):
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = [l for l in r.iter_lines() if l.startswith("data: ")]
-        assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 3
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 2  # EOS may come first
         assert httpx.get(url + "/health").json()["tiers"] == {"device": True, "edge": True, "cloud": True}
     finally:
         rest = _stop(proc)
