@@ -168,11 +168,18 @@ async def client_loop(url: str, start_at: float, stop_at: float, max_tokens: int
                         "predicted_ms": final.get("predicted_ms"), "server_e2e_ms": final["latency_ms"]["total"]})
 
 
-def router_decision_us(url: str) -> float:
+def router_decision_us(url: str) -> dict:
+    """Mean, and p50/p99 as histogram bucket upper bounds, of the router's live decision times (µs)."""
     text = httpx.get(url + "/metrics").text
     s = re.search(r"^familial_router_decision_seconds_sum ([0-9.e+-]+)$", text, re.M)
     c = re.search(r"^familial_router_decision_seconds_count ([0-9.e+-]+)$", text, re.M)
-    return float(s.group(1)) / max(1.0, float(c.group(1))) * 1e6 if s and c else math.nan
+    if not (s and c) or float(c.group(1)) == 0:
+        return {}
+    n = float(c.group(1))
+    buckets = [(float(le), float(v)) for le, v in
+               re.findall(r'^familial_router_decision_seconds_bucket\{le="([0-9.e+-]+)"\} ([0-9.e+-]+)$', text, re.M)]
+    q = lambda f: next((round(le * 1e6, 1) for le, v in sorted(buckets) if v >= f * n), math.inf)
+    return {"mean": round(float(s.group(1)) / n * 1e6, 2), "p50_le": q(0.5), "p99_le": q(0.99), "count": int(n)}
 
 
 def planner_microbench(url: str) -> dict:
@@ -207,6 +214,11 @@ def summarize(rows: list, seconds: float) -> dict:
     for r in rows:
         for e in r["exits"]:
             by_exit[str(e)] = by_exit.get(str(e), 0) + 1
+    # an outside definition of "feasible": at least the p95 end-to-end time of requests served wholly by
+    # the device exit under the same load (the router's own `infeasible` flag is the other one)
+    device_only = [r["e2e_ms"] for r in rows if set(r["exits"]) == {0}]
+    floor = pct(device_only, 95)
+    above = [r for r in budgeted if r["budget_ms"] >= floor]
     tpot = [r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]
     ttft = [r["ttft_ms"] for r in rows]
     return {
@@ -221,6 +233,10 @@ def summarize(rows: list, seconds: float) -> dict:
         "budget_infeasible": sum(bool(r["infeasible"]) for r in budgeted),
         "budget_hit_rate_feasible": (round(sum(bool(r["budget_met"]) for r in feasible) / len(feasible), 4)
                                      if feasible else None),
+        "device_only_e2e_p95_ms": round(floor, 1) if device_only else None,
+        "budget_requests_above_device_p95": len(above),
+        "budget_hit_rate_above_device_p95": (round(sum(bool(r["budget_met"]) for r in above) / len(above), 4)
+                                             if above else None),
         "replans": sum(r["replans"] for r in rows),
         "tokens_by_exit": by_exit,
     }
@@ -244,7 +260,7 @@ def run_scenario(name, shards, tmp, delays, args, budget, base_port) -> tuple[di
         res.update({"scenario": name, "seconds": round(elapsed, 1), "warmup_s": args.warmup, "clients": args.clients,
                     "node_device": args.node_device,
                     "max_tokens": args.max_tokens, "inject_delay_ms": delays, "peak_rss_mb": fam.rss(),
-                    "router_decision_us_mean_live": round(router_decision_us(fam.url), 2),
+                    "router_decision_us_live": router_decision_us(fam.url),
                     "router_decision_us_microbench": planner_microbench(fam.url)})
         return res, rows
     finally:
@@ -278,7 +294,10 @@ def plot(results: list, rows_by: dict, path: Path) -> None:
         lim = [min(r["budget_ms"] for r in rows), max(r["budget_ms"] for r in rows)]
         ax[2].plot(lim, lim, "k--", lw=1)
         ax[2].set(xscale="log", yscale="log", xlabel="latency budget (ms)", ylabel="end-to-end (ms)",
-                  title=f"budgets met: {b['budget_hit_rate']:.1%} all, {b['budget_hit_rate_feasible']:.1%} feasible")
+                  title=f"budgets met: {b['budget_hit_rate']:.0%} all, "
+                        f"{b['budget_hit_rate_above_device_p95']:.0%} >= device p95 (dotted)")
+        if b.get("device_only_e2e_p95_ms"):
+            ax[2].axvline(b["device_only_e2e_p95_ms"], color="tab:green", lw=0.8, ls=":")
         ax[2].text(0.02, 0.97, "first exit: device (green), edge (orange), cloud (red)\nhollow = flagged infeasible",
                    transform=ax[2].transAxes, va="top", fontsize=8)
         ax[2].grid(alpha=0.3)
