@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from kernels.attention_prefill import _int32
 from kernels.backend import config, jit, next_pow2, num_sms, tl
 
 LOG2E = 1.4426950408889634
@@ -44,14 +45,16 @@ def _decode_split_kernel(
     sqb, sqt, sqh, skb, skh, skt, svb, svh, svt, sob, sot, soh,
     qk_scale, H_KV, LEN_BUCKET,
     SPLITS, N_Q: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     p = tl.program_id(1)
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
     L = tl.load(LENS + b)
-    slot = tl.load(SLOTS + b).to(tl.int64)
+    slot = b.to(tl.int64)
+    if HAS_SLOTS:
+        slot = tl.load(SLOTS + b).to(tl.int64)
     # rows r = t * GROUP + g: query token t, query head hk * GROUP + g
     r = tl.arange(0, BLOCK_M)
     t = r // GROUP
@@ -122,10 +125,12 @@ def _decode_combine_kernel(
 
 
 def choose_splits(batch: int, n_kv_heads: int, s_max: int, device=None, max_splits: int = MAX_SPLITS) -> int:
-    """Number of KV chunks: enough (batch x kv head x chunk) programs for ~2 waves on the GPU, no
-    chunk shorter than 256 keys at full capacity. Depends on shapes only (CUDA-graph safe)."""
-    want = math.ceil(2 * num_sms(device) / max(1, batch * n_kv_heads))
-    return int(max(1, min(max_splits, want, math.ceil(s_max / 256))))
+    """Number of KV chunks: about one wave of (sequence x kv head x chunk) programs on the GPU, no
+    chunk under 128 keys at full capacity. Measured on the H100 at batch 1 (kernels_decode.json,
+    triton_splits*): one wave beat two and four at caches >= 4k; short caches want the 128-key
+    floor. Depends on shapes only, never on cache_lens, so a captured CUDA graph stays valid."""
+    want = math.ceil(num_sms(device) / max(1, batch * n_kv_heads))
+    return int(max(1, min(max_splits, want, math.ceil(s_max / 128))))
 
 
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
@@ -135,9 +140,8 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     _check(q, k_cache, n_q, hq, hkv, d)
     dev = q.device
-    lens = cache_lens.to(device=dev, dtype=torch.int32)
-    slots = (torch.arange(B, device=dev, dtype=torch.int32) if cache_slots is None
-             else cache_slots.to(device=dev, dtype=torch.int32))
+    lens = _int32(cache_lens, dev)
+    slots = _int32(cache_slots, dev)
     P = int(num_splits) if num_splits is not None else choose_splits(B, hkv, s_max, dev, max_splits)
     G = hq // hkv
     o = torch.empty_like(q)
@@ -149,14 +153,14 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     fp32 = q.dtype == torch.float32
     _decode_split_kernel[(B * hkv, P)](
-        q, k_cache, v_cache, lens, slots, o_part, lse_part, o,
+        q, k_cache, v_cache, lens, lens if slots is None else slots, o_part, lse_part, o,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         scale * LOG2E, hkv, next_pow2(s_max), P,
         N_Q=n_q, GROUP=G, HEAD_DIM=d, BLOCK_M=max(16, next_pow2(n_q * G)),
-        PRECISION="ieee" if fp32 else "tf32",
+        PRECISION="ieee" if fp32 else "tf32", HAS_SLOTS=slots is not None,
         meta=dict(BLOCK_N=32, num_warps=4, num_stages=2) if fp32 else None,
     )
     if P > 1:

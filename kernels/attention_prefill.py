@@ -61,11 +61,13 @@ _CONFIGS = [
      interpret_default=dict(BLOCK_M=32, BLOCK_N=32))
 def _prefill_fwd_kernel(
     Q, K, V, O,
-    Q_START, Q_LEN, K_START, K_LEN, K_ROW,  # (B,) int32: where each sequence's rows are
+    CU, OFFS, SLOTS,  # int32: (B+1,) cumulative lengths [VARLEN]; (B,) cached positions, cache rows [CACHE]
+    T, S,             # padded: queries per sequence; keys per sequence (cache: S_max)
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
     qk_scale,  # sm_scale * log2(e)
     H_Q, LEN_BUCKET,  # LEN_BUCKET only keys the autotuner
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, CACHE: tl.constexpr, HAS_SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Query blocks in reverse so the longest causal rows start first (better tail balance).
@@ -73,13 +75,27 @@ def _prefill_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H_Q
     h = pid_bh % H_Q
-    q_len = tl.load(Q_LEN + b)
+    if VARLEN:
+        q_start = tl.load(CU + b)
+        q_len = tl.load(CU + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = T
     m0 = pid_m * BLOCK_M
     if m0 < q_len:
-        q_start = tl.load(Q_START + b)
-        k_start = tl.load(K_START + b)
-        k_len = tl.load(K_LEN + b)
-        k_row = tl.load(K_ROW + b).to(tl.int64)
+        # where this sequence's keys are: (row of K's batch dim, first row, count)
+        k_row = b.to(tl.int64)
+        if CACHE:
+            k_start = 0
+            k_len = tl.minimum(tl.load(OFFS + b) + q_len, S)
+            if HAS_SLOTS:
+                k_row = tl.load(SLOTS + b).to(tl.int64)
+        elif VARLEN:
+            k_start = q_start
+            k_len = q_len
+        else:
+            k_start = 0
+            k_len = S
         shift = k_len - q_len  # query i sits at key position i + shift
         hk = h // GROUP
 
@@ -229,21 +245,27 @@ def _prefill_fwd_tma_kernel(
 
 @jit(default=dict(BLOCK_T=64, num_warps=4), interpret_default=dict(BLOCK_T=64))
 def _kv_write_kernel(
-    K, V, KC, VC, SRC_START, LEN, OFFS, SLOTS,
+    K, V, KC, VC, CU, OFFS, SLOTS, T,
     skb, skt, skh, svb, svt, svh, sckb, sckt, sckh, scvb, scvt, scvh,
     S_MAX, H_KV,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # cache[slot_b, h, off_b + t] = new[b, h, t] for t < len_b (and off_b + t < S_MAX)
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_KV
     h = pid_bh % H_KV
-    n = tl.load(LEN + b)
+    if VARLEN:
+        src = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - src
+    else:
+        src = 0
+        n = T
     if pid_t * BLOCK_T < n:
-        src = tl.load(SRC_START + b)
         off = tl.load(OFFS + b)
-        slot = tl.load(SLOTS + b).to(tl.int64)
+        slot = b.to(tl.int64)
+        if HAS_SLOTS:
+            slot = tl.load(SLOTS + b).to(tl.int64)
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, HEAD_DIM)
         mask = ((t < n) & (off + t < S_MAX))[:, None]
@@ -293,13 +315,33 @@ def _check_heads(q, k, varlen):
     return hq, hkv, d
 
 
+def _int32(x, device):
+    """x as int32 on device, converting only when needed (each conversion is a launch)."""
+    if x is None:
+        return None
+    x = torch.as_tensor(x, device=device)
+    return x if x.dtype == torch.int32 else x.to(torch.int32)
+
+
+def _max_len(cu, max_seqlen):
+    if max_seqlen is not None:
+        return int(max_seqlen)
+    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0  # one host sync
+
+
 def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
                           max_seqlen=None):
     """Write new keys/values into the cache (layout in the module docstring). Returns nothing."""
-    start, length, B, max_len, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
-    offs = cache_offsets.to(device=k.device, dtype=torch.int32)
-    slots = (torch.arange(B, device=k.device, dtype=torch.int32) if cache_slots is None
-             else cache_slots.to(device=k.device, dtype=torch.int32))
+    dev = k.device
+    varlen = cu_seqlens is not None
+    cu = _int32(cu_seqlens, dev)
+    offs = _int32(cache_offsets, dev)
+    slots = _int32(cache_slots, dev)
+    if varlen:
+        B, T, max_len = cu.numel() - 1, 0, _max_len(cu, max_seqlen)
+    else:
+        B, T = k.shape[0], k.shape[2]
+        max_len = T
     hkv, d = k.shape[1], k.shape[-1]
     if max_len == 0 or B == 0:
         return
@@ -308,11 +350,11 @@ def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=N
     meta = _kv_write_kernel.meta()
     grid = (triton_cdiv(max_len, meta["BLOCK_T"]), B * hkv)
     _kv_write_kernel[grid](
-        k, v, k_cache, v_cache, start, length, offs, slots,
+        k, v, k_cache, v_cache, cu if varlen else offs, offs, slots if slots is not None else offs, T,
         skb, skt, skh, svb, svt, svh,
         k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
-        k_cache.shape[2], hkv, HEAD_DIM=d,
+        k_cache.shape[2], hkv, VARLEN=varlen, HAS_SLOTS=slots is not None, HEAD_DIM=d,
     )
 
 
@@ -344,54 +386,56 @@ def _meta_fp32(d):
 
 def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
                              cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
-    """Triton prefill attention; same signature and result as `prefill_attention_reference`."""
+    """Triton prefill attention; same signature and result as `prefill_attention_reference`.
+
+    Host work is allocations and launches only (plus one sync for a ragged batch without
+    max_seqlen): the per-sequence bookkeeping is read by the kernels from cu_seqlens/cache_offsets.
+    """
     hq, hkv, d = _check_heads(q, k, cu_seqlens is not None)
-    q_start, q_len, B, max_len, varlen = _seq_layout(q, k, cu_seqlens, max_seqlen)
     dev = q.device
-    if k_cache is not None:
-        if cache_offsets is None:
-            raise ValueError("k_cache needs cache_offsets (positions already cached per sequence)")
-        offs = cache_offsets.to(device=dev, dtype=torch.int32)
-        slots = (torch.arange(B, device=dev, dtype=torch.int32) if cache_slots is None
-                 else cache_slots.to(device=dev, dtype=torch.int32))
-        write_kv_cache_triton(k_cache, v_cache, k, v, offs, cu_seqlens=cu_seqlens, cache_slots=slots,
-                              max_seqlen=max_len)
-        K, V = k_cache, v_cache
-        k_start = torch.zeros(B, dtype=torch.int32, device=dev)
-        k_len = torch.clamp(offs + q_len, max=k_cache.shape[2]).to(torch.int32)
-        k_row = slots
-        skb, skt, skh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
-        svb, svt, svh = v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+    varlen = cu_seqlens is not None
+    cache = k_cache is not None
+    cu = _int32(cu_seqlens, dev)
+    if varlen:
+        B, T, max_len = cu.numel() - 1, 0, _max_len(cu, max_seqlen)
     else:
-        K, V = k, v
-        if varlen:
-            k_start, k_len = q_start, q_len
-        else:
-            k_start = torch.zeros(B, dtype=torch.int32, device=dev)
-            k_len = torch.full((B,), k.shape[2], dtype=torch.int32, device=dev)
-        k_row = torch.arange(B, dtype=torch.int32, device=dev)
-        skb, skt, skh = _strides(k, varlen)
-        svb, svt, svh = _strides(v, varlen)
+        B, T = q.shape[0], q.shape[2]
+        max_len = T
     o = torch.empty_like(q)
     if B == 0 or max_len == 0:
         return o
-    if USE_TMA and k_cache is None and not varlen and _tma_ok(q, k, v, o):
-        return _prefill_dense_tma(q, k, v, o, causal, sm_scale)
+    offs = slots = None
+    if cache:
+        if cache_offsets is None:
+            raise ValueError("k_cache needs cache_offsets (positions already cached per sequence)")
+        offs, slots = _int32(cache_offsets, dev), _int32(cache_slots, dev)
+        write_kv_cache_triton(k_cache, v_cache, k, v, offs, cu_seqlens=cu, cache_slots=slots, max_seqlen=max_len)
+        K, V, S = k_cache, v_cache, k_cache.shape[2]
+        skb, skt, skh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
+        svb, svt, svh = v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
+    else:
+        if USE_TMA and not varlen and _tma_ok(q, k, v, o):
+            return _prefill_dense_tma(q, k, v, o, causal, sm_scale)
+        K, V, S = k, v, (0 if varlen else k.shape[2])
+        skb, skt, skh = _strides(k, varlen)
+        svb, svt, svh = _strides(v, varlen)
     sqb, sqt, sqh = _strides(q, varlen)
     sob, sot, soh = _strides(o, varlen)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     fp32 = q.dtype == torch.float32
     meta = _meta_fp32(d) if fp32 else None
+    dummy = cu if cu is not None else (offs if offs is not None else o)  # never-read pointer arguments
 
     def grid(META):
         return (triton_cdiv(max_len, META["BLOCK_M"]), B * hq)
 
     _prefill_fwd_kernel[grid](
-        q, K, V, o, q_start, q_len, k_start, k_len, k_row,
+        q, K, V, o, dummy if cu is None else cu, dummy if offs is None else offs,
+        dummy if slots is None else slots, T, S,
         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
         scale * LOG2E, hq, _len_bucket(max_len),
         GROUP=hq // hkv, HEAD_DIM=d, CAUSAL=bool(causal), PRECISION="ieee" if fp32 else "tf32",
-        meta=meta,
+        VARLEN=varlen, CACHE=cache, HAS_SLOTS=slots is not None, meta=meta,
     )
     return o
 

@@ -11,6 +11,7 @@ torch.compile runs with the row dimension dynamic (one compilation per (H, V)).
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ def shapes():
     out = [dict(N=n, H=4096, V=128256) for n in (1, 8, 64, 256, 4096, 16384)]
     for H, V in ((2048, 32000), (2048, 128256), (2048, 151936), (4096, 32000), (4096, 151936)):
         out += [dict(N=n, H=H, V=V) for n in (1, 64, 4096)]
-    return out
+    keep = os.environ.get("FAMILIAL_BENCH_EXIT_SHAPES")  # e.g. "4096x151936" reruns one (H, V) pair
+    return [s for s in out if not keep or f"{s['H']}x{s['V']}" in keep.split(",")]
 
 
 def run(out_dir: Path, budget: Budget, quick: bool = False, with_compile: bool = True):

@@ -8,6 +8,7 @@ kernel would otherwise be timed out of the cache.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -67,6 +68,7 @@ def bench_graph_ms(fns, reps_per_graph=20, rep=200) -> float:
 
 def peak_extra_bytes(fn) -> int:
     """Peak bytes allocated during fn() above what was allocated before it."""
+    gc.collect()  # tensors of earlier shapes freed now, not during fn (that made a peak negative once)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

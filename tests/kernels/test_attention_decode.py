@@ -62,7 +62,7 @@ def test_cache_slots_and_empty_sequence():
 
 def test_split_count_depends_on_shapes_only():
     assert 1 <= choose_splits(128, 32, 1024) <= choose_splits(1, 8, 65536)
-    assert choose_splits(1, 8, 100) == 1  # a short cache is never cut below 256 keys per chunk
+    assert choose_splits(1, 8, 100) == 1  # a short cache is never cut below 128 keys per chunk
 
 
 @pytest.mark.gpu

@@ -82,11 +82,12 @@ def test_ragged_batch_cu_seqlens(ratio):
 
 
 @pytest.mark.parametrize("varlen", [False, True])
-def test_cache_write_and_attend_to_prefix(varlen):
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_cache_write_and_attend_to_prefix(varlen, with_slots):
     """New tokens go to cache[slot, :, off:off+len]; queries see the cached prefix + themselves."""
     B, hq, hkv, D, S_max = 3, 8, 2, 64, 160
     offs = torch.tensor([0, 17, 100], device=DEVICE)
-    slots = torch.tensor([2, 0, 1], device=DEVICE)
+    slots = torch.tensor([2, 0, 1], device=DEVICE) if with_slots else None
     if varlen:
         lens = [9, 41, 5]
         cu = torch.tensor([0, 9, 50, 55], device=DEVICE)
