@@ -182,8 +182,6 @@ def _normalise(hs, W, targets):
             Ws = [Ws[0]]
     else:
         Ws = [W]
-    if any(h.dtype != Ws[0].dtype for h in hs2) or any(w.dtype != Ws[0].dtype for w in Ws):
-        raise ValueError("features and unembeddings must share one dtype")
     tgt = targets.reshape(-1).to(torch.int64)
     if tgt.numel() != hs2[0].shape[0]:
         raise ValueError(f"{tgt.numel()} targets for {hs2[0].shape[0]} rows")
@@ -193,10 +191,46 @@ def _normalise(hs, W, targets):
 def multi_exit_linear_cross_entropy_triton(hs, W, targets, *, weights=None, ignore_index=-100,
                                            chunk_rows=None, return_per_exit=False):
     """Fused chunked loss (see module docstring); same signature and result as the reference."""
+    _check_dtypes(hs, W)
+    hs, W = _autocast_inputs(hs, W)
     hs2, Ws, tgt = _normalise(hs, W, targets)
     w_G = _exit_weights(len(hs2), weights, hs2[0].device)
-    loss, ce_G = _MultiExitLinearCE.apply(tgt, w_G, int(ignore_index), chunk_rows, len(hs2), *hs2, *Ws)
+    with torch.autocast(hs2[0].device.type, enabled=False):  # our GEMMs run in the inputs' dtype
+        if torch.is_grad_enabled() and any(t.requires_grad for t in hs2 + Ws):
+            loss, ce_G = _MultiExitLinearCE.apply(tgt, w_G, int(ignore_index), chunk_rows, len(hs2), *hs2, *Ws)
+        else:  # evaluation: loss only, one GEMM per chunk
+            no = [False] * len(hs2)
+            ce_G, _, _ = _fused_forward(hs2, Ws, tgt, w_G, int(ignore_index), chunk_rows, no, [False] * len(Ws))
+            loss = (ce_G * w_G).sum()
     return (loss, ce_G) if return_per_exit else loss
+
+
+def _check_dtypes(hs, W):
+    hl = [hs] if isinstance(hs, torch.Tensor) else list(hs)
+    wl = list(W) if isinstance(W, (list, tuple)) else [W]
+    dev = hl[0].device.type
+    if not torch.is_autocast_enabled(dev) and len({t.dtype for t in hl + wl}) != 1:
+        raise ValueError("features and unembeddings must share one dtype (or run under autocast)")
+
+
+def _autocast_inputs(hs, W):
+    """Under autocast (e.g. bf16 training with fp32 master weights) cast features and unembeddings to
+    the autocast dtype, as F.linear would; gradients flow back through the casts to the fp32 leaves."""
+    hl = [hs] if isinstance(hs, torch.Tensor) else list(hs)
+    dev = hl[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return hs, W
+    dt = torch.get_autocast_dtype(dev)
+    cast = {}
+
+    def to(t):
+        if id(t) not in cast:
+            cast[id(t)] = t.to(dt)
+        return cast[id(t)]
+
+    hs = [to(h) for h in hl]
+    W = [to(w) for w in W] if isinstance(W, (list, tuple)) else to(W)
+    return hs, W
 
 
 def multi_exit_linear_cross_entropy_reference(hs, W, targets, *, weights=None, ignore_index=-100,
@@ -205,6 +239,12 @@ def multi_exit_linear_cross_entropy_reference(hs, W, targets, *, weights=None, i
     hs2, Ws, tgt = _normalise(hs, W, targets)
     G = len(hs2)
     Ws = Ws * G if len(Ws) == 1 else Ws
+    with torch.autocast(hs2[0].device.type, enabled=False):  # the reference is fp32 whatever the context
+        return _reference_loss(hs2, Ws, tgt, weights, ignore_index, return_per_exit)
+
+
+def _reference_loss(hs2, Ws, tgt, weights, ignore_index, return_per_exit):
+    G = len(hs2)
     w_G = _exit_weights(G, weights, hs2[0].device)
     n_valid = (tgt != ignore_index).sum().clamp_min(1).to(torch.float32)
     ce = [F.cross_entropy(h.float() @ Wg.float().t(), tgt, ignore_index=ignore_index, reduction="sum") / n_valid

@@ -103,3 +103,16 @@ def test_bf16_gpu(G, tied):
     assert rel_err(ce1, ce2) < 2e-3
     for a, b in zip(g1, g2):
         assert rel_err(a, b) < 2e-2
+
+
+def test_autocast_casts_like_f_linear_and_returns_fp32_grads():
+    """Under autocast (bf16 training, fp32 master weights) inputs are cast as F.linear would be;
+    gradients reach the fp32 leaves. Tolerance: bf16 inputs and logits, 2e-2 (see module docstring)."""
+    hs, Ws, y = _case(41, 32, 341, 2, True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        l1, _, g1 = _run(multi_exit_linear_cross_entropy_triton, hs, Ws, y, True)
+    l2, _, g2 = _run(multi_exit_linear_cross_entropy_reference, hs, Ws, y, True)
+    assert all(g.dtype == torch.float32 for g in g1)
+    assert rel_err(l1, l2) < 2e-2
+    for a, b in zip(g1, g2):
+        assert rel_err(a, b) < 5e-2
