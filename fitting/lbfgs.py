@@ -26,6 +26,8 @@ class LBFGSConfig:
     gtol: float = 1e-11       # stop when max |grad| <= gtol * max(1, |f|)
     ftol: float = 1e-15       # stop when relative decrease (f_k - f_{k+1}) / max(|f_k|, 1e-300) <= ftol ...
     ftol_patience: int = 3    # ... this many iterations in a row
+    stall_window: int = 100   # stop a row whose objective fell by less than stall_rtol (relative) ...
+    stall_rtol: float = 1e-10  # ... over the last stall_window iterations: a plateau, not progress
     c1: float = 1e-4          # Armijo constant
     max_backtrack: int = 40   # halvings per line search (2^-40 ~ 1e-12 of the first step)
 
@@ -36,7 +38,7 @@ class LBFGSResult:
     f: torch.Tensor          # (B,)  final objective
     grad: torch.Tensor       # (B, P) final gradient
     n_iter: torch.Tensor     # (B,)  iterations taken
-    converged: torch.Tensor  # (B,)  bool: stopped by gtol/ftol (not by max_iter or a failed line search)
+    converged: torch.Tensor  # (B,)  bool: stopped by gtol/ftol (not by max_iter, a stall or a failed line search)
     moved: torch.Tensor      # (B,)  bool: the row left its starting point
 
 
@@ -67,7 +69,9 @@ def _line_search(fun: Objective, x: torch.Tensor, f: torch.Tensor, g: torch.Tens
 
     The full step t = 1 is tried first; rows that fail it try the next `_FAN` halvings in one call
     (t = 2^-1 .. 2^-8, then 2^-9 .. 2^-16, ...) and keep the largest step that satisfies Armijo, so a
-    line search costs at most 1 + max_backtrack / _FAN calls however many rows backtrack.
+    line search costs at most 1 + max_backtrack / _FAN calls however many rows backtrack. (A quadratic-
+    interpolation step before the fan saved ~15 % of evaluations but let rows on flat plateaus creep
+    for thousands of iterations; halving lets them fail the search and stop.)
     """
     slope = (g * d).sum(-1)                                        # (b,) < 0 for descent
     x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
@@ -113,7 +117,12 @@ def minimize(fun: Objective, x0: torch.Tensor, cfg: LBFGSConfig | None = None,
     stall = torch.zeros(B, dtype=torch.long)
     converged = torch.zeros(B, dtype=torch.bool)
     active = all_rows[torch.isfinite(f)]
+    f_ref = f.clone()                                              # objective stall_window iterations ago
     for it in range(cfg.max_iter):
+        if it and it % cfg.stall_window == 0:
+            plateau = (f_ref[active] - f[active]) <= cfg.stall_rtol * f_ref[active].abs()
+            active = active[~plateau]
+            f_ref[active] = f[active]
         gmax = g[active].abs().amax(-1)
         done = gmax <= cfg.gtol * f[active].abs().clamp_min(1.0)
         converged[active[done]] = True
