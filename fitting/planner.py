@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss,
-                          efficiency_leverage, efficiency_leverage_compute, family_loss, frontier)
+                          efficiency_leverage, efficiency_leverage_compute, family_loss, frontier,
+                          frontier_numeric)
 from trunk.config import FamilyConfig
 from trunk.flops import flops_per_token, param_counts
 
@@ -150,6 +151,33 @@ def candidate_shapes(G: int, pc: PlanConfig) -> list[FamilyConfig]:
         for L in sorted({max(G + 1, round(base * f)) for f in (0.75, 0.875, 1.0, 1.125, 1.25)}):
             out.append(shape(d, L, tuple(range(1, G)), pc))   # placeholder exits: FLOPs do not depend on them
     return out
+
+
+def flops_per_token_curve(G: int, pc: PlanConfig):
+    """FLOPs per token as a smooth function of N: trunk.flops over the rule-aspect shapes, interpolated
+    log-log between widths. Feeds `laws.frontier_numeric` for the full-FLOP frontier."""
+    rows = []
+    for d in list(range(256, 1024, 256)) + list(range(1024, 12289, 512)):
+        L = max(G + 1, round(d / (48 + 16 * math.log2(d / 256))))
+        cfg = shape(d, L, tuple(range(1, G)), pc)
+        rows.append((param_counts(cfg).non_embedding, flops_per_token(cfg, pc.seq_len)))
+    lnN, lnF = (np.log(np.array(v, dtype=np.float64)) for v in zip(*rows))
+    slope_lo = (lnF[1] - lnF[0]) / (lnN[1] - lnN[0])
+    slope_hi = (lnF[-1] - lnF[-2]) / (lnN[-1] - lnN[-2])
+
+    def f(N: float) -> float:
+        x = math.log(N)
+        if x < lnN[0]:
+            return math.exp(lnF[0] + slope_lo * (x - lnN[0]))
+        if x > lnN[-1]:
+            return math.exp(lnF[-1] + slope_hi * (x - lnN[-1]))
+        return math.exp(float(np.interp(x, lnN, lnF)))
+    return f
+
+
+def full_flops_frontier(C, G: int, p: LawParams = PAPER, pc: PlanConfig | None = None):
+    """(N_opt, D_opt) under the full FLOP count (attention, G exit heads) rather than C = 6ND."""
+    return frontier_numeric(C, p, flops_per_token_curve(G, pc or PlanConfig()), G)
 
 
 # ---- exit placement ------------------------------------------------------------------------------
@@ -282,6 +310,7 @@ def _assemble(C, tiers, pc, p, b, cfg, N, D, fpt, loss, cuts, costs, losses) -> 
     cfg = cfg.replace(exit_layers=tuple(int(x) for x in cuts[1:-1]))
     q = cuts[1:] / cfg.n_layers
     n_opt, d_opt = frontier(C, p)
+    n_full, d_full = full_flops_frontier(C, len(tiers), p, pc)
     scale = loss / float(np.mean(losses))                             # branch-law shape, family-law level
     tier_rows = []
     for g, t in enumerate(tiers):
@@ -296,6 +325,7 @@ def _assemble(C, tiers, pc, p, b, cfg, N, D, fpt, loss, cuts, costs, losses) -> 
         "flops": C, "G": len(tiers), "N": int(N), "N_total": int(param_counts(cfg).total), "D": float(D),
         "flops_per_token": fpt, "law": {**p.as_dict(), "source": p.source},
         "frontier_6ND": {"N_opt": float(n_opt), "D_opt": float(d_opt)},
+        "frontier_full_flops": {"N_opt": float(n_full), "D_opt": float(d_full)},
         "predicted": {"family_loss": loss, "exit_losses": [r["predicted_loss"] for r in tier_rows],
                       "EL_loss_form": float(efficiency_leverage(C, len(tiers), p, exit_fractions=q)),
                       "EL_compute_form": float(efficiency_leverage_compute(C, len(tiers), p, exit_fractions=q))},
@@ -309,7 +339,8 @@ def describe(pl: dict) -> str:
     m = pl["trainer_config"]["model"]
     lines = [f"budget {pl['flops']:.3g} FLOPs -> N = {pl['N']:.4g} non-embedding params "
              f"(d_model {m['d_model']}, {m['n_layers']} layers), D = {pl['D']:.4g} tokens, G = {pl['G']}; "
-             f"6ND frontier N_opt = {pl['frontier_6ND']['N_opt']:.4g}",
+             f"N_opt = {pl['frontier_full_flops']['N_opt']:.4g} (full FLOP count), "
+             f"{pl['frontier_6ND']['N_opt']:.4g} (C = 6ND)",
              f"predicted mean exit loss {pl['predicted']['family_loss']:.4f}; EL {pl['predicted']['EL_loss_form']:.4f} "
              f"(loss form), {pl['predicted']['EL_compute_form']:.3f} (compute form)"]
     for t in pl["tiers"]:

@@ -118,3 +118,15 @@ def test_plan_uses_a_fitted_law(tmp_path, plan_1e20):
     law.write_text(json.dumps({"law": "dense", "params": {}}))
     with pytest.raises(planner.PlanError, match="family-law fit"):
         planner.load_law(law)
+
+
+def test_full_flop_frontier_spends_the_budget_and_brackets_the_plan(plan_1e20):
+    f = planner.flops_per_token_curve(3, planner.PlanConfig())
+    for d in (512, 2048, 4096):                                       # the curve passes through trunk.flops
+        cfg = planner.shape(d, max(4, round(d / (48 + 16 * np.log2(d / 256)))), (1, 2), planner.PlanConfig())
+        N = param_counts(cfg).non_embedding
+        assert f(N) == pytest.approx(flops_per_token(cfg, 2048), rel=1e-9)
+    N, D = planner.full_flops_frontier(1e20, 3)
+    assert D * f(float(N)) == pytest.approx(1e20, rel=1e-9)
+    assert f(float(N)) > 6 * N                                        # attention and heads cost extra
+    assert 0.5 < plan_1e20["N"] / plan_1e20["frontier_full_flops"]["N_opt"] < 2.0
