@@ -77,7 +77,8 @@ class Family:
 
     def __init__(self, shards: Path, tmp: Path, delays: dict[str, float], base_port: int, device: str = "cpu"):
         self.procs: dict[str, subprocess.Popen] = {}
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PYTHONUNBUFFERED="1")
         tiers = ["device", "edge", "cloud"]
         ports = {t: base_port + i for i, t in enumerate(tiers)}
         self.router_port = base_port + 10
@@ -87,8 +88,8 @@ class Family:
                    "--inject-delay-ms", str(delays.get(t, 0.0)), "--device", device]
             if nxt:
                 cmd += ["--next", nxt]
-            self.procs[t] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                             text=True)
+            self.procs[t] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                             stderr=self._log(tmp, f"{t}-{base_port}"))
             self._wait_port(ports[t])
             nxt = f"127.0.0.1:{ports[t]}"
         y = tmp / f"family-{base_port}.yaml"
@@ -96,7 +97,9 @@ class Family:
                      "".join(f"  - name: {t}\n    address: 127.0.0.1:{ports[t]}\n" for t in tiers))
         self.procs["router"] = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "--tier", "router", "--family", str(y), "--port", str(self.router_port),
-             "--max-concurrency", "64"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "--max-concurrency", "64"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=self._log(tmp, f"router-{base_port}"))
+        self.logs = tmp
         self.url = f"http://127.0.0.1:{self.router_port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -106,7 +109,14 @@ class Family:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError("router did not come up: " + self.procs["router"].stderr.read())
+        raise RuntimeError("router did not come up: " + (tmp / f"router-{base_port}.log").read_text()[-3000:])
+
+    @staticmethod
+    def _log(tmp: Path, name: str):
+        return open(tmp / f"{name}.log", "w")
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.logs.glob("*.log")))
 
     @staticmethod
     def _wait_port(port: int, timeout: float = 120) -> None:
@@ -134,12 +144,12 @@ class Family:
 
 
 async def client_loop(url: str, start_at: float, stop_at: float, max_tokens: int, budget, rng: random.Random,
-                      out: list) -> None:
+                      out: list, temperature: float = 0.8) -> None:
     """Send streaming requests back to back until stop_at; record those sent after start_at (warm-up before)."""
     async with httpx.AsyncClient(timeout=120) as http:
         while time.perf_counter() < stop_at:
-            body = {"prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "stream": True, "temperature": 0.8,
-                    "seed": rng.randrange(1 << 30)}
+            body = {"prompt": rng.choice(PROMPTS), "max_tokens": max_tokens, "stream": True, "temperature": temperature,
+                    "ignore_eos": True, "seed": rng.randrange(1 << 30)}
             b = budget(rng) if budget else None
             if b is not None:
                 body["latency_budget_ms"] = b
@@ -150,6 +160,9 @@ async def client_loop(url: str, start_at: float, stop_at: float, max_tokens: int
                     if not line.startswith("data: {"):
                         continue
                     ch = json.loads(line[6:])
+                    if "error" in ch:
+                        out.append({"error": ch["error"]["message"]})
+                        break
                     c = ch["choices"][0]
                     k = len(c.get("familial", {}).get("exits", []))
                     exits += c.get("familial", {}).get("exits", [])
@@ -207,6 +220,8 @@ def planner_microbench(url: str) -> dict:
 
 
 def summarize(rows: list, seconds: float) -> dict:
+    errors = [r["error"] for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
     toks = sum(r["tokens"] for r in rows)
     budgeted = [r for r in rows if r["budget_ms"] is not None]
     feasible = [r for r in budgeted if not r["infeasible"]]
@@ -222,7 +237,8 @@ def summarize(rows: list, seconds: float) -> dict:
     tpot = [r["tpot_ms"] for r in rows if r["tpot_ms"] is not None]
     ttft = [r["ttft_ms"] for r in rows]
     return {
-        "requests": len(rows), "completion_tokens": toks,
+        "requests": len(rows), "errors": len(errors), "first_error": errors[0] if errors else None,
+        "completion_tokens": toks,
         "throughput_tokens_per_s": round(toks / seconds, 1), "requests_per_s": round(len(rows) / seconds, 2),
         "ttft_ms": {"p50": round(pct(ttft, 50), 2), "p99": round(pct(ttft, 99), 2)},
         "per_token_ms": {"p50": round(pct(tpot, 50), 2), "p99": round(pct(tpot, 99), 2)},
@@ -252,13 +268,16 @@ def run_scenario(name, shards, tmp, delays, args, budget, base_port) -> tuple[di
 
         async def go():
             await asyncio.gather(*(client_loop(fam.url, start_at, stop_at, args.max_tokens, budget,
-                                               random.Random(rng.random()), rows) for _ in range(args.clients)))
+                                               random.Random(rng.random()), rows, args.temperature)
+                                   for _ in range(args.clients)))
 
         asyncio.run(go())
         elapsed = time.perf_counter() - start_at
         res = summarize(rows, elapsed)
+        if res["errors"]:
+            print(f"{res['errors']} request(s) failed, first: {res['first_error']}\n{fam.log_tails()}", file=sys.stderr)
         res.update({"scenario": name, "seconds": round(elapsed, 1), "warmup_s": args.warmup, "clients": args.clients,
-                    "node_device": args.node_device,
+                    "node_device": args.node_device, "temperature": args.temperature,
                     "max_tokens": args.max_tokens, "inject_delay_ms": delays, "peak_rss_mb": fam.rss(),
                     "router_decision_us_live": router_decision_us(fam.url),
                     "router_decision_us_microbench": planner_microbench(fam.url)})
@@ -320,6 +339,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="no-budget,budget", help="comma-separated scenarios to run")
     ap.add_argument("--port", type=int, default=18700, help="first port used (each scenario takes a block of 20)")
     ap.add_argument("--out", default="benchmarks/results/serve_load", help="output path without extension")
+    ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the requests (0 = greedy)")
     ap.add_argument("--node-device", default="cpu", help="torch device of the three nodes (cpu, cuda)")
     ap.add_argument("--dump-rows", help="also write every request's record to this JSON file")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="date recorded in the results")
@@ -351,7 +371,7 @@ def main() -> None:
                 raise SystemExit(f"unknown scenario {name!r}")
             print(json.dumps(res, indent=1), flush=True)
             results.append(res)
-            rows_by[name] = rows
+            rows_by[name] = [r for r in rows if "error" not in r]
     if args.dump_rows:
         Path(args.dump_rows).write_text(json.dumps(rows_by))
     out = Path(args.out)

@@ -49,6 +49,7 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     exit: int | None = None          # fixed exit index; None = choose by budget
     budget_ms: float | None = None   # whole request, from `arrival_s`
+    ignore_eos: bool = False         # generate max_tokens whatever the model says (benchmarks, tests)
     arrival_s: float = field(default_factory=time.perf_counter)
 
 
@@ -207,7 +208,8 @@ class SteppedEngine:
                 work = self._work(res, seen, end)
                 self.planner.observe(work, res.timings, wall)
                 seen.update({t: end for t in work})
-                finish = "stop" if res.token == self.tokenizer.eos_id else ("length" if i == req.max_tokens - 1 else None)
+                eos = res.token == self.tokenizer.eos_id and not req.ignore_eos
+                finish = "stop" if eos else ("length" if i == req.max_tokens - 1 else None)
                 if finish:  # before the yield: a consumer may stop iterating at the last token
                     self.planner.score(plan, i + 1, (time.perf_counter() - t_plan) * 1e3)
                 yield TokenOutput(token_id=res.token, exit=res.exit, tier=res.tier,

@@ -89,6 +89,7 @@ class CompletionRequest(_SamplingFields):
     # ---- Familial extensions (not in the OpenAI schema) ----
     latency_budget_ms: Optional[float] = Field(None, gt=0)  # whole request, arrival to last token
     exit: ExitChoice = "auto"                               # "auto" | exit index | tier name
+    ignore_eos: bool = False                                # keep going past end-of-sequence (as vLLM's)
 
     @field_validator("prompt")
     @classmethod
@@ -130,6 +131,7 @@ class ChatCompletionRequest(_SamplingFields):
     # ---- Familial extensions (not in the OpenAI schema) ----
     latency_budget_ms: Optional[float] = Field(None, gt=0)
     exit: ExitChoice = "auto"
+    ignore_eos: bool = False
 
 
 # ---- Familial extension object on responses -------------------------------------------------------

@@ -120,7 +120,8 @@ def build_request(engine: Engine, settings: ServeSettings, prompt_ids: list[int]
     return GenerateRequest(request_id=uuid.uuid4().hex, prompt_ids=list(prompt_ids), max_tokens=n,
                            sampling=SamplingParams(req.temperature if req.temperature is not None else 1.0,
                                                    req.top_p if req.top_p is not None else 1.0, seed),
-                           exit=resolve_exit(engine, req.exit), budget_ms=req.latency_budget_ms, arrival_s=arrival_s)
+                           exit=resolve_exit(engine, req.exit), budget_ms=req.latency_budget_ms, arrival_s=arrival_s,
+                           ignore_eos=req.ignore_eos)
 
 
 # ---- one request through the engine ---------------------------------------------------------------

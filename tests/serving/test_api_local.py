@@ -161,7 +161,7 @@ def test_429_when_full(tiny_ckpt, serve):
 
     def long_request():
         with httpx.stream("POST", s.url + "/v1/completions",
-                          json={"prompt": "x", "max_tokens": 40, "stream": True, "exit": 0}, timeout=30) as r:
+                          json={"prompt": "x", "max_tokens": 40, "stream": True, "exit": 0, "ignore_eos": True}, timeout=30) as r:
             for _ in r.iter_lines():
                 started.set()
 
@@ -179,7 +179,7 @@ def test_disconnect_frees_local_session(tiny_ckpt, serve):
     eng = LocalEngine.from_checkpoint(tiny_ckpt, name="tiny", delays_ms={"device": 10})
     s = serve(build_app(eng, ServeSettings(max_concurrency=1, max_queue=0)))
     with httpx.stream("POST", s.url + "/v1/completions",
-                      json={"prompt": "x", "max_tokens": 200, "stream": True, "exit": 0}) as r:
+                      json={"prompt": "x", "max_tokens": 200, "stream": True, "exit": 0, "ignore_eos": True}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 3:
                 break
@@ -203,7 +203,8 @@ def test_replan_steps_down_when_running_late(tiny_ckpt, serve):
     budget = eng.planner.predict_ms(2, 2, n) / 0.7
     import json
     with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
-                      json={"prompt": "ab", "max_tokens": n, "stream": True, "latency_budget_ms": budget}) as r:
+                      json={"prompt": "ab", "max_tokens": n, "stream": True, "latency_budget_ms": budget,
+                            "ignore_eos": True}) as r:
         chunks = []
         for line in r.iter_lines():
             if line.startswith("data: {"):

@@ -118,7 +118,7 @@ def test_client_disconnect_frees_every_tier(family):
     chain, server, _ = family
     assert chain.live_sessions() == {"device": 0, "edge": 0, "cloud": 0}
     with httpx.stream("POST", server.url + "/v1/completions",
-                      json={"prompt": PROMPT, "max_tokens": 200, "stream": True, "exit": "cloud"}) as r:
+                      json={"prompt": PROMPT, "max_tokens": 200, "stream": True, "exit": "cloud", "ignore_eos": True}) as r:
         lines = []
         for i, line in enumerate(r.iter_lines()):
             lines.append(line)
@@ -137,7 +137,7 @@ def test_client_disconnect_frees_every_tier(family):
 def test_non_streaming_disconnect_frees_every_tier(family):
     chain, server, _ = family
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "exit": 2},
+        httpx.post(server.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 200, "exit": 2, "ignore_eos": True},
                    timeout=0.5)
     t0 = time.time()
     while time.time() - t0 < 2.0 and chain.live_sessions() != {"device": 0, "edge": 0, "cloud": 0}:
