@@ -128,8 +128,10 @@ class RelayNode(pb_grpc.RelayServicer):
 
     async def _close(self, req):
         s = self.sessions.close(req.session_id)
-        if s is not None and s.next_open:
-            await self._close_next(s.id)
+        if s is not None:
+            async with s.lock:  # an in-flight Forward may still open the session on the next tier
+                if s.next_open:
+                    await self._close_next(s.id)
         return pb.CloseSessionReply(existed=s is not None)
 
     async def _close_next(self, sid: str) -> None:

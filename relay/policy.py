@@ -68,7 +68,8 @@ def sample(logits_V: torch.Tensor, sampling: "pb.Sampling", position: int) -> in
     """One token from the logits at `position` (the position whose successor is being predicted)."""
     if sampling.temperature <= 0.0:
         return int(torch.argmax(logits_V))
-    probs = torch.softmax(logits_V.double() / sampling.temperature, dim=-1)
+    # Sampled on the CPU with a CPU generator, so a seed gives the same token on any tier and device.
+    probs = torch.softmax(logits_V.detach().to("cpu", torch.float64) / sampling.temperature, dim=-1)
     if 0.0 < sampling.top_p < 1.0:
         p_sorted, idx = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
