@@ -1,6 +1,7 @@
 """Fitter speed and quality against the literature's per-start SciPy L-BFGS-B loop, side by side.
 
-Data: 270 synthetic runs of the paper's law with 1 % log-normal noise (fitting.synthetic). Measured:
+Data: 258 synthetic runs of the paper's law (fitting.laws.PAPER) with 1 % log-normal noise
+(fitting.synthetic). Measured:
   ours/paper          full paper grid (1,562,500 starts screened, best few hundred optimised)
   ours/hoffmann       hoffmann grid (22,500 starts), same pruning
   ours/hoffmann-all   hoffmann grid with every start optimised in one batch (no pruning)
@@ -101,9 +102,11 @@ def main() -> None:
     med = statistics.median
     ours_h = med(t_hoff)
     result = {
-        "data": {"n_runs": runs.n, "noise": "1% log-normal", "law": PAPER.as_dict()},
+        "data": {"n_runs": runs.n, "noise": "1% log-normal", "law": PAPER.as_dict(), "law_source": PAPER.source},
         "machine": {"cpus": os.cpu_count(), "torch_threads_while_fitting": 1, "torch": torch.__version__,
-                    "python": platform.python_version(), "loadavg_start": load0, "loadavg_end": load1},
+                    "python": platform.python_version(), "loadavg_start": load0, "loadavg_end": load1,
+                    "note": "shared machine, loaded by other work while this ran (see loadavg): wall times "
+                            "and their ratios move with the load; CPU-time ratios are steadier"},
         "ours": {
             "paper": {"seconds": t_paper, "median_s": med(t_paper), "cpu_median_s": med(c_paper),
                       "starts": paper.n_starts,

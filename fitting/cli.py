@@ -37,6 +37,9 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=("paper", "hoffmann"), default="paper",
                    help="grid of L-BFGS starts: paper (1.56M starts for family) or hoffmann (22.5k) "
                         "(default: paper)")
+    p.add_argument("--branch-Dd", type=float, default=None, metavar="D_d",
+                   help="branch law: the D_d held fixed while alpha_P, beta_Q and a are fitted (the three are "
+                        "identifiable only as alpha_P D_d^a, beta_Q D_d^a and a; default: the paper's 2.75e6)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="bootstrap replicates for CIs, each re-optimised (default: 0 = no CIs)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed (default: 0)")
@@ -77,8 +80,9 @@ def _dense_predictor(rows, args):
 
 def _fit_config(args):
     from fitting.fitter import FitConfig
+    from fitting.laws import PAPER_BRANCH
     return FitConfig(grid=args.grid, keep=args.keep or None, progress=not args.no_progress,
-                     threads=args.threads)
+                     threads=args.threads, branch_D_d=args.branch_Dd or PAPER_BRANCH.D_d)
 
 
 def _fmt(params: dict) -> str:
@@ -90,9 +94,10 @@ def _fit_plots(args, runs, result) -> list[Path]:
 
     from fitting import figures
     from fitting.laws import BranchParams, LawParams
-    from fitting.objective import LAWS
+    from fitting.objective import get_law
     out = Path(args.plots)
-    pred, _ = LAWS[args.law].predict(torch.tensor(result.x[None]), runs.lawdata())
+    law = get_law(args.law, result.fixed.get("D_d"))
+    pred, _ = law.predict(torch.tensor(result.x[None]), runs.lawdata())
     resid = (pred[0] - runs.lawdata().y).numpy()
     paths = figures.residuals(resid, runs, out, f"residuals_{args.law}")
     if args.law == "branch":
@@ -117,25 +122,30 @@ def fit_main(argv: list[str] | None = None) -> int:
         _fail(prog, "RUNS is required (or give --paper-figures DIR alone)")
     if args.bootstrap < 0 or args.keep < 0 or args.threads < 1:
         _fail(prog, "--bootstrap and --keep must be >= 0 and --threads >= 1")
+    if args.branch_Dd is not None and not (args.branch_Dd > 0 and np.isfinite(args.branch_Dd)):
+        _fail(prog, f"--branch-Dd must be a positive number, got {args.branch_Dd}")
     from fitting import data, fitter
     try:
         runs = _fit_runs(args)
     except data.DataError as e:
         _fail(prog, str(e))
-    n_params = {"family": 6, "dense": 5, "branch": 4}[args.law]
+    n_params = {"family": 6, "dense": 5, "branch": 3}[args.law]
     if runs.n <= n_params:
         _fail(prog, f"{runs.n} runs cannot determine {n_params} parameters of the {args.law} law")
     cfg = _fit_config(args)
     d = runs.lawdata()
     result = fitter.fit(args.law, d, cfg)
-    out = {"law": args.law, "params": result.params, "objective": result.objective, "n_runs": runs.n,
+    out = {"law": args.law, "params": result.params, **({"fixed": result.fixed} if result.fixed else {}),
+           "objective": result.objective, "n_runs": runs.n,
            "ci": {}, "validation": fitter.leave_one_budget_out(args.law, d, runs.C, result, cfg),
            "grid": args.grid, "fit": result.summary()}
     if args.bootstrap:
         xs = fitter.bootstrap(args.law, d, result, args.bootstrap, args.seed, cfg)
-        out["ci"] = fitter.confidence(args.law, xs)
+        out["ci"] = fitter.confidence(args.law, xs, branch_D_d=cfg.branch_D_d)
     print(f"{args.law} law on {runs.n} runs ({args.grid} grid, {result.n_starts} starts, "
           f"{result.n_optimised} optimised, {result.seconds['total']:.2f} s): {_fmt(result.params)}")
+    if result.fixed:
+        print(f"held fixed, not fitted: {_fmt(result.fixed)}")
     print(f"objective (summed Huber) = {result.objective:.6g}")
     v = out["validation"]
     if v.get("budgets"):

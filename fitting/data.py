@@ -7,7 +7,7 @@ Formats (the format is read from the content, never from the file name):
 - CSV with a header: N,D,G,loss (G optional; C optional = compute budget) for family/dense;
   P,Q,D,loss,L_dense (C or N optional) for the branch law.
 Which runs feed which law: family = every run's `loss`; dense = runs with G == 1; branch = one row per
-shallow-or-final exit (P = exits shallower than it, Q = l_g / L) from CSV rows or from records.
+exit (exit g of G, 0-based: P = g exits before it, Q = G - 1 - g after it) from CSV rows or records.
 This file does no fitting; `fitter.py` does.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ class Runs:
     loss: np.ndarray           # (n,) target loss
     D: np.ndarray              # (n,) training tokens
     N: np.ndarray              # (n,) non-embedding params (nan for branch CSV without N)
-    G: np.ndarray              # (n,) exits (1 for dense)
+    G: np.ndarray              # (n,) exits (1 for dense; branch rows: the family's P + Q + 1)
     C: np.ndarray              # (n,) compute budget (FLOPs): flops_total, or C column, or 6 N D
-    P: np.ndarray | None = None       # branch: upstream branches
-    Q: np.ndarray | None = None       # branch: depth fraction l_g / L
+    P: np.ndarray | None = None       # branch: exits before this one (exit g of G: P = g)
+    Q: np.ndarray | None = None       # branch: exits after this one (Q = G - 1 - g)
     L_dense: np.ndarray | None = None  # branch: size-matched dense loss
 
     @property
@@ -50,9 +50,9 @@ class Runs:
         z = torch.zeros(self.n, dtype=torch.float64)
         return LawData(y=t(np.log(self.loss)), lnN=t(np.log(self.N)), lnD=t(np.log(self.D)),
                        lnG=t(np.log(self.G)),
-                       lnP1=t(np.log1p(self.P)) if self.P is not None else z,
-                       lnQ=t(np.log(self.Q)) if self.Q is not None else z,
-                       lnLd=t(np.log(self.L_dense)) if self.L_dense is not None else z)
+                       P=t(self.P) if self.P is not None else z,
+                       Q=t(self.Q) if self.Q is not None else z,
+                       Ld=t(self.L_dense) if self.L_dense is not None else z)
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -124,6 +124,7 @@ def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarra
                 ) -> Runs:
     """One row per exit. CSV rows carry P, Q, D, loss, L_dense; run records are expanded per exit.
 
+    Exit g (0-based) of a G-exit record gives P = g (exits before it) and Q = G - 1 - g (exits after).
     For run records without `exit_dense_loss`, L_dense comes from `dense_predict(N_g, D)` with
     N_g = N * l_g / L (the exit's share of the trunk), e.g. a dense-law fit to the file's G == 1 runs.
     """
@@ -145,7 +146,7 @@ def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarra
             if len(losses) != len(exits):
                 raise DataError(f"run record {i + 1}: {len(losses)} exit losses for {len(exits)} exits")
             for g, (l, loss) in enumerate(zip(exits, losses)):
-                P.append(g), Q.append(l / r["n_layers"]), D.append(r["D"]), L.append(loss)
+                P.append(g), Q.append(len(exits) - 1 - g), D.append(r["D"]), L.append(loss)
                 N.append(r["N"] * l / r["n_layers"])
                 C.append(r.get("flops_total", 6.0 * r["N"] * r["D"]))
                 Ld.append(r["exit_dense_loss"][g] if "exit_dense_loss" in r else math.nan)
@@ -154,8 +155,8 @@ def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarra
             if dense_predict is None:
                 raise DataError("run records have no exit_dense_loss and there is no dense fit to supply L_dense")
             Ld = np.where(np.isnan(Ld), dense_predict(N, D), Ld)
-    for name, v in (("Q", Q), ("D", D), ("loss", L), ("L_dense", Ld)):
+    for name, v in (("D", D), ("loss", L), ("L_dense", Ld)):
         _check(name, v)
-    if np.any(P < 0) or np.any(Q > 1):
-        raise DataError("branch rows need P >= 0 and Q in (0, 1]")
-    return Runs(loss=L, D=D, N=N, G=P + 1, C=C, P=P, Q=Q, L_dense=Ld)
+    if not (np.all(np.isfinite(P) & (P >= 0)) and np.all(np.isfinite(Q) & (Q >= 0))):
+        raise DataError("branch rows need P >= 0 and Q >= 0 (exits before and after the exit)")
+    return Runs(loss=L, D=D, N=N, G=P + Q + 1, C=C, P=P, Q=Q, L_dense=Ld)

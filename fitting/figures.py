@@ -2,7 +2,7 @@
 
   loss_surfaces   Fig. 1: IsoFLOP loss curves L(N) at fixed budgets, one panel per G (+ runs if given)
   isoloss         Fig. 2: isoloss contours over (N, D) with IsoFLOP lines and the efficient frontier
-  branch_fit      Figs. 5-6: branch law against per-exit data (loss ratio to dense vs depth; pred vs obs)
+  branch_fit      Figs. 5-6: branch law against per-exit data (penalty L - L_dense vs D per (P, Q); pred vs obs)
   efficiency      Fig. 7: Efficiency Leverage against FLOPs for G in {3, 4, 5, 6}, both forms
   residuals       log residuals by compute budget and by G
 `paper_figures(dir)` draws the first four from the paper's constants with no data. Every function takes
@@ -105,37 +105,66 @@ def isoloss(p: LawParams, out: Path, G: int = 4, runs: Runs | None = None) -> li
         return _save(fig, out, "fig2_isoloss_frontier")
 
 
-def branch_fit(b: BranchParams, out: Path, runs: Runs | None = None) -> list[Path]:
-    """Figs. 5-6: L / L_dense against exit depth Q per upstream-branch count P; predicted vs observed."""
+def _branch_pairs(runs: Runs | None) -> list[tuple[int, int]]:
+    """(P, Q) pairs to draw: Q = 1.. at P = 0 and P = 1.. at Q = 0 (the paper's two sweeps), up to 5 each."""
+    if runs is None:
+        return [(0, q) for q in range(1, 6)] + [(p, 0) for p in (1, 3, 5)]
+    have = {(int(p), int(q)) for p, q in zip(runs.P, runs.Q)} - {(0, 0)}
+    qs = sorted(q for p, q in have if p == 0)
+    ps = sorted(p for p, q in have if q == 0)
+    pairs = [(0, q) for q in qs[:5]] + [(p, 0) for p in ps[::max(1, len(ps) // 3)][:3]]
+    return pairs or sorted(have)[:8]
+
+
+def branch_fit(b: BranchParams, out: Path, runs: Runs | None = None, p: LawParams = PAPER) -> list[Path]:
+    """Figs. 5-6: the branch penalty L - L_dense against D per (P, Q); predicted vs observed exit loss.
+
+    Without runs the right panel shows the penalty in % of the dense loss along the compute-optimal
+    frontier of `p`, for each exit of a 6-exit family (no data is drawn)."""
     with plt.rc_context(_STYLE):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        Dmed = float(np.median(runs.D)) if runs is not None else 1e10
-        Q = np.linspace(0.1, 1.0, 100)
-        Ps = np.unique(runs.P).astype(int) if runs is not None else np.arange(6)
-        colors = plt.cm.plasma(np.linspace(0, 0.85, max(len(Ps), 1)))
-        for P, c in zip(Ps, colors):
-            a1.plot(Q, branch_loss(P, Q, Dmed, 1.0, b), color=c, lw=1.3, label=f"P={P}")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4.2))
+        pairs = _branch_pairs(runs)
+        D = np.logspace(8, 12, 100) if runs is None else np.geomspace(runs.D.min() / 1.5, runs.D.max() * 1.5, 100)
+        colors = plt.cm.viridis(np.linspace(0, 0.85, sum(P == 0 for P, _ in pairs)))
+        warm = plt.cm.autumn(np.linspace(0, 0.6, max(1, sum(P > 0 for P, _ in pairs))))
+        hidden = 0
+        for k, (P, Q) in enumerate(pairs):
+            c = colors[k] if P == 0 else warm[k - len(colors)]
+            a1.plot(D, branch_loss(P, Q, D, 0.0, b), color=c, lw=1.4, ls="-" if P == 0 else "--",
+                    label=f"P={P}, Q={Q}")
             if runs is not None:
-                m = runs.P == P
-                # move each point to D = Dmed along the law's own D factor, so points and curves compare
-                to_med = (1 + b.D_d / Dmed) / (1 + b.D_d / runs.D[m])
-                a1.scatter(runs.Q[m], runs.loss[m] / runs.L_dense[m] * to_med, s=9, color=c, edgecolor="k",
-                           lw=0.3)
-        a1.set(xlabel="exit depth fraction Q = l_g / L", ylabel="L_branch / L_dense",
-               title=f"Branch law at D = {Dmed:.1e}" + (" (runs moved to it by the D term)" if runs else ""))
-        a1.legend(ncol=2)
+                m = (runs.P == P) & (runs.Q == Q)
+                pen = runs.loss[m] - runs.L_dense[m]
+                hidden += int(np.sum(pen <= 0))
+                a1.scatter(runs.D[m][pen > 0], pen[pen > 0], s=12, color=c, edgecolor="k", lw=0.3, zorder=3)
+        title = f"Branch penalty (alpha_P={b.alpha_P:.3g}, beta_Q={b.beta_Q:.3g}, D_d={b.D_d:.3g}, a={b.a:.3g})"
+        a1.set(xscale="log", yscale="log", xlabel="training tokens D", ylabel="L - L_dense (nats)",
+               title=title + (f"\n{hidden} runs with L <= L_dense not shown" if hidden else ""))
+        a1.legend(ncol=2, title="solid: exits after (Q); dashed: before (P)", title_fontsize=7)
         if runs is not None:
             pred = branch_loss(runs.P, runs.Q, runs.D, runs.L_dense, b)
-            a2.scatter(runs.loss, pred, s=9, c=runs.P, cmap="plasma", edgecolor="k", lw=0.3)
+            a2.scatter(runs.loss, pred, s=10, c=runs.Q, cmap="viridis", edgecolor="k", lw=0.3)
             lo, hi = min(runs.loss.min(), pred.min()), max(runs.loss.max(), pred.max())
             a2.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-            a2.set(xlabel="observed exit loss", ylabel="branch-law prediction", title="Predicted vs observed")
+            rms = lambda v: float(np.sqrt(np.mean((v / runs.loss - 1) ** 2)))
+            a2.text(0.03, 0.97, f"rms rel. error: branch law {rms(pred):.3%}\n"
+                    f"dense loss alone (L_dense) {rms(runs.L_dense):.3%}", transform=a2.transAxes,
+                    va="top", fontsize=8, bbox={"fc": "w", "ec": "0.7"})
+            a2.set(xlabel="observed exit loss", ylabel="branch-law prediction",
+                   title="Predicted vs observed (colour: Q, exits after)")
         else:
-            D = np.logspace(8, 12, 100)
-            for P, c in zip(Ps, colors):
-                a2.plot(D, branch_loss(P, 0.5, D, 1.0, b), color=c, lw=1.3, label=f"P={P}")
-            a2.set(xscale="log", xlabel="training tokens D", ylabel="L_branch / L_dense",
-                   title="Branch penalty against data (Q = 0.5)")
+            C = np.logspace(17, 24, 100)
+            n, d = frontier(C, p)
+            G = 6
+            cmap = plt.cm.plasma(np.linspace(0, 0.85, G))
+            for g in range(G):
+                Ld = family_loss(n * (g + 1) / G, d, 1.0, p)
+                a2.plot(C, 100 * (branch_loss(g, G - 1 - g, d, Ld, b) / Ld - 1), color=cmap[g], lw=1.4,
+                        label=f"exit {g + 1} (P={g}, Q={G - 1 - g})")
+            a2.set(xscale="log", yscale="log", xlabel="training FLOPs C (compute-optimal N, D)",
+                   ylabel="(L - L_dense) / L_dense  (%)", title=f"Penalty per exit of a G = {G} family")
+            a2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            a2.legend()
         fig.tight_layout()
         return _save(fig, out, "fig5_6_branch_law")
 
@@ -163,7 +192,7 @@ def efficiency(p: LawParams, out: Path, Gs=(3, 4, 5, 6)) -> list[Path]:
 
 
 def residuals(log_resid: np.ndarray, runs: Runs, out: Path, name: str = "residuals") -> list[Path]:
-    """Log residuals (pred - obs) by compute budget and by G (or by P + 1 for branch rows)."""
+    """Log residuals (pred - obs) by compute budget and by G (branch rows: the family's G = P + Q + 1)."""
     with plt.rc_context(_STYLE):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         a1.scatter(runs.C, log_resid, s=9, c=np.log(runs.G), cmap="viridis", edgecolor="k", lw=0.2)
@@ -172,7 +201,7 @@ def residuals(log_resid: np.ndarray, runs: Runs, out: Path, name: str = "residua
         groups = np.unique(runs.G)
         a2.boxplot([log_resid[runs.G == g] for g in groups])
         a2.set_xticks(range(1, len(groups) + 1), [f"{g:g}" for g in groups])
-        a2.set(xlabel="G (branch rows: exit index)", title="Residuals by G")
+        a2.set(xlabel="G (branch rows: family size P + Q + 1)", title="Residuals by G")
         for ax in (a1, a2):
             ax.axhline(0.0, color="k", lw=0.8)
         fig.tight_layout()
@@ -182,4 +211,4 @@ def residuals(log_resid: np.ndarray, runs: Runs, out: Path, name: str = "residua
 def paper_figures(out: Path, p: LawParams = PAPER, b: BranchParams = PAPER_BRANCH) -> list[Path]:
     """Figs. 1, 2, 5-6 and 7 from the paper's constants, without data."""
     out = Path(out)
-    return loss_surfaces(p, out) + isoloss(p, out) + branch_fit(b, out) + efficiency(p, out)
+    return loss_surfaces(p, out) + isoloss(p, out) + branch_fit(b, out, p=p) + efficiency(p, out)

@@ -11,7 +11,8 @@ Procedure (the paper's, vectorised):
    ftol 1e-15) and return the lowest objective. `keep=None` optimises every start (no pruning); the
    tests check that pruning returns the same optimum as no pruning on a grid where both are affordable.
 Bootstrap replicates and leave-one-budget-out folds are extra batch rows with their own data weights,
-so they are re-optimised in one batched L-BFGS run too.
+so they are re-optimised in one batched L-BFGS run too. The branch law is fitted the same way (generic
+screen, then batched L-BFGS) over (alpha_P, beta_Q, a) with D_d held at `FitConfig.branch_D_d`.
 
 Data loading is `data.py`; the laws' numpy forms are `laws.py`; drawing is `figures.py`.
 """
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 
 from fitting import lbfgs
 from fitting.grids import get_grid, grid_points, grid_size
-from fitting.objective import HUBER_DELTA, LAWS, Law, LawData, evaluate, huber
+from fitting.laws import PAPER_BRANCH
+from fitting.objective import HUBER_DELTA, Law, LawData, evaluate, get_law, huber
 
 _CELL_AXES = {"family": ("alpha", "beta", "gamma"), "dense": ("alpha", "beta"), "branch": ("alpha_P", "beta_Q")}
 _N_CANDIDATES = 8     # starts reused by bootstrap replicates and validation folds
@@ -44,6 +46,8 @@ class FitConfig:
     chunk: int = 4_000_000              # elements per screening block (memory bound)
     max_batch: int = 1024               # L-BFGS rows per batched block
     progress: bool = False              # tqdm bars on stderr
+    branch_D_d: float = PAPER_BRANCH.D_d  # branch law: D_d held fixed (not identifiable next to alpha_P,
+                                        # beta_Q; only alpha_P D_d^a, beta_Q D_d^a and a are)
     threads: int | None = 1             # torch intra-op threads while fitting (None = leave as is); the
                                         # batch is many small ops, where a second thread gains little and
                                         # oversubscribed cores (a busy CI box) slow it down 5-10x
@@ -55,6 +59,7 @@ class FitResult:
     grid: str
     x: np.ndarray                       # (P,) best point, log-space parameters
     params: dict                        # published names: E, A, alpha, B, beta[, gamma] / alpha_P, beta_Q, D_d, a
+    fixed: dict                         # constants held fixed, not fitted (branch: {"D_d": ...}; else {})
     objective: float                    # summed Huber at x
     n_runs: int
     n_starts: int                       # grid size
@@ -69,7 +74,8 @@ class FitResult:
     finals_f: np.ndarray = field(repr=False, default=None)    # (K,)
 
     def summary(self) -> dict:
-        return {"law": self.law, "grid": self.grid, "params": self.params, "objective": self.objective,
+        return {"law": self.law, "grid": self.grid, "params": self.params, "fixed": self.fixed,
+                "objective": self.objective,
                 "n_runs": self.n_runs, "n_starts": self.n_starts, "n_optimised": self.n_optimised,
                 "n_converged": self.n_converged, "n_in_basin": self.n_in_basin,
                 "n_unmoved": self.n_unmoved, "seconds": self.seconds, "warnings": self.warnings}
@@ -232,7 +238,7 @@ def fit(law_name: str, d: LawData, cfg: FitConfig | None = None) -> FitResult:
 
 
 def _fit(law_name: str, d: LawData, cfg: FitConfig) -> FitResult:
-    law = LAWS[law_name]
+    law = get_law(law_name, cfg.branch_D_d)
     grid = get_grid(law_name, cfg.grid) if isinstance(cfg.grid, str) else cfg.grid
     if list(grid) != list(law.names):
         raise ValueError(f"grid axes {list(grid)} must be the {law_name} law's parameters {list(law.names)}")
@@ -252,7 +258,8 @@ def _fit(law_name: str, d: LawData, cfg: FitConfig) -> FitResult:
     n_unmoved = int((~res.moved).sum())
     warns = _warnings(law, grid, x, bool(res.moved[i]), n_unmoved, bool(res.converged[i]))
     return FitResult(
-        law=law_name, grid=cfg.grid if isinstance(cfg.grid, str) else "custom", x=x, params=law.natural(x), objective=fbest, n_runs=d.n,
+        law=law_name, grid=cfg.grid if isinstance(cfg.grid, str) else "custom", x=x, params=law.natural(x),
+        fixed=law.fixed(), objective=fbest, n_runs=d.n,
         n_starts=grid_size(grid), n_optimised=len(x0), n_converged=int(res.converged.sum()),
         n_in_basin=in_basin, n_unmoved=n_unmoved,
         seconds={"screen": t1 - t0, "optimise": t2 - t1, "total": t2 - t0}, warnings=warns,
@@ -271,7 +278,8 @@ def refit_weighted(law_name: str, d: LawData, W: np.ndarray, starts: np.ndarray,
     K, M = len(W), len(starts)
     x0 = np.tile(starts, (K, 1))                                   # (K*M, P), row r -> weights r // M
     with _threads(cfg.threads):
-        res = optimise(LAWS[law_name], d, x0, torch.tensor(W, dtype=torch.float64), M, cfg, desc)
+        res = optimise(get_law(law_name, cfg.branch_D_d), d, x0, torch.tensor(W, dtype=torch.float64), M, cfg,
+                       desc)
     f = res.f.numpy().reshape(K, M)
     f = np.where(np.isfinite(f), f, np.inf)
     best = f.argmin(1)
@@ -305,8 +313,9 @@ def leave_one_budget_out(law_name: str, d: LawData, C: np.ndarray, result: FitRe
     if len(uniq) < 2:
         return {"budgets": [], "note": "fewer than two compute budgets: nothing to hold out"}
     W = (keys[None, :] != uniq[:, None]).astype(np.float64)        # (F, n): 0 = held out
+    cfg = cfg or FitConfig()
     x, _ = refit_weighted(law_name, d, W, result.candidates, cfg, desc="validation")
-    law = LAWS[law_name]
+    law = get_law(law_name, cfg.branch_D_d)
     pred, _ = law.predict(torch.tensor(x), d)                      # (F, n)
     rel = (pred - d.y).exp().numpy() - 1.0                         # L_pred / L - 1
     obs = d.y.exp().numpy()
@@ -321,12 +330,15 @@ def leave_one_budget_out(law_name: str, d: LawData, C: np.ndarray, result: FitRe
     return {"budgets": rows, "largest_budget_mean_abs_rel_err": rows[-1]["mean_abs_rel_err"],
             "largest_budget_rel_err_of_mean": rows[-1]["rel_err_of_mean"],
             "mean_abs_rel_err": float(np.mean([r["mean_abs_rel_err"] for r in rows])),
-            "fold_params": [LAWS[law_name].natural(xi) for xi in x]}
+            "fold_params": [law.natural(xi) for xi in x]}
 
 
-def confidence(law_name: str, xs: np.ndarray, budgets=(1e19, 1e20, 1e21), level: float = 0.95) -> dict:
-    """Percentile CIs of the parameters and of derived quantities (N_opt exponent, N_opt(C))."""
-    law = LAWS[law_name]
+def confidence(law_name: str, xs: np.ndarray, budgets=(1e19, 1e20, 1e21), level: float = 0.95,
+               branch_D_d: float | None = None) -> dict:
+    """Percentile CIs of the parameters and of derived quantities (N_opt exponent, N_opt(C)).
+
+    Branch law: D_d is held fixed, so its "interval" is that one value."""
+    law = get_law(law_name, branch_D_d)
     nat = [law.natural(x) for x in xs]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {k: [float(v) for v in np.percentile([n[k] for n in nat], q)] for k in nat[0]}

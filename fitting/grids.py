@@ -6,7 +6,9 @@ are the Cartesian product, in the law's parameter order. Sizes:
                    = 5^3 * 5 * 50 * 50 = 1,562,500 starts
   family/hoffmann  the same with a, b in {0, 5, .., 25}            = 22,500 starts
   dense/*          the family grids without gamma (312,500 and 4,500)
-  branch/*         one small grid for both names (ln a, alpha_P, beta_Q, ln D_d): 5 * 5 * 5 * 7 = 875
+  branch/*         one small grid for both names (alpha_P, beta_Q, a; D_d is held fixed, not fitted):
+                   alpha_P, beta_Q in {-0.1, -0.05, .., 0.3}; a in {0.25, 0.5, .., 2} = 9 * 9 * 8 = 648
+                   (the paper's alpha_P ~ 1e-3 sits inside, not on the edge, because the axis starts below 0)
 This file only describes grids; screening and optimising them is `fitter.py`'s job.
 """
 from __future__ import annotations
@@ -23,8 +25,7 @@ _E = _r(-1.0, 1.0, 0.5)
 _AB_PAPER = _r(0.5, 25.0, 0.5)
 _AB_HOFFMANN = _r(0.0, 25.0, 5.0)
 
-_BRANCH = {"ln_a": _r(-0.5, 0.5, 0.25), "alpha_P": _r(0.0, 0.2, 0.05), "beta_Q": _r(0.0, 0.2, 0.05),
-           "ln_D_d": _r(10.0, 25.0, 2.5)}
+_BRANCH = {"alpha_P": _r(-0.1, 0.3, 0.05), "beta_Q": _r(-0.1, 0.3, 0.05), "a": _r(0.25, 2.0, 0.25)}
 
 GRIDS: dict[tuple[str, str], dict[str, np.ndarray]] = {
     ("family", "paper"): {"e": _E, "a": _AB_PAPER, "b": _AB_PAPER, "alpha": _EXP, "beta": _EXP, "gamma": _EXP},

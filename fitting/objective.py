@@ -6,8 +6,10 @@ Each law is written in log space with its parameters in the order of its `names`
   family  x = (e, a, b, alpha, beta, gamma)
           log L = LSE(e, a - alpha ln N, b - beta ln D) + gamma ln G      (E, A, B = exp(e, a, b))
   dense   x = (e, a, b, alpha, beta)            the family law without the gamma term
-  branch  x = (ln a, alpha_P, beta_Q, ln D_d)
-          log L = ln L_dense + ln a + alpha_P ln(1+P) - beta_Q ln Q + softplus(ln D_d - ln D)
+  branch  x = (alpha_P, beta_Q, a), D_d held fixed (a property of the law object, not a parameter)
+          log L = ln(L_dense + (alpha_P P + beta_Q Q) exp(a (ln D_d - ln D)))
+          alpha_P, beta_Q and D_d are not separately identifiable (only alpha_P D_d^a, beta_Q D_d^a and a
+          are), so D_d is fixed at a stated value: the paper's 2.75e6 unless the caller picks another.
 
 `evaluate(x, w)` gives the objective sum_i w_i Huber(log L_pred_i - log L_i) for each row and its
 gradient; w (B, n) holds per-row data weights (bootstrap counts, 0 for held-out runs). This file does
@@ -15,9 +17,12 @@ not optimise anything (see `lbfgs.py`) and does not know about grids (see `grids
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from fitting.laws import PAPER_BRANCH
 
 HUBER_DELTA = 1e-3
 
@@ -35,9 +40,9 @@ class LawData:
     lnN: torch.Tensor
     lnD: torch.Tensor
     lnG: torch.Tensor
-    lnP1: torch.Tensor     # ln(1 + P)      (branch)
-    lnQ: torch.Tensor      # ln Q           (branch)
-    lnLd: torch.Tensor     # ln L_dense     (branch)
+    P: torch.Tensor        # exits before this one (branch)
+    Q: torch.Tensor        # exits after this one  (branch)
+    Ld: torch.Tensor       # L_dense, the size-matched dense loss (branch)
 
     @property
     def n(self) -> int:
@@ -63,6 +68,10 @@ class Law:
 
     def to_x(self, params: dict) -> list[float]:
         raise NotImplementedError
+
+    def fixed(self) -> dict:
+        """Constants the law holds fixed rather than fits (reported next to the parameters)."""
+        return {}
 
 
 class FamilyLaw(Law):
@@ -99,7 +108,6 @@ class FamilyLaw(Law):
         return out
 
     def to_x(self, p):
-        import math
         x = [math.log(p["E"]), math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]]
         return x + [p.get("gamma", 0.0)] if self.with_gamma else x
 
@@ -111,33 +119,50 @@ class DenseLaw(FamilyLaw):
 
 
 class BranchLaw(Law):
+    """The branch law with D_d fixed at `D_d` (see the module docstring for why it is not fitted)."""
     name = "branch"
-    names = ("ln_a", "alpha_P", "beta_Q", "ln_D_d")
+    names = ("alpha_P", "beta_Q", "a")
+
+    def __init__(self, D_d: float = PAPER_BRANCH.D_d):
+        self.D_d = float(D_d)
 
     def predict(self, x, d):
-        la, aP, bQ, ldd = (x[:, i:i + 1] for i in range(4))
-        z = ldd - d.lnD                                            # (B, n)
-        out = d.lnLd + la + aP * d.lnP1 - bQ * d.lnQ + torch.nn.functional.softplus(z)
-        return out, torch.sigmoid(z)
+        aP, bQ, a = (x[:, i:i + 1] for i in range(3))
+        z = math.log(self.D_d) - d.lnD                             # (n,) ln(D_d / D)
+        u = (a * z).exp()                                          # (B, n) (D_d / D)^a
+        s = aP * d.P + bQ * d.Q                                    # (B, n) branch-point penalty
+        L = (d.Ld + s * u).clamp_min(1e-300)                       # (B, n); < 0 only far off, kept finite
+        return L.log(), (u / L, s * u * z / L)
 
     def vjp(self, x, d, cache, hp):
-        return torch.stack([hp.sum(-1), hp @ d.lnP1, -(hp @ d.lnQ), (hp * cache).sum(-1)], -1)
+        # d ln L / d alpha_P = P u / L,  d / d beta_Q = Q u / L,  d / d a = s u ln(D_d / D) / L
+        uL, dA = cache
+        h = hp * uL                                                # (B, n)
+        return torch.stack([h @ d.P, h @ d.Q, (hp * dA).sum(-1)], -1)
 
     def natural(self, x):
         x = [float(v) for v in x]
-        return {"alpha_P": x[1], "beta_Q": x[2], "D_d": _exp(x[3]), "a": _exp(x[0])}
+        return {"alpha_P": x[0], "beta_Q": x[1], "D_d": self.D_d, "a": x[2]}
 
     def to_x(self, p):
-        import math
-        return [math.log(p["a"]), p["alpha_P"], p["beta_Q"], math.log(p["D_d"])]
+        return [p["alpha_P"], p["beta_Q"], p["a"]]
+
+    def fixed(self) -> dict:
+        return {"D_d": self.D_d}
 
 
 def _exp(v: float) -> float:
-    import math
     return math.exp(v) if v < 709 else math.inf
 
 
 LAWS: dict[str, Law] = {"family": FamilyLaw(), "dense": DenseLaw(), "branch": BranchLaw()}
+
+
+def get_law(name: str, branch_D_d: float | None = None) -> Law:
+    """The law called `name`; for the branch law, D_d held at `branch_D_d` (default: the paper's)."""
+    if name == "branch" and branch_D_d is not None:
+        return BranchLaw(branch_D_d)
+    return LAWS[name]
 
 
 def evaluate(law: Law, x: torch.Tensor, d: LawData, w: torch.Tensor,

@@ -9,7 +9,7 @@ holds the embedding, every tier holds an unembedding for its exit. The plan:
    (shard weights + KV cache for `context_tokens`) and the per-token latency to each tier's exit (roofline
    decode max(weight bytes / bandwidth, FLOPs / compute) of every tier up to it, plus each hop's round
    trip and hidden-state transfer) against the tier's limits. Among feasible placements the branch law
-   picks the lowest predicted mean exit loss.
+   (added to the dense law at each exit's size) picks the lowest predicted mean exit loss.
 3. The lowest-loss shape with a feasible placement wins (the compute-optimal N when the tiers allow it).
    With none, PlanError names the tier and the limit that fails for the closest candidate.
 Outputs a trainer config {model: FamilyConfig fields, train: {tokens, seq_len, batch_size, lr,
@@ -222,11 +222,16 @@ def _limits(tiers: list[Tier]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def exit_losses(cfg: FamilyConfig, D: float, p: LawParams, b: BranchParams, cuts: np.ndarray) -> np.ndarray:
-    """Branch-law loss of every exit for each placement (K, G); L_dense from the dense law at N * l_g / L."""
+    """Branch-law loss of every exit for each placement (K, G).
+
+    Exit g (0-based) of G: L_g = L_dense(N l_g / L, D) + (alpha_P g + beta_Q (G - 1 - g)) (D_d / D)^a, the
+    branch law added to the dense law at the exit's size. Only L_dense depends on the placement.
+    """
     N = param_counts(cfg).non_embedding
-    q = cuts[:, 1:] / cfg.n_layers                                     # (K, G)
-    P = np.arange(q.shape[1])[None, :]
-    return branch_loss(P, q, D, dense_loss(N * q, D, p), b)
+    q = cuts[:, 1:] / cfg.n_layers                                     # (K, G) exit depth fractions
+    G = q.shape[1]
+    P = np.arange(G)[None, :]                                          # exits before exit g
+    return branch_loss(P, G - 1 - P, D, dense_loss(N * q, D, p), b)
 
 
 def place_exits(cfg, D, tiers, pc, p, b):

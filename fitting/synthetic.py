@@ -35,17 +35,18 @@ def isoflop_sweep(p: LawParams = PAPER, budgets=DEFAULT_BUDGETS, n_sizes: int = 
 
 
 def branch_sweep(b: BranchParams = PAPER_BRANCH, p: LawParams = PAPER, budgets=DEFAULT_BUDGETS,
-                 G=(2, 3, 4, 5, 6), noise: float = 0.0, seed: int = 0) -> Runs:
-    """Per-exit rows of compute-optimal families: exits evenly spaced, L_dense from the dense law."""
+                 G=(1, 2, 3, 4, 5, 6), noise: float = 0.0, seed: int = 0) -> Runs:
+    """Per-exit rows of compute-optimal families: exit g of G (0-based) has P = g exits before it and
+    Q = G - 1 - g after it, size N_opt (g + 1) / G (evenly spaced exits), and L_dense from the dense law."""
     rng = np.random.default_rng(seed)
     P, Q, D, Ld, N, C = ([] for _ in range(6))
     for c in budgets:
         n, d = frontier(c, p)
         for g_count in G:
             for g in range(g_count):
-                q = (g + 1) / g_count
-                P.append(g), Q.append(q), D.append(float(d)), N.append(float(n) * q), C.append(c)
-                Ld.append(float(dense_loss(n * q, d, p)))
+                f = (g + 1) / g_count
+                P.append(g), Q.append(g_count - 1 - g), D.append(float(d)), N.append(float(n) * f), C.append(c)
+                Ld.append(float(dense_loss(n * f, d, p)))
     P, Q, D, Ld, N, C = (np.asarray(v, dtype=np.float64) for v in (P, Q, D, Ld, N, C))
     L = branch_loss(P, Q, D, Ld, b) * np.exp(noise * rng.standard_normal(len(P)))
-    return Runs(loss=L, D=D, N=N, G=P + 1, C=C, P=P, Q=Q, L_dense=Ld)
+    return Runs(loss=L, D=D, N=N, G=P + Q + 1, C=C, P=P, Q=Q, L_dense=Ld)

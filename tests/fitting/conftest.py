@@ -7,7 +7,8 @@ from fitting.synthetic import isoflop_sweep
 
 @pytest.fixture(scope="session")
 def clean_runs():
-    """270 runs of the paper's law: 9 budgets 1e17..1e21, 5 sizes each, G = 1..6, no noise."""
+    """258 runs of the paper's law: 9 budgets 1e17..1e21, 5 sizes each, G = 1..6 (runs outside N in
+    [1e7, 1e10], D in [1e8, 1e12] dropped), no noise."""
     return isoflop_sweep(noise=0.0)
 
 

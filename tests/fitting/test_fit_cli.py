@@ -48,7 +48,7 @@ def test_family_fit_from_csv_writes_the_documented_json(csv_runs, tmp_path, caps
     doc = json.loads(out.read_text())
     assert {"law", "params", "objective", "n_runs", "ci", "validation"} <= set(doc)
     assert list(doc["params"]) == ["E", "A", "alpha", "B", "beta", "gamma"]
-    assert doc["n_runs"] == 270 and doc["law"] == "family"
+    assert doc["n_runs"] == 258 and doc["law"] == "family"
     assert doc["params"]["gamma"] == pytest.approx(PAPER.gamma, rel=0.05)
     assert set(doc["ci"]) >= {"E", "A", "alpha", "B", "beta", "gamma", "N_opt_exponent", "N_opt@1e+20"}
     assert doc["validation"]["largest_budget_mean_abs_rel_err"] < 0.01
@@ -59,7 +59,7 @@ def test_dense_fit_from_jsonl_uses_only_g1_records(jsonl_runs, tmp_path, capsys)
     code, io = _run([str(jsonl_runs), "--law", "dense", "--grid", "hoffmann", "--json", str(out),
                      "--no-progress"], capsys)
     doc = json.loads(out.read_text())
-    assert code == 0 and doc["n_runs"] == 45
+    assert code == 0 and doc["n_runs"] == 43
     assert list(doc["params"]) == ["E", "A", "alpha", "B", "beta"]
     assert doc["params"]["alpha"] == pytest.approx(PAPER.alpha, rel=1e-3)
 
@@ -75,12 +75,21 @@ def test_branch_fit_from_csv_and_from_run_records(tmp_path, jsonl_runs, capsys):
                     "--no-progress"], capsys)
     doc = json.loads(out.read_text())
     assert code == 0 and list(doc["params"]) == ["alpha_P", "beta_Q", "D_d", "a"]
+    assert doc["fixed"] == {"D_d": PAPER_BRANCH.D_d} and doc["params"]["D_d"] == PAPER_BRANCH.D_d
     for k, v in PAPER_BRANCH.as_dict().items():
         assert doc["params"][k] == pytest.approx(v, rel=1e-3)
+    # D_d held at another value: alpha_P, beta_Q rescale by (D_d / D_d')^a, a and the fit do not change
+    code, _ = _run([str(path), "--law", "branch", "--branch-Dd", "1e8", "--keep", "64", "--json", str(out),
+                    "--no-progress"], capsys)
+    doc = json.loads(out.read_text())
+    scale = (PAPER_BRANCH.D_d / 1e8) ** PAPER_BRANCH.a
+    assert code == 0 and doc["fixed"] == {"D_d": 1e8} and doc["params"]["D_d"] == 1e8
+    assert doc["params"]["a"] == pytest.approx(PAPER_BRANCH.a, rel=1e-3)
+    assert doc["params"]["beta_Q"] == pytest.approx(PAPER_BRANCH.beta_Q * scale, rel=1e-3)
     assert (tmp_path / "p" / "fig5_6_branch_law.png").stat().st_size > 0
     # run records: exits expanded, L_dense from a dense fit to the G == 1 records
     code, io = _run([str(jsonl_runs), "--law", "branch", "--grid", "hoffmann", "--no-progress"], capsys)
-    assert code == 0 and "L_dense from a dense-law fit to 45 G == 1 runs" in io.out
+    assert code == 0 and "L_dense from a dense-law fit to 43 G == 1 runs" in io.out
 
 
 def test_plots_and_paper_figures_render(csv_runs, tmp_path, capsys):

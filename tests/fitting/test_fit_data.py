@@ -30,7 +30,8 @@ def test_branch_rows_from_run_records():
            "exit_val_loss": [3.3, 3.0, 2.8], "exit_dense_loss": [3.2, 2.95, 2.79]}
     r = branch_runs([rec, {"N": 1e8, "D": 1e9, "G": 1, "loss": 3.0}])
     np.testing.assert_allclose(r.P, [0, 1, 2])
-    np.testing.assert_allclose(r.Q, [1 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(r.Q, [2, 1, 0])                      # exits after; P: exits before
+    np.testing.assert_allclose(r.G, [3, 3, 3])
     np.testing.assert_allclose(r.loss, [3.3, 3.0, 2.8])
     np.testing.assert_allclose(r.N, [4e7, 8e7, 1.2e8])
     del rec["exit_dense_loss"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fitting import scipy_reference as ref
-from fitting.fitter import (FitConfig, bootstrap, confidence, fit, leave_one_budget_out, optimise,
+from fitting.fitter import (FitConfig, bootstrap, confidence, fit, leave_one_budget_out, optimise, screen,
                             select_starts)
 from fitting.grids import get_grid, grid_points, grid_size
 from fitting.laws import PAPER, PAPER_BRANCH, family_loss
@@ -86,6 +86,15 @@ def test_pruned_answer_equals_unpruned_answer(noisy_runs):
     np.testing.assert_allclose(pruned.x, full.x, rtol=1e-6, atol=1e-7)
 
 
+def test_float32_screen_agrees_with_the_float64_objective(noisy_runs):
+    """The screen only ranks starts, in float32; it must still match the exact objective closely."""
+    d, grid = noisy_runs.lawdata(), _small_grid()
+    obj = screen(LAWS["family"], grid, d, FitConfig())                  # (3, 3, 3, 3, 3, 3)
+    x = torch.tensor(grid_points(grid, np.arange(grid_size(grid))))
+    exact, _ = evaluate(LAWS["family"], x, d, torch.ones(len(x), d.n, dtype=torch.float64))
+    np.testing.assert_allclose(obj.reshape(-1), exact.numpy(), rtol=3e-7)
+
+
 def test_select_starts_keeps_best_overall_and_best_per_cell():
     grid = _small_grid()
     obj = np.random.default_rng(0).random([len(v) for v in grid.values()])
@@ -136,8 +145,24 @@ def test_dense_and_branch_laws_recover_their_parameters(clean_runs):
     truth = PAPER.as_dict()
     truth.pop("gamma")
     assert max(_rel_errors(r.params, truth).values()) < 1e-3
-    b = fit("branch", branch_sweep().lawdata(), FitConfig())
-    assert max(_rel_errors(b.params, PAPER_BRANCH.as_dict()).values()) < 1e-3
+    runs = branch_sweep()
+    b = fit("branch", runs.lawdata(), FitConfig())
+    assert b.n_starts == 9 * 9 * 8 and b.fixed == {"D_d": PAPER_BRANCH.D_d}
+    assert max(_rel_errors(b.params, PAPER_BRANCH.as_dict()).values()) < 1e-3    # alpha_P, beta_Q, a
+    assert b.warnings == []
+
+
+def test_branch_law_gradient_matches_finite_differences():
+    runs = branch_sweep(noise=0.01, seed=4)
+    d = runs.lawdata()
+    x = torch.tensor([[0.02, 0.05, 0.7], [-0.01, 0.1, 0.4]], dtype=torch.float64)
+    w = torch.ones(2, d.n, dtype=torch.float64)
+    f, g = evaluate(LAWS["branch"], x, d, w)
+    for j in range(3):
+        h = torch.zeros_like(x)
+        h[:, j] = 1e-7
+        fd = (evaluate(LAWS["branch"], x + h, d, w)[0] - evaluate(LAWS["branch"], x - h, d, w)[0]) / 2e-7
+        np.testing.assert_allclose(g[:, j].numpy(), fd.numpy(), rtol=1e-5, atol=1e-12)
 
 
 def test_warns_when_the_optimum_is_outside_the_grid_or_a_start_never_moved():

@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from fitting.laws import (PAPER, PAPER_BRANCH, branch_loss, dense_loss, dense_set_loss, efficiency_leverage,
-                          efficiency_leverage_compute, family_loss, frontier, frontier_numeric, n_opt_exponent,
-                          optimal_loss)
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, branch_loss, dense_loss, dense_set_loss,
+                          efficiency_leverage, efficiency_leverage_compute, family_loss, frontier, frontier_numeric,
+                          n_opt_exponent, optimal_loss)
 
 
 def test_family_law_is_dense_law_times_granularity_penalty():
@@ -75,12 +75,29 @@ def test_compute_form_is_infinite_below_the_dense_floor():
     assert math.isinf(float(efficiency_leverage_compute(1e30, 4, p)))
 
 
-def test_branch_law_reduces_to_dense_when_neutral():
+def test_branch_law_is_the_dense_loss_plus_a_fading_penalty():
     b = PAPER_BRANCH
-    assert branch_loss(0, 1.0, 1e30, 2.5, b) == pytest.approx(2.5 * b.a, rel=1e-12)
-    # upstream branches barely matter (alpha_P ~ 1e-3); shallow exits pay Q^-beta_Q
-    assert branch_loss(5, 1.0, 1e10, 2.5) / branch_loss(0, 1.0, 1e10, 2.5) == pytest.approx(6 ** 1e-3)
-    assert branch_loss(0, 0.25, 1e10, 2.5) / branch_loss(0, 1.0, 1e10, 2.5) == pytest.approx(4 ** 0.04)
+    assert branch_loss(0, 0, 1e10, 2.5) == 2.5                        # a dense model: no branch points
+    # L = L_dense + (alpha_P P + beta_Q Q) (D_d / D)^a, written out once
+    P, Q, D = 2, 3, 4e9
+    assert branch_loss(P, Q, D, 2.5) == pytest.approx(2.5 + (1e-3 * 2 + 0.0397 * 3) * (2.75e6 / 4e9) ** 0.5734,
+                                                      rel=1e-14)
+    # exits before cost ~40x less than exits after (alpha_P ~ 1e-3 against beta_Q ~ 0.04)
+    pen = lambda P, Q: branch_loss(P, Q, 1e10, 2.5) - 2.5
+    assert pen(1, 0) / pen(0, 1) == pytest.approx(b.alpha_P / b.beta_Q)
+    # the penalty falls as D^-a, and it is additive in P and Q
+    assert pen(0, 1) / (branch_loss(0, 1, 1e11, 2.5) - 2.5) == pytest.approx(10 ** b.a)
+    assert pen(2, 3) == pytest.approx(2 * pen(1, 0) + 3 * pen(0, 1))
+    # only alpha_P D_d^a, beta_Q D_d^a and a are identifiable: rescaling D_d with them changes nothing
+    b2 = BranchParams(alpha_P=b.alpha_P * 4 ** -b.a, beta_Q=b.beta_Q * 4 ** -b.a, D_d=4 * b.D_d, a=b.a)
+    assert branch_loss(3, 2, 1e9, 2.5, b2) == pytest.approx(branch_loss(3, 2, 1e9, 2.5, b), rel=1e-14)
+
+
+def test_presets_are_the_papers_constants():
+    assert PAPER.as_dict() == {"E": 1.0059, "A": 403.4289, "alpha": 0.2982, "B": 2980.958, "beta": 0.3412,
+                               "gamma": 0.0333}
+    assert PAPER_BRANCH.as_dict() == {"alpha_P": 1e-3, "beta_Q": 0.0397, "D_d": 2.75e6, "a": 0.5734}
+    assert "2512.23407" in PAPER.source and "stand-in" not in PAPER.source + PAPER_BRANCH.source
 
 
 def test_bad_exit_fractions_are_refused():
