@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 IGNORE_INDEX = -100
 
 
@@ -31,6 +33,13 @@ def family_loss(model, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, weight
     w = exit_weights(G, weights)
     feats = model.features(tokens_BT)  # G x (B, T, D)
     targets_N = targets_BT.reshape(-1)
+    if feats[0].is_cuda and not torch.compiler.is_compiling():  # fused, chunked: no (N x V) logits
+        # (kernels/linear_ce.py); a torch.compile'd trainer keeps the plain path below
+        hs_N = [x_BTD.reshape(-1, x_BTD.shape[-1]) for x_BTD in feats]
+        loss, losses_G = kernels.multi_exit_linear_cross_entropy(
+            hs_N, [model.unembed_weight(g) for g in range(G)], targets_N, weights=w,
+            ignore_index=IGNORE_INDEX, return_per_exit=True)
+        return loss, losses_G.detach()
     per_exit = []
     for g, x_BTD in enumerate(feats):
         logits_NV = F.linear(x_BTD.reshape(-1, x_BTD.shape[-1]), model.unembed_weight(g)).float()
