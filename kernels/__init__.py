@@ -16,7 +16,7 @@ import torch
 
 from kernels import dispatch
 from kernels.attention_decode import MAX_SPLITS, decode_attention_reference, decode_attention_triton
-from kernels.attention_prefill import (prefill_attention_reference, prefill_attention_triton,
+from kernels.attention_prefill import (KERNEL_HEAD_DIMS, prefill_attention_reference, prefill_attention_triton,
                                        write_kv_cache_reference, write_kv_cache_triton)
 from kernels.backend import mode, use_triton
 from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
@@ -28,6 +28,11 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _kernel_shape(q, k) -> bool:
+    """Head dims and layouts the attention kernels tile; anything else runs the reference."""
+    return q.shape[-1] in KERNEL_HEAD_DIMS and q.stride(-1) == 1 and k.stride(-1) == 1
+
+
 def prefill_attention(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
                       cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
     """Attention of new positions over themselves and any cached prefix. Layouts: attention_prefill.py.
@@ -37,7 +42,7 @@ def prefill_attention(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_
     """
     kw = dict(causal=causal, cu_seqlens=cu_seqlens, k_cache=k_cache, v_cache=v_cache,
               cache_offsets=cache_offsets, sm_scale=sm_scale, max_seqlen=max_seqlen, cache_slots=cache_slots)
-    if _needs_graph(q, k, v) or not use_triton(q, k, v, k_cache):
+    if _needs_graph(q, k, v) or not _kernel_shape(q, k) or not use_triton(q, k, v, k_cache):
         return prefill_attention_reference(q, k, v, **kw)
     dense = cu_seqlens is None and k_cache is None and q.shape[2] == k.shape[2]
     if dense and mode() == "auto" and dispatch.prefill_choice(q.shape[-1], causal, q.shape[2]) == "sdpa":
@@ -49,7 +54,7 @@ def decode_attention(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_spli
                      cache_slots=None, num_splits=None):
     """Attention of 1..8 new queries per sequence over its cache (new K/V already written)."""
     kw = dict(sm_scale=sm_scale, max_splits=max_splits, cache_slots=cache_slots, num_splits=num_splits)
-    if _needs_graph(q, k_cache, v_cache) or not use_triton(q, k_cache, v_cache):
+    if _needs_graph(q, k_cache, v_cache) or not _kernel_shape(q, k_cache) or not use_triton(q, k_cache, v_cache):
         return decode_attention_reference(q, k_cache, v_cache, cache_lens, **kw)
     return decode_attention_triton(q, k_cache, v_cache, cache_lens, **kw)
 

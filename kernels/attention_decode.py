@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from kernels.attention_prefill import _int32
+from kernels.attention_prefill import KERNEL_HEAD_DIMS, _int32
 from kernels.backend import config, jit, next_pow2, num_sms, tl
 
 LOG2E = 1.4426950408889634
@@ -138,7 +138,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     """Triton split-KV decode attention; same signature and result as `decode_attention_reference`."""
     B, n_q, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    _check(q, k_cache, n_q, hq, hkv, d)
+    _check(q, k_cache, n_q, hq, hkv, d, kernel=True)
     dev = q.device
     lens = _int32(cache_lens, dev)
     slots = _int32(cache_slots, dev)
@@ -171,14 +171,16 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     return o
 
 
-def _check(q, k_cache, n_q, hq, hkv, d):
+def _check(q, k_cache, n_q, hq, hkv, d, kernel=False):
     if not 1 <= n_q <= 8:
         raise ValueError(f"decode takes 1..8 query tokens per sequence, got {n_q}")
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    if k_cache.shape[-1] != d or d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"head dim must be a power of two in 16..256 and match the cache, got {d}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+    if k_cache.shape[-1] != d:
+        raise ValueError(f"q and cache head dims differ: {d} vs {k_cache.shape[-1]}")
+    if kernel and d not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head dims {KERNEL_HEAD_DIMS}, got {d}")
+    if kernel and (q.stride(-1) != 1 or k_cache.stride(-1) != 1):
         raise ValueError("the head dim must be contiguous (stride 1)")
 
 

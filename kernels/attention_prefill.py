@@ -303,14 +303,19 @@ def _strides(x, varlen):
     return x.stride(0), x.stride(2), x.stride(1)
 
 
-def _check_heads(q, k, varlen):
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # the Triton kernels' tiles; the references take any
+
+
+def _check_heads(q, k, varlen, kernel=False):
     hq, hkv = (q.shape[1], k.shape[1])
     d = q.shape[-1]
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
-    if d not in (16, 32, 64, 128, 256) or k.shape[-1] != d:
-        raise ValueError(f"head dim must be a power of two in 16..256 and equal for q/k/v, got {d}")
-    if q.stride(-1) != 1 or k.stride(-1) != 1:
+    if k.shape[-1] != d:
+        raise ValueError(f"q and k/v head dims differ: {d} vs {k.shape[-1]}")
+    if kernel and d not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"the Triton kernel takes head dims {KERNEL_HEAD_DIMS}, got {d}")
+    if kernel and (q.stride(-1) != 1 or k.stride(-1) != 1):
         raise ValueError("the head dim must be contiguous (stride 1)")
     return hq, hkv, d
 
@@ -391,7 +396,7 @@ def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=N
     Host work is allocations and launches only (plus one sync for a ragged batch without
     max_seqlen): the per-sequence bookkeeping is read by the kernels from cu_seqlens/cache_offsets.
     """
-    hq, hkv, d = _check_heads(q, k, cu_seqlens is not None)
+    hq, hkv, d = _check_heads(q, k, cu_seqlens is not None, kernel=True)
     dev = q.device
     varlen = cu_seqlens is not None
     cache = k_cache is not None

@@ -118,3 +118,15 @@ def test_kernels_imports_only_torch_and_triton():
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
             for n in names:
                 assert n.split(".")[0] in allowed, f"{f.name} imports {n}"
+
+
+def test_head_dims_the_kernels_do_not_tile_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.setenv("FAMILIAL_KERNELS", "triton")  # even forced: an unsupported shape is no error
+    q = torch.randn(1, 4, 9, 80, device=DEVICE)
+    k = torch.randn(1, 2, 9, 80, device=DEVICE)
+    out = kernels.prefill_attention(q, k, k)
+    ref = attention_prefill.prefill_attention_reference(q, k, k)
+    assert torch.allclose(out, ref)
+    dq = torch.randn(1, 1, 4, 80, device=DEVICE)
+    out = kernels.decode_attention(dq, k, k, torch.tensor([9], device=DEVICE))
+    assert torch.allclose(out, attention_decode.decode_attention_reference(dq, k, k, torch.tensor([9])))
