@@ -22,11 +22,10 @@ loads no tensors. Every problem is one `ShardError` line that names the file.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 from pathlib import Path
 
+from trunk.artifacts import read_json_artifact, write_json_atomic
 from trunk.config import ConfigError, FamilyConfig
 
 FORMAT = "familial-shards/v1"
@@ -97,25 +96,14 @@ def parse_tiers(spec: str, n_shards: int) -> list[tuple[str, list[int]]]:
 
 # ---- reading and checking ------------------------------------------------------------------------
 def write_manifest(directory: Path, manifest: dict) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(directory) / MANIFEST, manifest)
 
 
 def read_manifest(directory) -> tuple[dict, FamilyConfig]:
     """Parse and structurally check manifest.json; (manifest, config). Hashes are checked elsewhere."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: not found (is {directory} a shard directory made by `familial-deploy split`?)")
-    try:
-        m = json.loads(path.read_text())
-    except ValueError as e:
-        raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        got = m.get("format") if isinstance(m, dict) else None
-        raise ShardError(f"{path}: not a shard manifest (format {got!r}, expected {FORMAT!r})")
+    m = read_json_artifact(path, FORMAT, ShardError, kind="a shard manifest",
+                           missing_hint=f"is {directory} a shard directory made by `familial-deploy split`?")
     try:
         cfg = FamilyConfig.from_dict(m["architecture"])
         _check_structure(m, cfg)

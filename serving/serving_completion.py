@@ -8,7 +8,7 @@ import contextlib
 import time
 
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, FamilialInfo, random_id
-from serving.serving_common import APIError, OpenAIServing, RequestRun, build_request, check_model, dump
+from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump
 
 
 class OpenAIServingCompletion(OpenAIServing):

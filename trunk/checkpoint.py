@@ -10,13 +10,13 @@ Optimizer state for resuming lives in the trainer (`trunk/train.py`), not here.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from trunk.artifacts import read_json_artifact, write_json_atomic
 from trunk.config import ConfigError, FamilyConfig
 from trunk.flops import param_counts
 from trunk.model import FamilyModel
@@ -61,23 +61,13 @@ def save_checkpoint(directory, model: FamilyModel, tokenizer, *, exit_val_loss=N
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    tmp = d / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, d / META)
+    write_json_atomic(d / META, meta)
     return d
 
 
 def read_meta(directory) -> dict:
-    path = Path(directory) / META
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found (is {directory} a familial checkpoint?)")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a familial checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
-    return meta
+    return read_json_artifact(Path(directory) / META, FORMAT, CheckpointError, kind="a familial checkpoint",
+                              missing_hint=f"is {directory} a familial checkpoint?")
 
 
 def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

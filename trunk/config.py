@@ -7,7 +7,7 @@ This file holds no math and builds no modules; see `trunk/model.py` for that.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):

@@ -28,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
+from trunk.artifacts import read_json_artifact, write_json_atomic
 from trunk.tokenizer import BPETokenizer, ByteTokenizer, TokenizerError, load_tokenizer
 
 FORMAT = "familial.data/v1"
@@ -179,25 +180,15 @@ def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 2),
     }
-    tmp = d / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(tmp, d / INDEX)
+    write_json_atomic(d / INDEX, index)
     return index
 
 
 # ---- reading shards ----------------------------------------------------------------------------
 
 def read_index(directory) -> dict:
-    path = Path(directory) / INDEX
-    if not path.is_file():
-        raise DataError(f"{path}: not found (run `familial-train prepare` to make a data directory)")
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DataError(f"{path}: not a familial data index (expected format {FORMAT!r})")
-    return index
+    return read_json_artifact(Path(directory) / INDEX, FORMAT, DataError, kind="a familial data index",
+                              missing_hint="run `familial-train prepare` to make a data directory")
 
 
 @dataclass

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from trunk.artifacts import write_json_atomic
+
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 CONFIG_FILE = "tokenizer_config.json"
 
@@ -42,7 +44,7 @@ class ByteTokenizer:
         return [CONFIG_FILE]
 
     def save(self, directory: str | os.PathLike) -> None:
-        _write_json(Path(directory) / CONFIG_FILE, {"type": "byte", "vocab_size": self.vocab_size})
+        write_json_atomic(Path(directory) / CONFIG_FILE, {"type": "byte", "vocab_size": self.vocab_size})
 
 
 class BPETokenizer:
@@ -93,7 +95,7 @@ class BPETokenizer:
         tmp = d / "tokenizer.json.tmp"
         self._tok.save(str(tmp))
         os.replace(tmp, d / "tokenizer.json")
-        _write_json(d / CONFIG_FILE, {"type": "bpe", "vocab_size": self.vocab_size,
+        write_json_atomic(d / CONFIG_FILE, {"type": "bpe", "vocab_size": self.vocab_size,
                                       "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}})
 
 
@@ -120,7 +122,3 @@ def load_tokenizer(directory: str | os.PathLike):
     raise TokenizerError(f"{cfg_path}: unknown tokenizer type {kind!r}")
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from trunk.checkpoint import read_meta, save_checkpoint
 from trunk.config import FamilyConfig
-from trunk.data import DataError, TokenData
+from trunk.data import TokenData
 from trunk.flops import flops_per_token, param_counts, tokens_for_budget
 from trunk.loss import exit_weights, family_loss
 from trunk.model import FamilyModel
