@@ -17,6 +17,8 @@ not optimise anything (see `lbfgs.py`) and does not know about grids (see `grids
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 
@@ -49,25 +51,29 @@ class LawData:
         return len(self.y)
 
 
-class Law:
+class Law(abc.ABC):
     """One law: its parameter names and its log prediction with a vector-Jacobian product."""
     name = ""
     names: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def predict(self, x: torch.Tensor, d: LawData):
         """(log L_pred (B, n), cache for `vjp`)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def vjp(self, x: torch.Tensor, d: LawData, cache, hp: torch.Tensor) -> torch.Tensor:
         """J^T hp: (B, P) gradient of sum_i hp_i * log L_pred_i."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def natural(self, x) -> dict:
         """Log-space row -> the published parameter names and values."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def to_x(self, params: dict) -> list[float]:
-        raise NotImplementedError
+        ...
 
     def fixed(self) -> dict:
         """Constants the law holds fixed rather than fits (reported next to the parameters)."""

@@ -7,7 +7,6 @@ not write the next user turn. `render_chat` is the one place that knows this.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
@@ -33,12 +32,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
         run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), CHAT_STOP], exit_requested=req.exit)
-        stack = contextlib.AsyncExitStack()
-        try:
-            await self.admit(stack, run)
-        except BaseException:
-            await stack.aclose()
-            raise
+        stack = await self.start(run)
         if req.stream:
             return self.sse(stack, run, *self._chunkers(run, name, req))
         async with stack:

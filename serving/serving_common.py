@@ -272,11 +272,18 @@ class OpenAIServing:
     def __init__(self, engine: Engine, settings: ServeSettings, metrics: Metrics, admission: Admission):
         self.engine, self.settings, self.metrics, self.admission = engine, settings, metrics, admission
 
-    async def admit(self, stack: contextlib.AsyncExitStack, run: RequestRun) -> None:
-        t0 = time.perf_counter()
-        await stack.enter_async_context(self.admission.slot())
+    async def start(self, run: RequestRun) -> contextlib.AsyncExitStack:
+        """Admit `run` (waits for a slot, or raises 429); closing the returned stack frees the slot."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            t0 = time.perf_counter()
+            await stack.enter_async_context(self.admission.slot())
+        except BaseException:
+            await stack.aclose()
+            raise
         run.queue_ms = (time.perf_counter() - t0) * 1e3
         self.metrics.queue.observe(run.queue_ms / 1e3)
+        return stack
 
     async def collect(self, run: RequestRun, is_disconnected) -> tuple[str, list]:
         """Run to the end (non-streaming); cancel if the client goes away. Returns text and deltas."""

@@ -4,7 +4,6 @@ Shapes responses only; admission, generation and detokenisation live in `serving
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, FamilialInfo, random_id
@@ -20,12 +19,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt = self.engine.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
         gen = build_request(self.engine, self.settings, prompt, req.max_tokens, req, arrival_s)
         run = RequestRun(self.engine, self.metrics, gen, req.stop or [], exit_requested=req.exit)
-        stack = contextlib.AsyncExitStack()
-        try:
-            await self.admit(stack, run)
-        except BaseException:
-            await stack.aclose()
-            raise
+        stack = await self.start(run)
         if req.stream:
             return self.sse(stack, run, *self._chunkers(run, name, req))
         async with stack:
