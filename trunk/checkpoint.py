@@ -34,13 +34,15 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(directory, model: FamilyModel, tokenizer, *, exit_val_loss=None, tokens_seen: int = 0,
                     flops_seen: float = 0.0, train_config: dict | None = None, dtype: str = "float32",
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, state_dict: dict | None = None) -> Path:
+    """`state_dict` replaces model.state_dict() as the tensors written (a sharded model's, gathered)."""
     from safetensors.torch import save_file
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    sd = {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+    tensors = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(sd, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, d / WEIGHTS)

@@ -1,8 +1,9 @@
 """The family training loss: a weighted mean of the exits' next-token cross-entropies.
 
 L = sum_g w_g * CE_g with w_g = 1/G by default. On CUDA the kernels' fused multi-exit linear +
-cross-entropy computes it without materialising any (tokens x V) logits; elsewhere (and for tests)
-the plain PyTorch path below is the reference. This file does not choose exits or weights; the
+cross-entropy computes it without materialising any (tokens x V) logits (also on CPU under
+FAMILIAL_KERNELS=triton, in Triton's interpreter, so tests can reach it); elsewhere the plain
+PyTorch path below is the reference. This file does not choose exits or weights; the
 trainer's config does.
 
 Legend: B batch, T positions, D d_model, V vocab, N = B*T rows.
@@ -33,7 +34,8 @@ def family_loss(model, tokens_BT: torch.Tensor, targets_BT: torch.Tensor, weight
     w = exit_weights(G, weights)
     feats = model.features(tokens_BT)  # G x (B, T, D)
     targets_N = targets_BT.reshape(-1)
-    if feats[0].is_cuda and not torch.compiler.is_compiling():  # fused, chunked: no (N x V) logits
+    fused = feats[0].is_cuda or kernels.mode() == "triton"  # CPU + triton: the interpreter (tests)
+    if fused and not torch.compiler.is_compiling():  # fused, chunked: no (N x V) logits
         # (kernels/linear_ce.py); a torch.compile'd trainer keeps the plain path below
         hs_N = [x_BTD.reshape(-1, x_BTD.shape[-1]) for x_BTD in feats]
         loss, losses_G = kernels.multi_exit_linear_cross_entropy(

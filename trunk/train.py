@@ -1,6 +1,7 @@
 """The family trainer: AdamW + warmup/cosine on the weighted mean of exit cross-entropies.
 
-One process or many (`torchrun`, DDP: gloo on CPU, nccl on CUDA). The global batch is
+One process or many (`torchrun`: gloo on CPU, nccl on CUDA), as DDP replicas or FSDP2 shards
+(`--parallel`, trunk/parallel.py). The global batch is
 batch_size * grad_accum * world_size sequences of seq_len tokens; step s consumes global samples
 [s*GB, (s+1)*GB) of the data sampler (`trunk/data.py`), rank r taking micro-batch m's slice
 [(m*world + r)*B, (m*world + r + 1)*B). So a 2-process run sees exactly the batches of a 1-process
@@ -9,6 +10,7 @@ run with twice the batch size, and the whole data position is the step number.
 Outputs under `out`:
     model.safetensors + family.json + tokenizer files   the checkpoint (trunk/checkpoint.py)
     trainer_state.pt    fp32 weights, optimizer, step, RNG states, data cursor: exact resume
+                        (under fsdp the weights and optimizer are sharded: trunk/dist_checkpoint.py)
     metrics.jsonl       one line per logged step / evaluation
     runs.jsonl          one run record per finished run (schema: docs/run-record.md)
 Checkpoint and trainer state are each written atomically; family.json and trainer_state.pt carry the
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trunk import dist_checkpoint, parallel
 from trunk.checkpoint import read_meta, save_checkpoint
 from trunk.config import FamilyConfig
 from trunk.data import TokenData
@@ -85,6 +88,10 @@ class TrainConfig:
     run_record: str = _opt("", "JSONL file the run record is appended to (default <out>/runs.jsonl)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     compile: bool = _opt(False, "torch.compile the model")
+    parallel: str = _opt("ddp", "ddp | fsdp: under torchrun, replicate the model (DDP) or shard parameters, "
+                                "gradients and optimizer state over the processes (FSDP2, bf16 compute on CUDA)")
+    activation_checkpointing: bool = _opt(False, "recompute each decoder block's activations in the backward "
+                                                 "(less memory for about 1/3 more compute)")
     progress: bool = _opt(True, "show a tqdm progress bar")
 
     @classmethod
@@ -165,7 +172,7 @@ def setup(t: TrainConfig) -> Dist:
     want = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device {t.device!r} asked for but CUDA is not available")
-    if world == 1:
+    if world == 1 and t.parallel != "fsdp":
         return Dist(0, 1, torch.device(want))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if want.startswith("cuda"):
@@ -174,7 +181,11 @@ def setup(t: TrainConfig) -> Dist:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # fsdp in a plain single process: a group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
@@ -186,7 +197,7 @@ def autocast_dtype(t: TrainConfig, device: torch.device):
 
 
 class _LossModule(torch.nn.Module):
-    """Wraps the model so DDP sees family_loss as its forward (its hooks need forward to go through it)."""
+    """Wraps the model so DDP/FSDP see family_loss as its forward (their hooks need forward to go through it)."""
 
     def __init__(self, model: FamilyModel, weights):
         super().__init__()
@@ -222,16 +233,32 @@ def _set_rng_state(s: dict) -> None:
 
 
 def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: TrainConfig, tok,
-               exit_val_loss, mcfg: FamilyConfig) -> None:
-    """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`."""
-    save_checkpoint(out, model, tok, exit_val_loss=exit_val_loss,
-                    tokens_seen=step * plan.global_batch * t.seq_len,
-                    flops_seen=step * plan.global_batch * t.seq_len * plan.flops_per_token,
-                    train_config=dataclasses.asdict(t), dtype=t.save_dtype, extra={"step": step})
+               exit_val_loss, mcfg: FamilyConfig, d: Dist | None = None, net=None) -> None:
+    """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`.
+
+    Call it on every rank: rank 0 writes the files. Under fsdp (`net` sharded) every rank first
+    gathers the full weights to rank 0 for the checkpoint, then writes its own shards of the weights
+    and optimizer (trunk/dist_checkpoint.py), which trainer_state.pt then names.
+    """
+    main = d is None or d.main
+    sharded = net is not None and parallel.is_sharded(net)
+    full = dist_checkpoint.gather_full_state(model) if sharded else None
+    if main:
+        save_checkpoint(out, model, tok, exit_val_loss=exit_val_loss,
+                        tokens_seen=step * plan.global_batch * t.seq_len,
+                        flops_seen=step * plan.global_batch * t.seq_len * plan.flops_per_token,
+                        train_config=dataclasses.asdict(t), dtype=t.save_dtype, extra={"step": step},
+                        state_dict=full)
+    if sharded:
+        weights = {"sharded": dist_checkpoint.save(out, step, net, opt)}
+    elif main:
+        weights = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   "optimizer": opt.state_dict()}
+    if not main:
+        return
     state = {
         "step": step,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
+        **weights,
         "scheduler": {"step": step, "total": plan.steps},  # the LR is a pure function of step (lr_at)
         "data": {"cursor": step * plan.global_batch, "seed": t.seed},
         "rng": _rng_state(),
@@ -241,9 +268,11 @@ def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: Tra
     tmp = out / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out / STATE_FILE)
+    if sharded:
+        dist_checkpoint.prune(out, state["sharded"])
 
 
-def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: FamilyConfig) -> int:
+def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: FamilyConfig, net=None) -> int:
     path = directory / STATE_FILE
     if not path.is_file():
         raise TrainError(f"{path}: no trainer state to resume from")
@@ -255,8 +284,18 @@ def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: Famil
     meta_step = read_meta(directory).get("step")
     if meta_step != state["step"]:
         raise TrainError(f"{directory}: family.json is at step {meta_step}, trainer state at {state['step']}")
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+    sharded = net is not None and parallel.is_sharded(net)
+    if sharded != ("sharded" in state):
+        was = "fsdp" if "sharded" in state else "ddp (or one process)"
+        raise TrainError(f"{path}: saved under --parallel {was}; resume with the same --parallel")
+    if sharded:
+        folder = directory / state["sharded"]
+        if not (folder / ".metadata").is_file():
+            raise TrainError(f"{folder}: sharded trainer state missing or incomplete")
+        dist_checkpoint.load(folder, net, opt)
+    else:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -269,8 +308,12 @@ def _to(arr: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: FamilyModel, data: TokenData, t: TrainConfig, d: Dist, amp) -> list[float]:
-    """Per-exit mean validation CE over a fixed set of eval_batches * world micro-batches, split over ranks."""
+def evaluate(model: FamilyModel, data: TokenData, t: TrainConfig, d: Dist, amp, net=None) -> list[float]:
+    """Per-exit mean validation CE over a fixed set of eval_batches * world micro-batches, split over ranks.
+
+    A sharded model only runs through its FSDP root, so pass `net` then (every rank runs the same
+    number of batches, as FSDP's collectives need)."""
+    sharded = net is not None and parallel.is_sharded(net)
     model.eval()
     G = model.cfg.G
     sums = torch.zeros(G + 1, dtype=torch.float64, device=d.device)
@@ -278,7 +321,7 @@ def evaluate(model: FamilyModel, data: TokenData, t: TrainConfig, d: Dist, amp) 
     for b in range(d.rank, n, d.world):
         x, y = _to(data.val_batch(b, t.batch_size, n), d.device)
         with _autocast(d.device, amp):
-            _, per_exit = family_loss(model, x, y)
+            _, per_exit = net(x, y) if sharded else family_loss(model, x, y)
         sums[:G] += per_exit.double()
         sums[G] += 1
     if d.world > 1:
@@ -303,7 +346,7 @@ def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Plan,
         cursor = step * plan.global_batch + (m * d.world + d.rank) * t.batch_size
         x, y = _to(data.train_batch(cursor, t.batch_size, t.seed), d.device)
         sync = m == t.grad_accum - 1 or d.world == 1
-        with (contextlib.nullcontext() if sync else net.no_sync()), _autocast(d.device, amp):
+        with parallel.grad_sync(net, sync), _autocast(d.device, amp):
             loss, _ = net(x, y)
             (loss / t.grad_accum).backward()
         total += loss.detach() / t.grad_accum
@@ -317,8 +360,18 @@ def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Plan,
     return float(total)
 
 
+def _parallel_config(t: TrainConfig) -> parallel.ParallelConfig:
+    pcfg = parallel.ParallelConfig(t.parallel, t.activation_checkpointing, t.compile)
+    try:
+        pcfg.validate()
+    except parallel.ParallelError as e:
+        raise TrainError(str(e)) from None
+    return pcfg
+
+
 def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     """Run (or resume) training; returns the run record (written by rank 0)."""
+    pcfg = _parallel_config(t)  # before setup: a bad --parallel must not start a process group
     d = setup(t)
     if not t.data:
         raise TrainError("no training data: set train.data (or --data) to a `familial-train prepare` directory")
@@ -330,21 +383,18 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     out = Path(t.out)
     amp = autocast_dtype(t, d.device)
 
-    torch.manual_seed(t.seed)
+    pcfg.param_dtype = amp if t.parallel == "fsdp" else None  # bf16 gathered parameters on CUDA
+
+    torch.manual_seed(t.seed)  # every rank builds the same full model; fsdp then keeps its shards
     model = FamilyModel(mcfg).to(d.device)
-    opt = make_optimizer(model, t)
+    net = parallel.wrap(model, _LossModule(model, t.exit_weights or None), pcfg, d.device, d.world)
+    opt = make_optimizer(model, t)  # after wrapping: under fsdp the parameters are now sharded DTensors
     start = 0
     resume_dir = out if t.resume == "auto" else (Path(t.resume) if t.resume else None)
     if resume_dir is not None and (t.resume != "auto" or (out / STATE_FILE).is_file()):
-        start = load_state(resume_dir, model, opt, plan, mcfg)
+        start = load_state(resume_dir, model, opt, plan, mcfg, net)
         if start >= plan.steps:
             raise TrainError(f"{resume_dir}: nothing to resume, already at step {start} of {plan.steps}")
-    weights = t.exit_weights or None
-    net = _LossModule(model, weights)
-    if t.compile:
-        net = torch.compile(net)
-    if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg)
@@ -363,20 +413,19 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg) -> dict
             done = step + 1
             rec = {"step": done, "loss": loss, "lr": lr_at(step, t, plan.steps)}
             if (t.eval_every and done % t.eval_every == 0) or done == plan.steps:
-                val = evaluate(model, data, t, d, amp)
+                val = evaluate(model, data, t, d, amp, net)
                 rec["exit_val_loss"] = val
             if metrics and (done % max(1, t.log_every) == 0 or "exit_val_loss" in rec or done == start + 1):
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val[-1]:.4f}"} if val else {}))
-            if t.save_every and done % t.save_every == 0 and done < stop and d.main:
-                save_state(out, model, opt, done, plan, t, tok, val, mcfg)
+            if t.save_every and done % t.save_every == 0 and done < stop:
+                save_state(out, model, opt, done, plan, t, tok, val, mcfg, d, net)
         done = stop
         if val is None or done != plan.steps:
-            val = evaluate(model, data, t, d, amp)
-        if d.main:
-            save_state(out, model, opt, done, plan, t, tok, val, mcfg)
+            val = evaluate(model, data, t, d, amp, net)
+        save_state(out, model, opt, done, plan, t, tok, val, mcfg, d, net)
     finally:
         bar.close()
         if metrics:
