@@ -21,9 +21,10 @@ Mixed precision (CUDA): bf16 parameters for compute, fp32 gradient reduction, fp
 weights and optimizer state (MixedPrecisionPolicy, as torchtitan does). The trainer's autocast stays
 on, since the model's RoPE tables are fp32 buffers that FSDP does not cast.
 
-Not here: tensor/pipeline parallelism; multi-node meshes (HSDP); torch.compile under fsdp (refused
-with a message: the per-block compile torchtitan uses is not wired up yet); the sharded trainer
-state (trunk/dist_checkpoint.py); process-group setup (trunk/train.py `setup`).
+Not here: tensor/pipeline parallelism; multi-node meshes (HSDP); torch.compile under fsdp or with
+activation checkpointing (both refused with a message: the per-block compile torchtitan uses is not
+wired up yet, and compiling the whole loss module around checkpointed blocks fails torch's recompute
+check); the sharded trainer state (trunk/dist_checkpoint.py); process-group setup (trunk/train.py `setup`).
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class ParallelConfig:
             raise ParallelError(f"parallel must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "fsdp" and self.compile:
             raise ParallelError("--compile is not supported with --parallel fsdp yet; use ddp or drop --compile")
+        if self.compile and self.activation_checkpointing:  # dynamo's recompute metadata check fails
+            raise ParallelError("--compile and --activation-checkpointing do not work together yet; drop one")
 
 
 def decoder_blocks(model) -> list[nn.Module]:

@@ -382,8 +382,7 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     tok = data.tokenizer()
     out = Path(t.out)
     amp = autocast_dtype(t, d.device)
-
-    pcfg.param_dtype = amp if t.parallel == "fsdp" else None  # bf16 gathered parameters on CUDA
+    pcfg.param_dtype = amp if t.parallel == "fsdp" else None  # fsdp gathers bf16 parameters on CUDA
 
     torch.manual_seed(t.seed)  # every rank builds the same full model; fsdp then keeps its shards
     model = FamilyModel(mcfg).to(d.device)

@@ -9,6 +9,7 @@ The model exercises every FSDP group: one branch layer and an adapter per shallo
 (untied) shallow-exit unembeddings and a tied final head, vocab 259 (odd: uneven shards).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,10 +51,13 @@ def _argv(data, out, *extra, batch=2):
     return [*MODEL, "--data", str(data), "--out", str(out), *SCHEDULE, "--batch-size", str(batch), *extra]
 
 
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def _torchrun(runs: list[dict], tmp: Path, name: str, timeout=300) -> None:
     spec = tmp / f"{name}.json"
     spec.write_text(json.dumps(runs))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "trunk" / "torchrun_runs.py"), str(spec)]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -175,7 +179,8 @@ def test_fsdp_bf16_parameters_fp32_master_weights(runs):
 
 def test_bad_parallel_settings_fail_with_one_line(data_dir, tmp_path, capsys):
     for extra, needle in ((("--parallel", "zero3"), "parallel must be one of ddp, fsdp"),
-                          (("--parallel", "fsdp", "--compile"), "not supported with --parallel fsdp")):
+                          (("--parallel", "fsdp", "--compile"), "not supported with --parallel fsdp"),
+                          (("--compile", "--activation-checkpointing"), "do not work together")):
         rc = main(_argv(data_dir, tmp_path / "x", *extra))
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and needle in err, err
@@ -280,3 +285,32 @@ def test_fsdp_groups_and_gathered_unembeddings():
         assert isinstance(model.embed.weight, DTensor) and isinstance(model.embed.weight.grad, DTensor)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_tracks_ddp(data_dir, tmp_path):
+    # NCCL, bf16 autocast; fsdp also gathers bf16 parameters (DDP keeps fp32 ones under autocast) and
+    # reduces in fp32: the two follow each other to bf16 accuracy. Both use the fused linear-CE.
+    out = {k: tmp_path / k for k in ("ddp", "fsdp")}
+    _torchrun([{"argv": _argv(data_dir, out[k], "--device", "cuda", "--parallel", k)} for k in out], tmp_path, "gpu")
+    a, b = _losses(out["ddp"]), _losses(out["fsdp"])
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-2), step
+    assert load_checkpoint(out["fsdp"])[2]["step"] == 8
+
+
+def test_multigpu_benchmark_cpu_smoke(tmp_path):
+    # the GPU benchmark's own path (driver -> torchrun -> trainer pieces -> JSON, plot, table) on gloo
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train_multigpu.py"), "--cpu-smoke", "--out", str(tmp_path),
+           "--cases", "1b-x2-fsdp", "--steps", "2", "--warmup", "1"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((tmp_path / "train_multigpu.json").read_text())
+    assert {"device", "torch", "date"} <= set(doc) and doc["smoke"] is True
+    (r,) = doc["results"]
+    assert r["case"] == "1b-x2-fsdp" and r["gpus"] == 2 and r["parallel"] == "fsdp" and r["tokens_per_s"] > 0
+    assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+    assert (tmp_path / "train_multigpu.png").is_file()
+    assert p.stdout.splitlines()[-1].startswith("1b-x2-fsdp")  # the table comes last
