@@ -19,7 +19,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -63,8 +62,3 @@ def prune(out: Path, keep: str) -> None:
     for p in root.iterdir():
         if p.is_dir() and f"{FOLDER}/{p.name}" != keep:
             shutil.rmtree(p, ignore_errors=True)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
