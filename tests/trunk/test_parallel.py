@@ -1,6 +1,7 @@
 """Multi-process training on CPU (torchrun + gloo): DDP and FSDP2 resume exactly, 2-process FSDP matches
-one process with the same global batch, activation checkpointing and bf16 mixed precision under FSDP,
-the fused linear-CE against the sharded unembedding, and the sharded trainer-state layout.
+one process with the same global batch, sharded state resumes on another world size, activation
+checkpointing and bf16 mixed precision under FSDP, the fused linear-CE against the sharded
+unembedding, the sharded trainer-state layout, and the GPU benchmark's CPU smoke mode.
 
 The 2-process runs go through the real CLI under torchrun. To pay for start-up only twice, one launch
 runs the uninterrupted and interrupted runs back to back (tests/trunk/torchrun_runs.py) and a second,
@@ -77,7 +78,7 @@ def runs(data_dir, tmp_path_factory):
     """Output directories of: one process; 2-process ddp/fsdp full and interrupted-then-resumed runs;
     fsdp with activation checkpointing; fsdp with bf16 parameters."""
     tmp = tmp_path_factory.mktemp("par")
-    d = {k: tmp / k for k in ("one", "ddp", "ddp_cut", "fsdp", "fsdp_cut", "fsdp_ac", "fsdp_bf16")}
+    d = {k: tmp / k for k in ("one", "ddp", "ddp_cut", "fsdp", "fsdp_cut", "fsdp_cut1", "fsdp_ac", "fsdp_bf16")}
     assert main(_argv(data_dir, d["one"], batch=4)) == 0
     cpu = ("--device", "cpu")
     first = [
@@ -85,6 +86,7 @@ def runs(data_dir, tmp_path_factory):
         {"argv": _argv(data_dir, d["ddp_cut"], *cpu, "--parallel", "ddp", "--stop-at", "4")},
         {"argv": _argv(data_dir, d["fsdp"], *cpu, "--parallel", "fsdp")},
         {"argv": _argv(data_dir, d["fsdp_cut"], *cpu, "--parallel", "fsdp", "--stop-at", "4")},
+        {"argv": _argv(data_dir, d["fsdp_cut1"], *cpu, "--parallel", "fsdp", "--stop-at", "4")},
         # the same schedule, compared over its first 4 steps
         {"argv": _argv(data_dir, d["fsdp_ac"], *cpu, "--parallel", "fsdp", "--activation-checkpointing",
                        "--stop-at", "4")},
@@ -95,6 +97,12 @@ def runs(data_dir, tmp_path_factory):
     resume = [{"argv": _argv(data_dir, d[k], *cpu, "--parallel", k.split("_")[0], "--resume", "auto")}
               for k in ("ddp_cut", "fsdp_cut")]
     _torchrun(resume, tmp, "resume")
+    # the 2-process shards resumed by one process (fsdp over a group of one), same global batch
+    p = subprocess.run([sys.executable, "-m", "trunk.cli",
+                        *_argv(data_dir, d["fsdp_cut1"], *cpu, "--parallel", "fsdp", "--resume", "auto", batch=4)],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
     return d
 
 
@@ -108,6 +116,16 @@ def test_resume_is_exact(runs, kind):
         assert cut[step] == pytest.approx(full[step], abs=1e-6), (kind, step)
     assert _val(runs[f"{kind}_cut"]) == pytest.approx(_val(runs[kind]), abs=1e-6)
     assert len((runs[f"{kind}_cut"] / "runs.jsonl").read_text().splitlines()) == 1  # only the finished run
+
+
+@pytest.mark.slow
+def test_sharded_state_resumes_on_another_world_size(runs):
+    # DCP reshards on load: 2 processes' shards continue in 1 process (batch 4 instead of 2 x 2) as
+    # the 2-process run did; tolerance as for 2 processes vs 1 below
+    full, cut = _losses(runs["fsdp"]), _losses(runs["fsdp_cut1"])
+    for step in range(5, 9):
+        assert cut[step] == pytest.approx(full[step], abs=2e-5), step
+    assert json.loads((runs["fsdp_cut1"] / "runs.jsonl").read_text())["world_size"] == 1
 
 
 @pytest.mark.slow
@@ -300,6 +318,7 @@ def test_fsdp_on_two_gpus_tracks_ddp(data_dir, tmp_path):
     assert load_checkpoint(out["fsdp"])[2]["step"] == 8
 
 
+@pytest.mark.slow  # 13 s alone, up to ~55 s on a shared 2-core machine
 def test_multigpu_benchmark_cpu_smoke(tmp_path):
     # the GPU benchmark's own path (driver -> torchrun -> trainer pieces -> JSON, plot, table) on gloo
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_multigpu.py"), "--cpu-smoke", "--out", str(tmp_path),
