@@ -18,8 +18,8 @@ the root group, i.e. the loss module: its parameters stay gathered for the whole
 (where `family_loss` runs) and are re-gathered for its backward; they are still stored sharded.
 
 Mixed precision (CUDA): bf16 parameters for compute, fp32 gradient reduction, fp32 sharded master
-weights and optimizer state (MixedPrecisionPolicy, as torchtitan does). The trainer's autocast stays
-on, since the model's RoPE tables are fp32 buffers that FSDP does not cast.
+weights and optimizer state (MixedPrecisionPolicy, as torchtitan does). The trainer's bf16 autocast
+stays on around it, as under DDP, so both modes run the same model code.
 
 Not here: tensor/pipeline parallelism; multi-node meshes (HSDP); torch.compile under fsdp or with
 activation checkpointing (both refused with a message: the per-block compile torchtitan uses is not
