@@ -63,7 +63,7 @@ def _flag(name: str) -> str:
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a family (the default subcommand)",
                        description="Train a familial model: weighted mean of exit cross-entropies, AdamW, "
-                                   "warmup + cosine. Run under torchrun for DDP.")
+                                   "warmup + cosine. Run under torchrun for DDP or FSDP2 (--parallel).")
     p.add_argument("--config", help="YAML or JSON file {model: {...}, train: {...}}; flags override it")
     g = p.add_argument_group("model (override the config's model section)")
     g.add_argument("--preset", help="start the model from this named preset (trunk/config.py PRESETS)")
