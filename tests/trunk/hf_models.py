@@ -113,8 +113,10 @@ def random_model(kind: str, vocab_size: int, *, tie: bool = False, layers: int =
         for name, p in model.named_parameters():
             if name.endswith("bias"):  # HF zero-inits biases; make them matter
                 p.normal_(0, 0.1)
-            elif name.endswith("weight") and p.ndim == 2:  # larger than 0.02 so greedy argmaxes are not near-ties
-                p.normal_(0, 0.08)
+            elif name.endswith("weight") and p.ndim == 2:
+                # unit-scale embeddings and 0.1 matrices: greedy decoding of a random model then varies
+                # its tokens instead of repeating one, and its argmaxes are not near-ties
+                p.normal_(0, 1.0 if "embed_tokens" in name else 0.1)
     return model.float().eval()
 
 
