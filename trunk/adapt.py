@@ -46,22 +46,29 @@ def init_config(path) -> FamilyConfig:
         raise AdaptError(f"{path}: bad architecture in family.json ({e})") from None
 
 
-def load_init(model, path, data_tokenizer: dict):
-    """Copy the checkpoint's weights into `model` (same architecture) and return its tokenizer; the
-    data must be tokenized with it (`data_tokenizer` is the data index's tokenizer entry)."""
-    from trunk.checkpoint import load_checkpoint
+def load_init(cfg: FamilyConfig, path, data_tokenizer: dict):
+    """(model with the checkpoint's weights in fp32, its tokenizer). The model is built on the meta
+    device and takes the stored tensors (no random init of a billion parameters first); the data must
+    be tokenized with the checkpoint's tokenizer (`data_tokenizer`: the data index's tokenizer entry)."""
+    from safetensors.torch import load_file
 
-    src, tok, meta = load_checkpoint(path)
-    if src.cfg.to_dict() != model.cfg.to_dict():
+    from trunk.checkpoint import WEIGHTS, read_meta
+    from trunk.hf import build_model
+    from trunk.tokenizer import load_tokenizer
+
+    meta = read_meta(path)
+    if meta["architecture"] != cfg.to_dict():
         raise AdaptError(f"{path}: architecture differs from the model being trained")
     ours = (meta["tokenizer"]["type"], meta["tokenizer"]["vocab_size"])
     theirs = (data_tokenizer.get("type"), data_tokenizer.get("vocab_size", ours[1]))
     if ours != theirs:
         raise AdaptError(f"the data was tokenized with a {theirs[0]} tokenizer, {path} uses {ours[0]} (vocab "
                          f"{ours[1]}); run `familial-train prepare ... --tokenizer {path}`")
-    with torch.no_grad():
-        model.load_state_dict(src.state_dict())
-    return tok
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS))
+    except Exception as e:  # safetensors raises its own types
+        raise AdaptError(f"{Path(path) / WEIGHTS}: unreadable ({e})") from None
+    return build_model(cfg, tensors, path, torch.float32), load_tokenizer(path)
 
 
 def set_trainable(model, mode: str) -> dict:

@@ -340,9 +340,10 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     amp = autocast_dtype(t, d.device)
 
     torch.manual_seed(t.seed)
-    model = FamilyModel(mcfg)
     if t.init:
-        tok = adapt.load_init(model, t.init, data.index["tokenizer"] | {"vocab_size": data.vocab_size})
+        model, tok = adapt.load_init(mcfg, t.init, data.index["tokenizer"] | {"vocab_size": data.vocab_size})
+    else:
+        model = FamilyModel(mcfg)
     adaptation = adapt.set_trainable(model, t.train)
     model = model.to(d.device)
     opt = make_optimizer(model, t)
