@@ -70,7 +70,8 @@ def _flag(name: str) -> str:
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a family (the default subcommand)",
                        description="Train a familial model: weighted mean of exit cross-entropies, AdamW, "
-                                   "warmup + cosine. Run under torchrun for DDP.")
+                                   "warmup + cosine. Run under torchrun for DDP. With --init FAMILY_DIR --train "
+                                   "exits, adapt the exit heads of an imported model with its trunk frozen.")
     p.add_argument("--config", help="YAML or JSON file {model: {...}, train: {...}}; flags override it")
     g = p.add_argument_group("model (override the config's model section)")
     g.add_argument("--preset", help="start the model from this named preset (trunk/config.py PRESETS)")
