@@ -48,9 +48,9 @@ def family_layout(hf: dict, exit_layers=(), **family_kw) -> tuple[FamilyConfig, 
     shared = bool(hf.get("shared_heads", False))
     if hf.get("tie_word_embeddings") and not shared:
         raise HFImportError("config.json: tie_word_embeddings = true is not supported with shared_heads = false")
-    for k in ("branch_layers", "exit_unembed"):
+    for k in ("branch_layers", "exit_unembed", "adapter_rank"):
         if k in family_kw:
-            raise HFImportError(f"a Ruyi model fixes {k} (one branch layer, Ruyi's own heads)")
+            raise HFImportError(f"a Ruyi model fixes {k} (one branch layer, Ruyi's own heads, no adapter)")
     cfg = config_from_hf(hf, tuple(sorted(keep)), kind="qwen2", branch_layers=1,
                          exit_unembed="tied" if shared else "own", **family_kw)
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": f"model.norms.{len(pts) - 1}.weight"}
