@@ -168,8 +168,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     shape, exits = (SHAPE_QUICK, [2, 3, 4]) if args.quick else (SHAPE_1B, [6, 11, 16])
+    # the checkpoints and trainer states of a 1B model are tens of GB: /dev/shm when it is that large
+    # (containers often give it 64 MB), else the default temporary directory
     shm = Path("/dev/shm")
-    work = Path(tempfile.mkdtemp(prefix="familial-adapt-", dir=shm if shm.is_dir() else None))
+    roomy = shm.is_dir() and shutil.disk_usage(shm).free > 48 * 2**30
+    work = Path(tempfile.mkdtemp(prefix="familial-adapt-", dir=shm if roomy else None))
     t_start = time.time()
     try:
         from trunk.data import prepare
