@@ -1,9 +1,11 @@
 """POST /v1/chat/completions: messages in, one assistant message out, whole or as SSE chunks.
 
-Chat template (the built-in tokenizers have no chat tokens, so it is plain text): each message becomes
-one line `"<Role>: <content>\n"` with Role in System / User / Assistant (a "developer" message counts as
+A model that ships a chat template (a Hugging Face tokenizer, `trunk.tokenizer.HFTokenizer`) gets its
+own template, rendered by the tokenizer; a conversation the template refuses is a 400. Otherwise (the
+built-in tokenizers have no chat tokens) the template is plain text: each message becomes one line
+`"<Role>: <content>\n"` with Role in System / User / Assistant (a "developer" message counts as
 System), and the prompt ends with `"Assistant:"`. Generation also stops at `"\nUser:"` so the model does
-not write the next user turn. `render_chat` is the one place that knows this.
+not write the next user turn. `chat_prompt` is the one place that chooses.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                               ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
                               DeltaMessage, FamilialInfo, random_id)
-from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump
+from serving.serving_common import APIError, OpenAIServing, RequestRun, build_request, check_model, dump
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
@@ -23,15 +25,26 @@ def render_chat(messages: list[ChatMessage]) -> str:
     return "".join(lines) + "Assistant:"
 
 
+def chat_prompt(tokenizer, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+    """(prompt token ids, stop strings the template implies)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(render_chat(messages)), [CHAT_STOP]
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    try:
+        return tokenizer.apply_chat_template(msgs), []
+    except ValueError as e:  # TokenizerError: the template refused the conversation
+        raise APIError(400, str(e), param="messages") from None
+
+
 class OpenAIServingChat(OpenAIServing):
     endpoint = "chat.completions"
 
     async def create(self, req: ChatCompletionRequest, arrival_s: float, is_disconnected):
         name = check_model(self.settings, self.engine, req.model)
-        prompt = self.engine.tokenizer.encode(render_chat(req.messages))
+        prompt, template_stops = chat_prompt(self.engine.tokenizer, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
-        run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), CHAT_STOP], exit_requested=req.exit)
+        run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), *template_stops], exit_requested=req.exit)
         stack = await self.start(run)
         if req.stream:
             return self.sse(stack, run, *self._chunkers(run, name, req))

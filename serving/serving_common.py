@@ -1,6 +1,7 @@
 """What both OpenAI endpoints share: errors, admission (concurrency limit, 429), request checks, and
 `RequestRun`, which drives one request through the engine and turns token ids into text deltas
-(incremental detokenisation, stop strings) while keeping the Familial summary and the metrics.
+(incremental detokenisation with `trunk.detokenize`, stop strings, the tokenizer's EOS list) while
+keeping the Familial summary and the metrics.
 
 Handlers (`serving_completion.py`, `serving_chat.py`) only shape responses; the FastAPI router
 (`app.py`) only wires routes. Nothing here imports the transport beyond raising `APIError`.
@@ -19,6 +20,7 @@ from serving.engine import Engine, EngineError, GenerateRequest, SamplingParams,
 from serving.metrics import Metrics
 from serving.protocol import ErrorInfo, ErrorResponse, FamilialInfo, LatencySplit, Replan, UsageInfo
 from serving.settings import ServeSettings
+from trunk.detokenize import StreamDecoder
 
 SPLIT_KEYS = ("device", "network", "edge", "cloud")
 
@@ -170,6 +172,9 @@ class RequestRun:
         sent, pending_exits, pending_tiers = 0, [], []
         text = ""
         last_s = None
+        tok = self.engine.tokenizer
+        eos_ids = set(getattr(tok, "eos_ids", (tok.eos_id,)))  # a model may end on any of several ids
+        stream = StreamDecoder(tok, self.req.prompt_ids)  # holds back incomplete UTF-8 sequences
         gen = self.engine.generate(self.req)
         async with contextlib.aclosing(gen):
             try:
@@ -177,19 +182,21 @@ class RequestRun:
                     last_s = self._record(out, last_s)
                     pending_exits.append(out.exit)
                     pending_tiers.append(out.tier)
-                    if out.token_id != self.engine.tokenizer.eos_id:
+                    eos = out.token_id in eos_ids
+                    if not eos:
                         self.ids.append(out.token_id)
-                    text = self.engine.tokenizer.decode(self.ids)
+                        text += stream.step(out.token_id)
+                    finish = "stop" if eos and not self.req.ignore_eos else out.finish_reason
+                    if finish:
+                        text += stream.flush()
                     hit = self._find_stop(text, sent)
                     if hit is not None:
                         text, self.finish_reason = text[:hit], "stop"
-                    elif out.finish_reason:
-                        self.finish_reason = out.finish_reason
+                    elif finish:
+                        self.finish_reason = finish
                     if self.finish_reason:
                         break
                     safe = len(text) - _holdback(text, self.stops)
-                    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-                        safe = min(safe, len(text) - 1)
                     if safe > sent:
                         yield Delta(text[sent:safe], pending_exits, pending_tiers)
                         sent, pending_exits, pending_tiers = safe, [], []
@@ -198,6 +205,7 @@ class RequestRun:
                     raise APIError(503, f"the model is unavailable: {e}", type="server_error",
                                    code="engine_unavailable") from e
                 self.degraded.append(str(e))
+                text += stream.flush()
                 self.finish_reason = "stop"
         self._finish()
         yield Delta(text[sent:], pending_exits, pending_tiers, self.finish_reason or "stop")

@@ -1,7 +1,9 @@
 """`familial-train`: the command line of the data preparer and the trainer.
 
-    familial-train prepare INPUT... --out DIR [--tokenizer byte|bpe --vocab-size N]
+    familial-train prepare INPUT... --out DIR [--tokenizer byte|bpe|DIR --vocab-size N]
     familial-train [train] --config run.yaml [--flag value ...]
+    familial-train import-hf HF_DIR --exits 8,16 --out FAMILY_DIR     (trunk/hf_cli.py)
+    familial-train export-hf FAMILY_DIR --out DIR
 
 A config file (YAML or JSON) is {"model": {FamilyConfig fields, or "preset": NAME plus overrides},
 "train": {TrainConfig fields}}; flags override it. Every user error (bad config, missing data, budget
@@ -17,14 +19,18 @@ import os
 import sys
 from pathlib import Path
 
+from trunk import hf_cli
+from trunk.adapt import AdaptError, init_config
 from trunk.checkpoint import CheckpointError
 from trunk.config import ConfigError, FamilyConfig
 from trunk.data import DEFAULT_EXTS, DataError
+from trunk.hf import HFExportError, HFImportError
 from trunk.tokenizer import TokenizerError
 from trunk.train import TrainConfig, TrainError
 
 PROG = "familial-train"
-USER_ERRORS = (ConfigError, TrainError, DataError, CheckpointError, TokenizerError)
+USER_ERRORS = (ConfigError, TrainError, DataError, CheckpointError, TokenizerError, HFImportError, HFExportError,
+               AdaptError)
 _BUDGET = ("steps", "tokens", "flops")
 
 
@@ -43,8 +49,9 @@ def _prepare_parser(sub) -> argparse.ArgumentParser:
                        description="Tokenize text into memory-mapped token shards with a held-out validation split.")
     p.add_argument("inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
     p.add_argument("--out", required=True, help="output data directory (shards, index.json, tokenizer files)")
-    p.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
-                   help="built-in byte-level tokenizer, or a byte-level BPE trained here on the train split")
+    p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|DIR",
+                   help="built-in byte-level tokenizer, a byte-level BPE trained here on the train split, or the "
+                        "tokenizer of a family/model directory (e.g. one made by import-hf)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size, special tokens included (bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
     p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="comma-separated file extensions read from folders")
@@ -63,7 +70,8 @@ def _flag(name: str) -> str:
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a family (the default subcommand)",
                        description="Train a familial model: weighted mean of exit cross-entropies, AdamW, "
-                                   "warmup + cosine. Run under torchrun for DDP or FSDP2 (--parallel).")
+                                   "warmup + cosine. Run under torchrun for DDP or FSDP2 (--parallel). With --init "
+                                   "FAMILY_DIR --train exits, adapt the exit heads of an imported model with its trunk frozen.")
     p.add_argument("--config", help="YAML or JSON file {model: {...}, train: {...}}; flags override it")
     g = p.add_argument_group("model (override the config's model section)")
     g.add_argument("--preset", help="start the model from this named preset (trunk/config.py PRESETS)")
@@ -88,8 +96,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = _Parser(prog=PROG, description="Prepare data for and train familial (multi-exit) language models. "
                                             "With no subcommand, `train` is assumed.")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train}", parser_class=_Parser)
-    return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub)}
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,import-hf,export-hf}", parser_class=_Parser)
+    return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub), **hf_cli.add_parsers(sub)}
 
 
 # ---- config assembly ---------------------------------------------------------------------------
@@ -141,14 +149,19 @@ def resolve_configs(args) -> tuple[FamilyConfig, TrainConfig]:
     model = dict(file_cfg.get("model", {}))
     over = _model_overrides(args)
     model.update(over)  # a --preset flag keeps the file's explicit fields as overrides
-    mcfg = FamilyConfig.from_dict(model)
     train = dict(file_cfg.get("train", {}))
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     if any(k in flags for k in _BUDGET):  # a budget flag replaces the file's budget
         for k in _BUDGET:
             train.pop(k, None)
     train.update(flags)
-    return mcfg, TrainConfig.from_dict(train)
+    tcfg = TrainConfig.from_dict(train)
+    if tcfg.init:  # the architecture is the checkpoint's
+        if model:
+            raise TrainError("--init takes the architecture from its checkpoint; drop --preset, --exit-layers, "
+                             "--model and the config's model section")
+        return init_config(tcfg.init), tcfg
+    return FamilyConfig.from_dict(model), tcfg
 
 
 # ---- entry -------------------------------------------------------------------------------------
@@ -164,6 +177,8 @@ def _run(argv: list[str]) -> int:
     if not argv or argv[0] not in subs:
         argv = ["train", *argv]
     args = parser.parse_args(argv)
+    if args.command in hf_cli.COMMANDS:
+        return hf_cli.run(args)
     if args.command == "prepare":
         from trunk.data import prepare
 

@@ -2,7 +2,8 @@
 
 `prepare` reads text files, folders (recursively, by extension) or JSONL files (one object per line
 with a "text" field), holds out a validation split by document, tokenizes with the built-in byte-level
-tokenizer or a byte-level BPE trained here with `tokenizers`, and writes
+tokenizer, a byte-level BPE trained here with `tokenizers`, or the tokenizer of an existing family or
+model directory (an imported Hugging Face model's own), and writes
 
     <out>/train_000.bin ...   flat uint16 (vocab <= 65536) or uint32 token ids, documents joined by eos
     <out>/val_000.bin ...
@@ -159,8 +160,13 @@ def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte
         if vocab_size < 256 + 3:
             raise DataError(f"BPE vocab size must be at least 259 (bytes + specials), got {vocab_size}")
         tok = BPETokenizer.train(train_docs, vocab_size)  # trained on the train split only
+    elif Path(tokenizer).is_dir():
+        try:
+            tok = load_tokenizer(tokenizer)
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
     else:
-        raise DataError(f"unknown tokenizer {tokenizer!r}; use 'byte' or 'bpe'")
+        raise DataError(f"unknown tokenizer {tokenizer!r}; use 'byte', 'bpe' or a directory holding tokenizer files")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,13 @@
-"""Tokenizers: a built-in byte-level one and a byte-level BPE trained locally with `tokenizers`.
+"""Tokenizers: a built-in byte-level one, a byte-level BPE trained locally with `tokenizers`, and a
+Hugging Face model's own fast tokenizer (`tokenizer.json` + `tokenizer_config.json`) kept as shipped.
 
-Both expose the same small interface (encode, decode, vocab_size, bos/eos/pad ids) and save to and
-load from a checkpoint directory with a `tokenizer_config.json` that says which kind it is. Nothing
-here downloads anything; chat templates and streaming detokenisation belong to `serving/`.
+All expose the same small interface (encode, decode, vocab_size, bos/eos/pad ids, `eos_ids`: every id
+that ends a sequence) and save to and load from a checkpoint directory. Ours write a
+`tokenizer_config.json` whose "type" says which kind it is; a `tokenizer_config.json` without "type"
+next to a `tokenizer.json` is a Hugging Face tokenizer, whose files are copied byte for byte (with the
+EOS list from `generation_config.json` and the chat template, if present). Nothing here downloads
+anything. Chat templates render in `trunk/chat_template.py`; streaming decoding is
+`trunk/detokenize.py`; which template the built-in tokenizers use is `serving/`'s business.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from trunk.artifacts import write_json_atomic
 
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 CONFIG_FILE = "tokenizer_config.json"
+HF_OPTIONAL_FILES = ("special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
 class TokenizerError(ValueError):
@@ -27,6 +33,7 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 259
     bos_id, eos_id, pad_id = 256, 257, 258
+    eos_ids = (257,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -62,6 +69,7 @@ class BPETokenizer:
         if ids[1] is None:
             raise TokenizerError("BPE tokenizer has no end-of-sequence token (" + SPECIALS[1] + ")")
         self.bos_id, self.eos_id, self.pad_id = ids
+        self.eos_ids = (self.eos_id,)
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
@@ -99,6 +107,101 @@ class BPETokenizer:
                                       "special_ids": {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id}})
 
 
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json stores it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer as the model shipped it. `encode` applies tokenizer.json's
+    post-processor (BOS for Llama, nothing for Qwen2), as `transformers`' `tokenizer(text)` does;
+    `apply_chat_template` renders the model's template and encodes it without adding specials."""
+
+    kind = "hf"
+    SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+    def __init__(self, tok, config: dict, files: dict[str, bytes]):
+        self._tok, self.config, self._files = tok, config, dict(files)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_tokens = {k: _token_text(config.get(k)) for k in self.SPECIAL_KEYS}
+        self.bos_id = self._id("bos_token")
+        self.pad_id = self._id("pad_token")
+        eos = [self._id("eos_token")] + _generation_eos(files.get("generation_config.json"))
+        self.eos_ids = tuple(dict.fromkeys(i for i in eos if i is not None))
+        if not self.eos_ids:
+            raise TokenizerError("Hugging Face tokenizer has no end-of-sequence token (eos_token in "
+                                 "tokenizer_config.json or eos_token_id in generation_config.json)")
+        self.eos_id = self.eos_ids[0]
+        from trunk.chat_template import pick_template
+
+        jinja = files.get("chat_template.jinja")
+        self.chat_template = jinja.decode("utf-8") if jinja is not None else pick_template(config.get("chat_template"))
+
+    def _id(self, key: str) -> int | None:
+        text = self.special_tokens.get(key)
+        return None if text is None else self._tok.token_to_id(text)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        d = Path(directory)
+        files = {name: (d / name).read_bytes() for name in (CONFIG_FILE, "tokenizer.json", *HF_OPTIONAL_FILES)
+                 if (d / name).is_file()}
+        try:
+            config = json.loads(files[CONFIG_FILE])
+            tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except KeyError as e:
+            raise TokenizerError(f"{d}: missing {e.args[0]}") from None
+        except Exception as e:  # json and the tokenizers library raise their own types
+            raise TokenizerError(f"{d}: cannot load Hugging Face tokenizer ({e})") from None
+        return cls(tok, config, files)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the templated conversation, ready for generation; TokenizerError if there is no
+        template or the template refuses the messages."""
+        from trunk.chat_template import ChatTemplateError, render_chat
+
+        if not self.chat_template:
+            raise TokenizerError("this model's tokenizer has no chat template")
+        try:
+            text = render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+        except ChatTemplateError as e:
+            raise TokenizerError(str(e)) from None
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def files(self) -> list[str]:
+        return sorted(self._files)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        for name, data in self._files.items():
+            tmp = d / (name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, d / name)
+
+
+def _generation_eos(raw: bytes | None) -> list[int]:
+    if raw is None:
+        return []
+    try:
+        eos = json.loads(raw).get("eos_token_id")
+    except (ValueError, AttributeError):
+        raise TokenizerError("generation_config.json: not a JSON object") from None
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+
+
 def load_tokenizer(directory: str | os.PathLike):
     d = Path(directory)
     cfg_path = d / CONFIG_FILE
@@ -106,9 +209,15 @@ def load_tokenizer(directory: str | os.PathLike):
         raise TokenizerError(f"{cfg_path}: missing tokenizer config")
     try:
         tcfg = json.loads(cfg_path.read_text())
-        kind = tcfg["type"]
-    except (ValueError, KeyError) as e:
+    except ValueError as e:
         raise TokenizerError(f"{cfg_path}: unreadable tokenizer config ({e})") from None
+    if not isinstance(tcfg, dict):
+        raise TokenizerError(f"{cfg_path}: tokenizer config must be a JSON object")
+    kind = tcfg.get("type")
+    if kind is None and (d / "tokenizer.json").is_file():
+        return HFTokenizer.load(d)
+    if kind is None:
+        raise TokenizerError(f"{cfg_path}: no \"type\" (ours) and no tokenizer.json next to it (Hugging Face)")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
@@ -120,5 +229,3 @@ def load_tokenizer(directory: str | os.PathLike):
         except Exception as e:  # the tokenizers library raises its own exception types
             raise TokenizerError(f"{path}: cannot load BPE tokenizer ({e})") from None
     raise TokenizerError(f"{cfg_path}: unknown tokenizer type {kind!r}")
-
-

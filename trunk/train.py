@@ -15,7 +15,8 @@ Outputs under `out`:
     runs.jsonl          one run record per finished run (schema: docs/run-record.md)
 Checkpoint and trainer state are each written atomically; family.json and trainer_state.pt carry the
 step, and resume refuses a pair that disagrees. The CLI (argparse, config files) lives in
-`trunk/cli.py`; this file takes dataclasses.
+`trunk/cli.py`; this file takes dataclasses. Exit adaptation (`init`, `train="exits"`, `distill`:
+start from a checkpoint, freeze the trunk) is `trunk/adapt.py`, called from `train`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trunk import dist_checkpoint, parallel
+from trunk import adapt, dist_checkpoint, parallel
 from trunk.checkpoint import read_meta, save_checkpoint
 from trunk.config import FamilyConfig
 from trunk.data import TokenData
@@ -93,6 +94,11 @@ class TrainConfig:
     activation_checkpointing: bool = _opt(False, "recompute each decoder block's activations in the backward "
                                                  "(less memory for about 1/3 more compute)")
     progress: bool = _opt(True, "show a tqdm progress bar")
+    # exit adaptation of a given trunk (trunk/adapt.py)
+    init: str = _opt("", "start from this family checkpoint's architecture and weights (e.g. one made by import-hf)")
+    train: str = _opt("all", "what learns: all | exits (freeze the trunk; only the shallow exit heads train)")
+    distill: float = _opt(0.0, "with train=exits: weight a in (0, 1] of the KL to the final exit (0 = plain CE)")
+    distill_temp: float = _opt(1.0, "distillation temperature T")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -208,8 +214,10 @@ class _LossModule(torch.nn.Module):
 
 
 def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters only (a frozen trunk gets no optimizer state)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).is_cuda  # one kernel for the whole update on CUDA
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
@@ -385,8 +393,16 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     pcfg.param_dtype = amp if t.parallel == "fsdp" else None  # fsdp gathers bf16 parameters on CUDA
 
     torch.manual_seed(t.seed)  # every rank builds the same full model; fsdp then keeps its shards
-    model = FamilyModel(mcfg).to(d.device)
-    net = parallel.wrap(model, _LossModule(model, t.exit_weights or None), pcfg, d.device, d.world)
+    if t.init:
+        model, tok = adapt.load_init(mcfg, t.init, data.index["tokenizer"] | {"vocab_size": data.vocab_size})
+    else:
+        model = FamilyModel(mcfg)
+    adaptation = adapt.set_trainable(model, t.train)
+    model = model.to(d.device)
+    weights = t.exit_weights or None
+    loss_module = (adapt.DistillLoss(model, weights, t.distill, t.distill_temp) if t.distill
+                   else _LossModule(model, weights))
+    net = parallel.wrap(model, loss_module, pcfg, d.device, d.world)
     opt = make_optimizer(model, t)  # after wrapping: under fsdp the parameters are now sharded DTensors
     start = 0
     resume_dir = out if t.resume == "auto" else (Path(t.resume) if t.resume else None)
@@ -396,10 +412,11 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
             raise TrainError(f"{resume_dir}: nothing to resume, already at step {start} of {plan.steps}")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-    return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg)
+    extra = adapt.record_start(t, adaptation, out, start, d.main, lambda: evaluate(model, data, t, d, amp))
+    return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, extra)
 
 
-def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg) -> dict:
+def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_extra=None) -> dict:
     from tqdm import tqdm
 
     stop = min(plan.steps, t.stop_at) if t.stop_at else plan.steps
@@ -429,7 +446,7 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg) -> dict
         bar.close()
         if metrics:
             metrics.close()
-    record = run_record(mcfg, t, plan, done, val, time.time() - t0, d.world)
+    record = run_record(mcfg, t, plan, done, val, time.time() - t0, d.world) | (record_extra or {})
     if d.main and done == plan.steps:
         path = Path(t.run_record) if t.run_record else out / "runs.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
