@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trunk.checkpoint import CheckpointError
 from trunk.config import ConfigError, FamilyConfig
-from trunk.corpus import PRESETS
+from trunk.corpus import PRESETS, PY_EXTS
 from trunk.data import DEFAULT_EXTS, DataError
 from trunk.sweep import SweepError
 from trunk.tokenizer import TokenizerError
@@ -57,7 +57,8 @@ def _prepare_parser(sub) -> argparse.ArgumentParser:
                    help="built-in byte-level tokenizer, or a byte-level BPE trained here on the train split")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size, special tokens included (bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
-    p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="comma-separated file extensions read from folders")
+    p.add_argument("--ext", default=None, help="comma-separated file extensions to read (default: "
+                   f"{','.join(DEFAULT_EXTS)} from folders; {','.join(PY_EXTS)} for --preset pycorpus)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip folder entries whose path relative to the folder matches GLOB (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
@@ -165,6 +166,10 @@ def resolve_configs(args) -> tuple[FamilyConfig, TrainConfig]:
 
 # ---- entry -------------------------------------------------------------------------------------
 
+def _exts(spec: str) -> tuple[str, ...]:
+    return tuple(e if e.startswith(".") else "." + e for e in spec.split(",") if e)
+
+
 def _prepare(args) -> int:
     from trunk.data import prepare, prepare_documents
 
@@ -180,8 +185,8 @@ def _prepare(args) -> int:
 
         if args.inputs:
             raise UsageError("give either INPUT paths or --preset, not both")
-        corpus = python_corpus(max_file_bytes=args.max_file_bytes, max_bytes=args.max_bytes,
-                               progress=not args.no_progress)
+        corpus = python_corpus(exts=_exts(args.ext) if args.ext else PY_EXTS, max_file_bytes=args.max_file_bytes,
+                               max_bytes=args.max_bytes, progress=not args.no_progress)
         if not corpus.documents:
             raise DataError(f"preset {args.preset}: no documents under {', '.join(corpus.roots)}")
         index = prepare_documents(corpus.documents, args.out, sources=corpus.roots, extra={"corpus": corpus.summary()},
@@ -189,7 +194,7 @@ def _prepare(args) -> int:
     else:
         if not args.inputs:
             raise UsageError("prepare needs INPUT paths or --preset NAME")
-        exts = tuple(e if e.startswith(".") else "." + e for e in args.ext.split(",") if e)
+        exts = _exts(args.ext) if args.ext else DEFAULT_EXTS
         index = prepare(args.inputs, args.out, exts=exts, exclude=tuple(args.exclude), **common)
     s = index["splits"]
     print(f"{args.out}: {s['train']['tokens']} train + {s['val']['tokens']} val tokens "

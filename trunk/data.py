@@ -9,6 +9,8 @@ tokenizer or a byte-level BPE trained here with `tokenizers`, and writes
     <out>/index.json          format "familial.data/v1": dtype, vocab, tokenizer, shards and counts
     <out>/tokenizer_config.json (+ tokenizer.json for BPE)
 
+`prepare_documents` does the same for documents already in memory (a corpus preset, `trunk/corpus.py`), and
+`--tokenizer-from` reuses a saved vocabulary instead of training one.
 `TokenData` opens such a directory with numpy memmaps. Batches are a pure function of a sample cursor:
 the train stream is cut into non-overlapping windows of seq_len+1 tokens, each epoch visits them in a
 seeded permutation, and sample i of the run is window perm_{i // W}[i % W]. The trainer's whole data

@@ -62,6 +62,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="override the sweep file's data folder")
     p.add_argument("--peak-flops", type=float, default=0.0,
                    help="device peak FLOP/s for MFU (default: the bf16 datasheet peak of known GPUs; none on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every run of this call, or not (default: the file's train.compile); "
+                        "not part of a run's identity, so finished runs stay done")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -142,6 +145,8 @@ def run_sweep(args) -> int:
     cfg.out = args.out or cfg.out
     cfg.data = args.data or cfg.data
     _select_budgets(cfg, args.budgets)
+    if args.compile is not None:
+        cfg.train.fields["compile"] = args.compile
     plan = plan_sweep(cfg, world=args.nproc_per_run)
 
     if args.dry_run:
@@ -155,5 +160,6 @@ def run_sweep(args) -> int:
     print(describe_plan(plan, set(sweep.ledger.done), sweep.est, args.jobs), flush=True)
     res = sweep.run()
     print(describe_outcome(res, plan))
-    print(f"{cfg.out}/runs.jsonl: {len(sweep.ledger.done)} of {len(plan.runs)} planned runs recorded")
+    n = sum(r.key in sweep.ledger.done for r in plan.runs)
+    print(f"{cfg.out}/runs.jsonl: {n} of the {len(plan.runs)} planned runs recorded")
     return 1 if res.failed else 0

@@ -197,3 +197,31 @@ def test_warmup_never_swallows_a_short_run():
     assert max(lrs) == pytest.approx(1.0) and lrs.index(max(lrs)) == 19  # warmup capped at half the run
     assert lrs[-1] < 0.01
     assert lr_at(9, TrainConfig(lr=1.0, warmup_steps=10), 1000) == pytest.approx(1.0)  # long runs unchanged
+
+
+@pytest.mark.parametrize("path", ["examples/sweep.yaml", "benchmarks/isoflop/study.yaml",
+                                  "benchmarks/isoflop/smoke.yaml"])
+def test_shipped_sweep_files_plan(path, tmp_path):
+    from pathlib import Path
+
+    from trunk.sweep import load_sweep
+
+    cfg = load_sweep(str(Path(__file__).resolve().parents[2] / path))
+    cfg.data = str(tmp_path / "no-data")  # plan from vocab_size
+    plan = plan_sweep(cfg)
+    assert plan.runs and all(r.steps >= 10 for r in plan.runs)
+    if path.endswith("study.yaml"):  # the study: >= 3 budgets, >= 5 sizes each, G 1-4, dense baselines
+        assert len(cfg.budgets) >= 3 and cfg.G == [1, 2, 3, 4] and cfg.dense_baselines == "same_compute"
+        for C in cfg.budgets:
+            grid = [r for r in plan.runs if r.budget == C and r.role == "grid"]
+            assert len({r.model["d_model"] * 1000 + r.model["n_layers"] for r in grid}) >= 5
+            assert all(len(r.dense_for_exits) == r.G for r in grid if r.G > 1)
+
+
+def test_compile_flag_keeps_runs_done(tmp_path, capsys):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(_doc(data=str(tmp_path / "none"), out=str(tmp_path / "out"), vocab_size=512)))
+    assert main(["sweep", str(path), "--dry-run", "--compile"]) == 0
+    a = capsys.readouterr().out
+    assert main(["sweep", str(path), "--dry-run", "--no-compile"]) == 0
+    assert capsys.readouterr().out == a

@@ -132,3 +132,39 @@ def test_tiny_sweep_killed_and_resumed(tmp_path, data_dir, capsys):
 
     assert main(["sweep", str(sweep), "--no-progress"]) == 0  # a third call has nothing to do
     assert "6 done, 0 to run" in capsys.readouterr().out and len(_records(out)) == 6
+
+
+def _small(tmp_path, data_dir, budget, estimate, name="small.yaml", sizes=(5e4,)) -> Path:
+    doc = yaml.safe_load(_sweep_file(tmp_path, data_dir).read_text())
+    doc.update(budgets=[budget], sizes=list(sizes), G=[1], dense_baselines="off", estimate=estimate)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_time_limit_defers_runs_that_do_not_fit(tmp_path, data_dir, capsys):
+    sweep = _small(tmp_path, data_dir, 1e11, {"flops_per_s": 1e3, "overhead_s": 0})
+    assert main(["sweep", str(sweep), "--time-limit", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "1 run(s) left for a later call (time limit)" in out and "0 record(s) written" in out
+    assert not _records(tmp_path / "sweep")
+
+
+@pytest.mark.slow
+def test_time_limit_stops_running_runs(tmp_path, data_dir, capsys):
+    sweep = _small(tmp_path, data_dir, 3e11, {"flops_per_s": 1e15, "overhead_s": 0}, sizes=(2e4, 5e4))
+    t0 = time.time()
+    assert main(["sweep", str(sweep), "--time-limit", "6", "--jobs", "2", "--no-progress"]) == 0
+    assert time.time() - t0 < 40
+    out = capsys.readouterr().out
+    assert "2 run(s) stopped at the time limit (resume next call)" in out
+    assert not _records(tmp_path / "sweep") and not _alive(str(tmp_path / "sweep"))
+
+
+@pytest.mark.slow
+def test_torchrun_runs(tmp_path, data_dir, capsys):
+    sweep = _small(tmp_path, data_dir, 1e10, {}, sizes=(1.5e4,))
+    assert main(["sweep", str(sweep), "--nproc-per-run", "2", "--no-progress"]) == 0
+    (rec,) = _records(tmp_path / "sweep")
+    assert rec["world_size"] == 2 and rec["sweep"]["device"]["nproc_per_run"] == 2
+    assert rec["global_batch"] == rec["config"]["train"]["batch_size"] * rec["config"]["train"]["grad_accum"] * 2
