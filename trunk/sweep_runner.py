@@ -14,7 +14,8 @@ folder but not in runs.jsonl (killed between the two writes) is collected, not r
 
 Runs go one after another in this process (`jobs` 1), or as `jobs` subprocesses at once (tiny models
 cannot fill a GPU alone; with several GPUs each job gets its own), each optionally under torchrun
-with `nproc_per_run` processes. Child processes die with the sweep (Linux PR_SET_PDEATHSIG).
+with `nproc_per_run` processes. Child processes die with the sweep (Linux PR_SET_PDEATHSIG, set by a
+stub that then execs the run).
 With a time limit, runs whose estimate does not fit are left for the next call, and runs still going
 at the limit are stopped (they resume from their last save point next time).
 This file does not plan (trunk/sweep.py) and does not parse arguments (trunk/sweep_cli.py).
@@ -171,13 +172,19 @@ def _with_dense(rec: dict, spec: RunSpec, ledger: Ledger, mode: str) -> dict:
 
 # ---- launching runs ------------------------------------------------------------------------------
 
-def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the sweep process dies
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+# Runs start through this stub: it asks the kernel to send SIGTERM when the sweep dies (PR_SET_PDEATHSIG,
+# kept across exec), leaves if the sweep is already gone, then becomes the run. Done in the child's own
+# code rather than a preexec_fn, which is unsafe once the sweep has threads (tqdm, CUDA).
+_DIE_WITH_PARENT = """import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(1)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
 
 
 def prepare_run_dir(out: Path, spec: RunSpec, data: str, progress: bool) -> Path:
@@ -203,10 +210,11 @@ def prepare_run_dir(out: Path, spec: RunSpec, data: str, progress: bool) -> Path
 
 def _command(d: Path, nproc: int) -> list[str]:
     cfg = str(d / "config.json")
+    stub = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid())]
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "trunk.cli", "train", "--config", cfg]
-    return [sys.executable, "-m", "trunk.cli", "train", "--config", cfg]
+        return stub + ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       "-m", "trunk.cli", "train", "--config", cfg]
+    return stub + ["-m", "trunk.cli", "train", "--config", cfg]
 
 
 def _env(slot: int, opts: RunnerOptions, dev: dict) -> dict:
@@ -240,15 +248,23 @@ def _progress_of(d: Path, spec: RunSpec) -> float:
         return 0.0
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM every run's process group at once, SIGKILL what is left after `grace` seconds."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    end = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 # ---- the sweep -----------------------------------------------------------------------------------
@@ -288,10 +304,10 @@ class Sweep:
     def _deps_done(self, spec: RunSpec) -> bool:
         return all(k in self.ledger.done for k in spec.dense_for_exits)
 
-    def finish(self, spec: RunSpec, rec: dict, wall: float) -> None:
+    def finish(self, spec: RunSpec, rec: dict, wall: float, trained_now: bool = True) -> None:
         rec = _complete(rec, spec, self.plan, wall, self.dev)
         self.est.add(rec)
-        self.result.flops += spec.flops
+        self.result.flops += spec.flops if trained_now else 0.0
         self.waiting[spec.key] = rec
         self._flush()
 
@@ -315,7 +331,7 @@ class Sweep:
         for spec in self.todo():
             rec = _finished_record(run_dir(self.out, spec))
             if rec is not None and rec.get("steps") == spec.steps:
-                self.finish(spec, rec, float(rec.get("train_seconds", 0.0)) or 1e-9)
+                self.finish(spec, rec, float(rec.get("train_seconds", 0.0)) or 1e-9, trained_now=False)
             else:
                 left.append(spec)
         return left
@@ -365,6 +381,10 @@ class Sweep:
                 continue
             d = prepare_run_dir(self.out, spec, self.plan.config.data, progress=self.opts.progress)
             cfg = json.loads((d / "config.json").read_text())
+            if cfg["train"].get("compile"):
+                import torch
+
+                torch._dynamo.reset()  # one process, many shapes: do not hit dynamo's recompile limit
             t0 = time.time()
             try:
                 rec = train(FamilyConfig.from_dict(cfg["model"]), TrainConfig.from_dict(cfg["train"]))
@@ -382,8 +402,7 @@ class Sweep:
         d = prepare_run_dir(self.out, spec, self.plan.config.data, progress=False)
         log = open(d / "train.log", "a")
         proc = subprocess.Popen(_command(d, self.opts.nproc_per_run), stdout=log, stderr=subprocess.STDOUT,
-                                env=_env(slot, self.opts, self.dev), start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                env=_env(slot, self.opts, self.dev), start_new_session=True)
         return _Running(spec, proc, time.time(), log, slot)
 
     def _reap(self, r: _Running) -> None:
@@ -414,11 +433,11 @@ class Sweep:
                         done_flops += r.spec.flops
                         del running[slot]
                 if self.opts.time_limit and time.time() - self.t0 > self.opts.time_limit and running:
-                    for slot, r in list(running.items()):
-                        _stop(r.proc)
+                    _stop([r.proc for r in running.values()])
+                    for r in running.values():
                         r.log.close()
                         self.result.stopped.append(r.spec.name)
-                        del running[slot]
+                    running = {}
                     self.result.deferred.extend(s.name for s in queue)
                     queue = []
                 partial = sum(r.spec.flops * _progress_of(run_dir(self.out, r.spec), r.spec) for r in running.values())
@@ -427,6 +446,6 @@ class Sweep:
                 if running:
                     time.sleep(self.opts.poll_s)
         finally:
-            for r in running.values():  # Ctrl-C or an error here: leave no run behind
-                _stop(r.proc)
+            _stop([r.proc for r in running.values()])  # Ctrl-C or an error here: leave no run behind
+            for r in running.values():
                 r.log.close()
