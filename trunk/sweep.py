@@ -150,8 +150,14 @@ def _section(doc: dict, name: str, cls, where: str, convert=None):
 def _train_rule(doc: dict, where: str) -> TrainRule:
     tc = {f.name for f in dataclasses.fields(TrainConfig)}
 
-    def passthrough(k, v, vals):  # other TrainConfig fields ride along
+    def passthrough(k, v, vals):  # other TrainConfig fields ride along, with the type of their default
         if k in tc and k not in _SWEEP_SET:
+            default = getattr(TrainConfig(), k)
+            if isinstance(default, bool) or not isinstance(default, (int, float)):
+                if not isinstance(v, type(default)):
+                    raise SweepError(f"{where}: train.{k} must be a {type(default).__name__}, got {v!r}")
+            else:
+                v = _num(v, f"train.{k}", int if isinstance(default, int) else float)
             vals.setdefault("fields", {})[k] = v
             return True
         if k in _SWEEP_SET and k in tc:
@@ -174,10 +180,9 @@ def _train_rule(doc: dict, where: str) -> TrainRule:
     if not (0 <= rule.warmup_frac < 1 and 0 <= rule.min_lr_frac <= 1 and rule.lr > 0 and rule.save_points >= 0):
         raise SweepError(f"{where}: need 0 <= train.warmup_frac < 1, 0 <= train.min_lr_frac <= 1, train.lr > 0, "
                          f"train.save_points >= 0")
-    try:
-        TrainConfig.from_dict(dict(rule.fields))
-    except (TypeError, ValueError) as e:
-        raise SweepError(f"{where}: train: {e}") from None
+    dtype = rule.fields.get("dtype", "auto")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise SweepError(f"{where}: train.dtype must be auto, bfloat16 or float32, got {dtype!r}")
     return rule
 
 

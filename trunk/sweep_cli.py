@@ -86,7 +86,7 @@ def describe_plan(plan: Plan, done: set, est, jobs: int) -> str:
     for r in plan.runs:
         t = r.train
         batch = f"{t['batch_size']}x{t['grad_accum']}" + (f"x{plan.world}" if plan.world > 1 else "")
-        ep = "-" if math.isnan(r.epochs) else f"{r.epochs:.2f}"
+        ep = "-" if math.isnan(r.epochs) else f"{r.epochs:.3g}"
         lines.append(f"  {'done' if r.key in done else 'todo':4} {r.name:40} {r.role:5} {r.N:>10,} {r.N_total:>10,} "
                      f"{_fmt(r.tokens):>9} {r.steps:>6} {batch:>9} {t['warmup_steps']:>6} {ep:>6} "
                      f"{est.seconds(r):>7.1f}")

@@ -135,6 +135,8 @@ def test_keys_ignore_where_a_run_writes_but_not_what_it_trains():
     ({"train": {**TRAIN, "micro_batch": 12}}, "power of two"),
     ({"train": {**TRAIN, "eval_sequences": 24}}, "multiple of train.micro_batch"),
     ({"train": {**TRAIN, "bogus": 1}}, "unknown key 'train.bogus'"),
+    ({"train": {**TRAIN, "compile": "yes"}}, "train.compile must be a bool"),
+    ({"train": {**TRAIN, "dtype": "fp8"}}, "train.dtype must be auto, bfloat16 or float32"),
     ({"shape": {**SHAPE, "width_multiple": 24}}, "multiple of shape.head_dim"),
     ({"shape": {**SHAPE, "d_model": 64}}, "unknown key 'shape.d_model'"),
     ({"sizes": {"n_opt_multiples": [1]}}, "needs sizes.law"),
