@@ -8,7 +8,7 @@
 A config file (YAML or JSON) is {"model": {FamilyConfig fields, or "preset": NAME plus overrides},
 "train": {TrainConfig fields}}; flags override it. Every user error (bad config, missing data, budget
 too small) ends as one line on stderr and exit code 2, never a traceback. This file only parses and
-reports; the work is in `trunk/data.py` and `trunk/train.py`.
+reports; the work is in `trunk/data.py`, `trunk/corpus.py`, `trunk/train.py` and the sweep files.
 """
 from __future__ import annotations
 
