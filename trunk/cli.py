@@ -1,14 +1,16 @@
 """`familial-train`: the command line of the data preparer and the trainer.
 
     familial-train prepare INPUT... --out DIR [--tokenizer byte|bpe|DIR --vocab-size N]
+    familial-train prepare --preset pycorpus --out DIR [--tokenizer bpe --vocab-size N]
     familial-train [train] --config run.yaml [--flag value ...]
+    familial-train sweep SWEEP.yaml [--dry-run] [--jobs N]     (trunk/sweep_cli.py)
     familial-train import-hf HF_DIR --exits 8,16 --out FAMILY_DIR     (trunk/hf_cli.py)
     familial-train export-hf FAMILY_DIR --out DIR
 
 A config file (YAML or JSON) is {"model": {FamilyConfig fields, or "preset": NAME plus overrides},
 "train": {TrainConfig fields}}; flags override it. Every user error (bad config, missing data, budget
 too small) ends as one line on stderr and exit code 2, never a traceback. This file only parses and
-reports; the work is in `trunk/data.py` and `trunk/train.py`.
+reports; the work is in `trunk/data.py`, `trunk/corpus.py`, `trunk/train.py` and the sweep files.
 """
 from __future__ import annotations
 
@@ -23,14 +25,16 @@ from trunk import hf_cli
 from trunk.adapt import AdaptError, init_config
 from trunk.checkpoint import CheckpointError
 from trunk.config import ConfigError, FamilyConfig
+from trunk.corpus import PRESETS, PY_EXTS
 from trunk.data import DEFAULT_EXTS, DataError
 from trunk.hf import HFExportError, HFImportError
+from trunk.sweep import SweepError
 from trunk.tokenizer import TokenizerError
 from trunk.train import TrainConfig, TrainError
 
 PROG = "familial-train"
 USER_ERRORS = (ConfigError, TrainError, DataError, CheckpointError, TokenizerError, HFImportError, HFExportError,
-               AdaptError)
+               AdaptError, SweepError)
 _BUDGET = ("steps", "tokens", "flops")
 
 
@@ -47,14 +51,21 @@ def _prepare_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Tokenize text into memory-mapped token shards with a held-out validation split.")
-    p.add_argument("inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
+    p.add_argument("inputs", nargs="*", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
+    p.add_argument("--preset", choices=PRESETS, help="a named corpus instead of INPUTs: pycorpus = the installed "
+                   "Python standard library + site-packages (.py .pyi .rst .md .txt), deduplicated by content hash")
+    p.add_argument("--max-bytes", type=int, default=0, help="preset only: stop after this many unique bytes (0 = all)")
+    p.add_argument("--max-file-bytes", type=int, default=1 << 20, help="preset only: skip files larger than this")
+    p.add_argument("--tokenizer-from", default="", metavar="DIR",
+                   help="reuse the tokenizer saved in DIR (a data or checkpoint directory) instead of training one")
     p.add_argument("--out", required=True, help="output data directory (shards, index.json, tokenizer files)")
     p.add_argument("--tokenizer", default="byte", metavar="byte|bpe|DIR",
                    help="built-in byte-level tokenizer, a byte-level BPE trained here on the train split, or the "
                         "tokenizer of a family/model directory (e.g. one made by import-hf)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size, special tokens included (bpe only)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out for validation")
-    p.add_argument("--ext", default=",".join(DEFAULT_EXTS), help="comma-separated file extensions read from folders")
+    p.add_argument("--ext", default=None, help="comma-separated file extensions to read (default: "
+                   f"{','.join(DEFAULT_EXTS)} from folders; {','.join(PY_EXTS)} for --preset pycorpus)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip folder entries whose path relative to the folder matches GLOB (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
@@ -96,8 +107,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = _Parser(prog=PROG, description="Prepare data for and train familial (multi-exit) language models. "
                                             "With no subcommand, `train` is assumed.")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,import-hf,export-hf}", parser_class=_Parser)
-    return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub), **hf_cli.add_parsers(sub)}
+    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,sweep,import-hf,export-hf}",
+                                parser_class=_Parser)
+    from trunk.sweep_cli import add_parser as sweep_parser
+
+    return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub), "sweep": sweep_parser(sub),
+                    **hf_cli.add_parsers(sub)}
 
 
 # ---- config assembly ---------------------------------------------------------------------------
@@ -166,6 +181,44 @@ def resolve_configs(args) -> tuple[FamilyConfig, TrainConfig]:
 
 # ---- entry -------------------------------------------------------------------------------------
 
+def _exts(spec: str) -> tuple[str, ...]:
+    return tuple(e if e.startswith(".") else "." + e for e in spec.split(",") if e)
+
+
+def _prepare(args) -> int:
+    from trunk.data import prepare, prepare_documents
+
+    common = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                  seed=args.seed, shard_tokens=args.shard_tokens, progress=not args.no_progress,
+                  tokenizer_from=args.tokenizer_from)
+    if args.tokenizer_from:  # fail before reading a large corpus
+        from trunk.tokenizer import load_tokenizer
+
+        load_tokenizer(args.tokenizer_from)
+    if args.preset:
+        from trunk.corpus import python_corpus
+
+        if args.inputs:
+            raise UsageError("give either INPUT paths or --preset, not both")
+        corpus = python_corpus(exts=_exts(args.ext) if args.ext else PY_EXTS, max_file_bytes=args.max_file_bytes,
+                               max_bytes=args.max_bytes, progress=not args.no_progress)
+        if not corpus.documents:
+            raise DataError(f"preset {args.preset}: no documents under {', '.join(corpus.roots)}")
+        index = prepare_documents(corpus.documents, args.out, sources=corpus.roots, extra={"corpus": corpus.summary()},
+                                  **common)
+    else:
+        if not args.inputs:
+            raise UsageError("prepare needs INPUT paths or --preset NAME")
+        exts = _exts(args.ext) if args.ext else DEFAULT_EXTS
+        index = prepare(args.inputs, args.out, exts=exts, exclude=tuple(args.exclude), **common)
+    s = index["splits"]
+    print(f"{args.out}: {s['train']['tokens']} train + {s['val']['tokens']} val tokens "
+          f"({s['train']['documents']} + {s['val']['documents']} documents), {index['tokenizer']['type']} "
+          f"vocab {index['vocab_size']}")
+    return 0
+
+
+
 def _run(argv: list[str]) -> int:
     parser, subs = build_parser()
     if argv in (["-h"], ["--help"]):
@@ -180,17 +233,11 @@ def _run(argv: list[str]) -> int:
     if args.command in hf_cli.COMMANDS:
         return hf_cli.run(args)
     if args.command == "prepare":
-        from trunk.data import prepare
+        return _prepare(args)
+    if args.command == "sweep":
+        from trunk.sweep_cli import run_sweep
 
-        exts = tuple(e if e.startswith(".") else "." + e for e in args.ext.split(",") if e)
-        index = prepare(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                        val_fraction=args.val_fraction, exts=exts, exclude=tuple(args.exclude), seed=args.seed,
-                        shard_tokens=args.shard_tokens, progress=not args.no_progress)
-        s = index["splits"]
-        print(f"{args.out}: {s['train']['tokens']} train + {s['val']['tokens']} val tokens "
-              f"({s['train']['documents']} + {s['val']['documents']} documents), {index['tokenizer']['type']} "
-              f"vocab {index['vocab_size']}")
-        return 0
+        return run_sweep(args)
     from trunk.train import train
 
     mcfg, tcfg = resolve_configs(args)

@@ -10,6 +10,8 @@ model directory (an imported Hugging Face model's own), and writes
     <out>/index.json          format "familial.data/v1": dtype, vocab, tokenizer, shards and counts
     <out>/tokenizer_config.json (+ tokenizer.json for BPE)
 
+`prepare_documents` does the same for documents already in memory (a corpus preset, `trunk/corpus.py`), and
+`--tokenizer-from` reuses a saved vocabulary instead of training one.
 `TokenData` opens such a directory with numpy memmaps. Batches are a pure function of a sample cursor:
 the train stream is cut into non-overlapping windows of seq_len+1 tokens, each epoch visits them in a
 seeded permutation, and sample i of the run is window perm_{i // W}[i % W]. The trainer's whole data
@@ -149,24 +151,43 @@ def _write_split(out: Path, name: str, arrays: Iterator[np.ndarray], dtype, shar
 
 def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte", vocab_size: int = 2048,
             val_fraction: float = 0.05, exts=DEFAULT_EXTS, exclude=(), seed: int = 0,
-            shard_tokens: int = 1 << 27, progress: bool = True) -> dict:
+            shard_tokens: int = 1 << 27, progress: bool = True, tokenizer_from: str = "") -> dict:
     """Tokenize `inputs` into shards under `out`; returns the index dict (also written as index.json)."""
     t0 = time.time()
     docs = read_documents(inputs, exts, exclude, progress)
-    train_docs, val_docs = split_documents(docs, val_fraction, seed)
-    if tokenizer == "byte":
-        tok = ByteTokenizer()
-    elif tokenizer == "bpe":
-        if vocab_size < 256 + 3:
-            raise DataError(f"BPE vocab size must be at least 259 (bytes + specials), got {vocab_size}")
-        tok = BPETokenizer.train(train_docs, vocab_size)  # trained on the train split only
-    elif Path(tokenizer).is_dir():
+    return prepare_documents(docs, out, sources=[str(p) for p in inputs], tokenizer=tokenizer,
+                             vocab_size=vocab_size, val_fraction=val_fraction, seed=seed,
+                             shard_tokens=shard_tokens, progress=progress, tokenizer_from=tokenizer_from, t0=t0)
+
+
+def _make_tokenizer(kind: str, vocab_size: int, train_docs: list[str], tokenizer_from: str):
+    if tokenizer_from:  # reuse a trained vocabulary, e.g. one carried over from an earlier machine
         try:
-            tok = load_tokenizer(tokenizer)
+            return load_tokenizer(tokenizer_from)
         except TokenizerError as e:
             raise DataError(str(e)) from None
-    else:
-        raise DataError(f"unknown tokenizer {tokenizer!r}; use 'byte', 'bpe' or a directory holding tokenizer files")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if vocab_size < 256 + 3:
+            raise DataError(f"BPE vocab size must be at least 259 (bytes + specials), got {vocab_size}")
+        return BPETokenizer.train(train_docs, vocab_size)  # trained on the train split only
+    if Path(kind).is_dir():  # a model's own tokenizer (e.g. an imported Hugging Face family)
+        try:
+            return load_tokenizer(kind)
+        except TokenizerError as e:
+            raise DataError(str(e)) from None
+    raise DataError(f"unknown tokenizer {kind!r}; use 'byte', 'bpe' or a directory holding tokenizer files")
+
+
+def prepare_documents(docs: list[str], out: str | os.PathLike, *, sources: list[str], tokenizer: str = "byte",
+                      vocab_size: int = 2048, val_fraction: float = 0.05, seed: int = 0,
+                      shard_tokens: int = 1 << 27, progress: bool = True, tokenizer_from: str = "",
+                      extra: dict | None = None, t0: float | None = None) -> dict:
+    """Split, tokenize and write `docs`; `extra` keys (e.g. a corpus preset's summary) join the index."""
+    t0 = time.time() if t0 is None else t0
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    tok = _make_tokenizer(tokenizer, vocab_size, train_docs, tokenizer_from)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -180,9 +201,10 @@ def prepare(inputs: list[str], out: str | os.PathLike, *, tokenizer: str = "byte
         "tokenizer": {"type": tok.kind, "files": tok.files(), "eos_id": tok.eos_id},
         "splits": {k: {"shards": v, "tokens": sum(s["tokens"] for s in v),
                        "documents": len(train_docs if k == "train" else val_docs)} for k, v in splits.items()},
-        "sources": [str(p) for p in inputs],
+        "sources": sources,
         "val_fraction": val_fraction,
         "seed": seed,
+        **(extra or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 2),
     }

@@ -70,7 +70,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
     lr: float = _opt(3e-3, "peak learning rate (AdamW)")
     min_lr: float = _opt(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = _opt(50, "linear warmup steps from 0 to lr")
+    warmup_steps: int = _opt(50, "linear warmup steps from 0 to lr (at most half of the run's steps)")
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices (not on norms, biases)")
     beta1: float = _opt(0.9, "AdamW beta1")
     beta2: float = _opt(0.95, "AdamW beta2")
@@ -150,11 +150,12 @@ def make_plan(mcfg: FamilyConfig, t: TrainConfig, world: int) -> Plan:
 
 
 def lr_at(step: int, t: TrainConfig, total: int) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to min_lr at `total` steps."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    span = max(1, total - t.warmup_steps)
-    frac = min(1.0, (step - t.warmup_steps) / span)
+    """Linear warmup over warmup_steps (at most half the run), then cosine from lr to min_lr at `total`."""
+    warmup = min(t.warmup_steps, total // 2)  # a 50-step warmup must not swallow a 40-step run
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup) / span)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * frac))
 
 
@@ -423,9 +424,12 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_
     bar = tqdm(total=plan.steps, initial=start, desc="train", unit="step", disable=not (t.progress and d.main))
     metrics = open(out / "metrics.jsonl", "a") if d.main else None
     val, t0, loss, step = None, time.time(), float("nan"), start
+    step_s = 0.0  # time in train_step after the first step (which pays for compilation and autotuning)
     try:
         for step in range(start, stop):
-            loss = train_step(step, net, opt, data, t, plan, d, amp)
+            ts = time.perf_counter()
+            loss = train_step(step, net, opt, data, t, plan, d, amp)  # returns a float: the step has finished
+            step_s += (time.perf_counter() - ts) if step > start else 0.0
             done = step + 1
             rec = {"step": done, "loss": loss, "lr": lr_at(step, t, plan.steps)}
             if (t.eval_every and done % t.eval_every == 0) or done == plan.steps:
@@ -447,6 +451,9 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_
         if metrics:
             metrics.close()
     record = run_record(mcfg, t, plan, done, val, time.time() - t0, d.world) | (record_extra or {})
+    timed = max(0, done - start - 1)
+    record["throughput"] = {"timed_steps": timed, "step_seconds": round(step_s, 4),
+                            "tokens_per_s": timed * plan.global_batch * t.seq_len / step_s if step_s > 0 else None}
     if d.main and done == plan.steps:
         path = Path(t.run_record) if t.run_record else out / "runs.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)

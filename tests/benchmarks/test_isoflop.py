@@ -1,0 +1,119 @@
+"""The IsoFLOP study's scripts: figures from runs.jsonl + fit.json, the study's resume and pacing helpers,
+and (slow) the whole study in its CPU smoke mode, twice, the second call carrying on from the first's $OUT."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fitting.laws import PAPER, PAPER_BRANCH, branch_loss, family_loss
+from trunk.sweep import load_sweep, plan_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+ISO = REPO / "benchmarks" / "isoflop"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"iso_{name}", ISO / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic_runs(path: Path) -> list[dict]:
+    """Records shaped like the sweep's, for the study's own plan, with losses drawn from known laws."""
+    cfg = load_sweep(str(ISO / "study.yaml"))
+    plan = plan_sweep(cfg, data={"fingerprint": "synthetic", "train_tokens": 6e7, "val_tokens": 3e6,
+                                 "vocab_size": 4096})
+    rng = np.random.default_rng(0)
+    recs = []
+    for s in plan.runs:
+        L, exits = s.model["n_layers"], s.model["exit_layers"] + [s.model["n_layers"]]
+        dense = [float(family_loss(s.N * l / L, s.tokens, 1, PAPER)) for l in exits]
+        G = len(exits)
+        losses = [float(branch_loss(g, G - 1 - g, s.tokens, dense[g], PAPER_BRANCH)) * (1 + 0.002 * rng.standard_normal())
+                  for g in range(G)]
+        recs.append({"N": s.N, "D": s.tokens, "G": G, "n_layers": L, "exit_layers": s.model["exit_layers"],
+                     "flops_per_token": s.flops_per_token, "flops_total": s.flops, "exit_val_loss": losses,
+                     "loss": float(np.mean(losses)), "config": {"model": s.model, "train": s.train},
+                     "throughput": {"tokens_per_s": 1e6, "mfu": 0.1},
+                     "sweep": {"key": s.key, "name": s.name, "role": s.role, "budget": s.budget, "epochs": s.epochs,
+                               "data": "synthetic", "wall_seconds": 30.0, "device": {"jobs": 6}}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_figures_from_runs_and_a_fit(tmp_path, capsys):
+    fig = _load("figures")
+    _synthetic_runs(tmp_path / "runs.jsonl")
+    (tmp_path / "fit.json").write_text(json.dumps({"law": "family", "params": PAPER.as_dict()}))
+    assert fig.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json"), "--out", str(tmp_path / "f")]) == 0
+    for name in ("isoflop_curves.png", "loss_vs_G.png", "efficiency_leverage.png"):
+        png = tmp_path / "f" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, name
+    # the interpolated FLOP count reproduces the runs' own
+    runs = fig.read_runs(tmp_path / "runs.jsonl")
+    f = fig.fpt_curve(runs, 4)
+    for r in (r for r in runs if r["G"] == 4):
+        assert f(r["N"]) == pytest.approx(r["flops_per_token"], rel=0.1)  # shapes vary in aspect ratio
+
+
+def test_figures_bad_input_is_one_line(tmp_path, capsys):
+    fig = _load("figures")
+    (tmp_path / "runs.jsonl").write_text('{"N": 1}\n')
+    (tmp_path / "fit.json").write_text(json.dumps({"law": "branch", "params": {"alpha_P": 1}}))
+    for argv, needle in (([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json")], "not a sweep run record"),
+                         ([str(tmp_path / "none.jsonl"), "--fit", str(tmp_path / "fit.json")], "No such file")):
+        assert fig.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    _synthetic_runs(tmp_path / "runs.jsonl")
+    assert fig.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json")]) == 2
+    assert "not a familial-fit --json result of the family" in capsys.readouterr().err
+
+
+def test_study_paces_and_merges(tmp_path):
+    study = _load("study")
+    recs = [{"flops_total": 1e15, "sweep": {"wall_seconds": 60.0, "device": {"jobs": 6}, "key": "a", "data": "x"}},
+            {"flops_total": 1e15, "sweep": {"wall_seconds": 30.0, "device": {"jobs": 2}, "key": "b", "data": "x"}}]
+    assert study.aggregate_rate(recs, 1.0) == pytest.approx(1e15 / 60 * 6)
+    assert study.aggregate_rate([], 7.0) == 7.0
+    assert study.jobs_for(1e15, 300, 1e14, 6) == 6      # 6 runs at once: one takes 60 s
+    assert study.jobs_for(1e16, 450, 1e14, 6) == 3      # one run must finish in 2/3 of what is left
+    assert study.jobs_for(1e17, 100, 1e14, 6) == 1
+    local, carried = tmp_path / "w" / "runs.jsonl", tmp_path / "r" / "runs.jsonl"
+    carried.parent.mkdir()
+    carried.write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[1]) + "\n")
+    local.parent.mkdir()
+    local.write_text(json.dumps(recs[1]) + "\n" + '{"half": ')  # a warm machine's file, cut mid-line
+    with open(tmp_path / "log", "w") as logf:
+        assert study.merge_ledgers(local, carried, "x", logf) == 2
+        assert sorted(json.loads(l)["sweep"]["key"] for l in local.read_text().splitlines()) == ["a", "b"]
+        with pytest.raises(study.StudyError, match="another corpus"):
+            study.merge_ledgers(local, carried, "y", logf)
+
+
+@pytest.mark.slow
+def test_study_smoke_twice(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, str(ISO / "study.py"), "--smoke", "--max-corpus-bytes", "600000"]
+    first = subprocess.run(base + ["--out", str(tmp_path / "o1"), "--work", str(tmp_path / "w1"),
+                                   "--results", str(tmp_path / "none")], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    got = sorted(p.name for p in (tmp_path / "o1").iterdir())
+    assert got == ["data_index.json", "run_logs.tar.gz", "runs.jsonl", "study.log", "tokenizer.json",
+                   "tokenizer_config.json"]
+    n1 = len((tmp_path / "o1" / "runs.jsonl").read_text().splitlines())
+    assert n1 == 10 and "10 of 10 planned runs recorded" in first.stdout
+    # a fresh machine: corpus rebuilt with the carried tokenizer, same fingerprint, nothing re-run
+    second = subprocess.run(base + ["--out", str(tmp_path / "o2"), "--work", str(tmp_path / "w2"),
+                                    "--results", str(tmp_path / "o1")], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "10 runs already done (10 carried in)" in second.stdout
+    assert (tmp_path / "o2" / "runs.jsonl").read_text() == (tmp_path / "o1" / "runs.jsonl").read_text()
