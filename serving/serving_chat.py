@@ -12,7 +12,7 @@ import time
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                               ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
                               DeltaMessage, FamilialInfo, random_id)
-from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump
+from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump, encode_prompt
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
@@ -28,7 +28,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, arrival_s: float, is_disconnected):
         name = check_model(self.settings, self.engine, req.model)
-        prompt = self.engine.tokenizer.encode(render_chat(req.messages))
+        prompt = await encode_prompt(self.engine, self.settings, render_chat(req.messages))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
         run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), CHAT_STOP], exit_requested=req.exit)
