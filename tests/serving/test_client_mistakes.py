@@ -122,3 +122,25 @@ def test_tiny_top_p_keeps_only_the_top_token(server, path):
     assert sampled == {greedy}
     free = {ask(temperature=2.0, top_p=1.0, seed=s) for s in range(4)}
     assert free != {greedy}   # the check above is not vacuous: full sampling does differ
+
+
+def test_tiny_top_p_through_a_relay_chain(tiny_ckpt, tmp_path):
+    """The same through real relay nodes: the value crosses the wire and still means "top token only"."""
+    from deploy.shards import split_checkpoint
+    from serving.engine import RelayEngine
+    from serving_helpers import NodeChain, ServerThread
+    from trunk.tokenizer import load_tokenizer
+
+    split_checkpoint(tiny_ckpt, tmp_path / "shards", "device=0,edge=1,cloud=2..")
+    with NodeChain(tmp_path / "shards") as ch:
+        eng = RelayEngine(ch.head, load_tokenizer(tmp_path / "shards"), name="tiny", max_seq_len=256)
+        with ServerThread(build_app(eng)) as s:
+            def ask(**kw):
+                r = httpx.post(s.url + "/v1/completions", timeout=30,
+                               json={"prompt": "ab", "max_tokens": 6, "exit": 2, "ignore_eos": True, **kw})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["text"]
+
+            greedy = ask(temperature=0)
+            assert {ask(temperature=2.0, top_p=1e-30, seed=s) for s in range(3)} == {greedy}
+            assert {ask(temperature=2.0, top_p=1.0, seed=s) for s in range(3)} != {greedy}
