@@ -22,9 +22,11 @@ REQUIRED = ("step", "model", "optimizer", "data", "rng", "model_config")
 
 
 def _numpy_globals() -> list:
-    """What pickling a NumPy RNG key array names (older trainer_state.pt files)."""
-    mod = getattr(np, "_core", None) or np.core
-    return [mod.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    """What pickling a NumPy RNG key array names (older trainer_state.pt files), under NumPy 2's module
+    name and, for files written with NumPy 1, the old one."""
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
 
 
 # ---- RNG states as plain data ----------------------------------------------------------------------
