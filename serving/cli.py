@@ -67,7 +67,8 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
 def _add_http_args(g) -> None:
     d = ServeSettings()
     g.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $FAMILIAL_API_KEY; unset = open)")
+                   help="require `Authorization: Bearer KEY` on /v1 routes, /docs and /openapi.json "
+                        "(default: $FAMILIAL_API_KEY; unset = open)")
     g.add_argument("--model-name", help="model id to report and accept (default: the family's name)")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted")
     g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
@@ -119,8 +120,8 @@ def unused_flags(argv: list[str], router: bool) -> list[str]:
 
 def build_demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} demo",
-                                description="Start device, edge and cloud relay nodes and the HTTP router on "
-                                            "loopback with the built-in family; Ctrl-C stops everything.")
+                description="Start device, edge and cloud relay nodes and the HTTP router on loopback with the "
+                            "built-in family; Ctrl-C stops everything.")
     p.add_argument("--host", default="127.0.0.1", help="router address (nodes always listen on 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_ROUTER_PORT, help="router port (0 = any free port)")
     p.add_argument("--checkpoint", metavar="DIR", help="family checkpoint to serve (default: the built-in family)")
