@@ -16,8 +16,10 @@ complete). Schema (format "familial-shards/v1"):
                     tensors: {name: [shape...]}}]
     onnx:         {tier: {...}}                                   (added by `export-onnx`, optional)
 
-This file knows the format but not what a shard holds (`deploy/shards.py` owns the layout) and
-loads no tensors. Every problem is one `ShardError` line that names the file.
+Every file a manifest lists must lie inside its directory (`trunk.artifacts.confined`); shard files
+must carry their canonical names. This file knows the format but not what a shard holds
+(`deploy/shards.py` owns the layout) and loads no tensors. Every problem is one `ShardError` line
+that names the file.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from trunk.artifacts import read_json_artifact, write_json_atomic
+from trunk.artifacts import confined, read_json_artifact, write_json_atomic
 from trunk.config import ConfigError, FamilyConfig
 
 FORMAT = "familial-shards/v1"
@@ -107,8 +109,11 @@ def read_manifest(directory) -> tuple[dict, FamilyConfig]:
     try:
         cfg = FamilyConfig.from_dict(m["architecture"])
         _check_structure(m, cfg)
+        listed = [rec["file"] for rec in m["tokenizer"]["files"]] + [e["file"] for e in m.get("onnx", {}).values()]
     except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise ShardError(f"{path}: {e}") from None
+    for name in listed:  # before anything is opened or hashed
+        confined(directory, name, ShardError, what=f"{MANIFEST} entry")
     return m, cfg
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from deploy.manifest import (FORMAT, MANIFEST, ShardError, check_file, default_tiers, file_record,
                              parse_tiers, read_manifest, shard_file, tier_entry, write_manifest)
+from trunk.artifacts import confined
 from trunk.checkpoint import META, WEIGHTS, load_checkpoint, read_meta
 from trunk.config import FamilyConfig
 from trunk.kv_cache import KVCache
@@ -77,6 +78,10 @@ def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | N
 
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     meta = read_meta(ckpt)
+    tok_names = meta.get("tokenizer", {}).get("files", [])
+    for name in tok_names:  # a crafted family.json must not make split read or write outside the two dirs
+        confined(ckpt, name, ShardError, what="tokenizer file")
+        confined(out, name, ShardError, what="tokenizer file")
     dtype = dtype or meta.get("dtype", "float32")
     if dtype not in _DTYPES:
         raise ShardError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
@@ -105,7 +110,7 @@ def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | N
                        "bytes": rec["bytes"], "sha256": rec["sha256"],
                        "tensors": {n: list(t.shape) for n, t in sorted(tensors.items())}})
     tok_files = []
-    for name in meta["tokenizer"]["files"]:
+    for name in tok_names:
         shutil.copyfile(ckpt / name, out / name)
         tok_files.append({"file": name, **file_record(out / name)})
     manifest = {

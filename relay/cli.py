@@ -66,6 +66,11 @@ def tls_from_args(args) -> tuple[TLSConfig | None, TLSConfig | None]:
     if args.next and ca and not args.next_plaintext:
         nxt = TLSConfig(ca=ca, cert=args.next_tls_cert or args.tls_cert, key=args.next_tls_key or args.tls_key,
                         server_name=args.next_server_name)
+    if server and args.next and nxt is None:
+        why = "--next-plaintext" if args.next_plaintext else "no CA for it (--next-tls-ca or --tls-ca)"
+        logging.getLogger("familial.relay").warning(
+            "this node serves TLS but dials --next %s in PLAINTEXT (%s): hidden states leave unencrypted",
+            args.next, why)
     return server, nxt
 
 

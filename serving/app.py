@@ -3,6 +3,9 @@
 `build_app(engine, settings)` makes an app around any `Engine` (tests pass a LocalEngine or a
 RelayEngine); the CLI runs it with uvicorn. Every error leaves in OpenAI's shape
 {"error": {"message", "type", "param", "code"}}; validation errors are 400 as OpenAI returns them.
+Bodies pass `BodyGuard` (size cap, read deadline) before routing. With an API key, the /v1 routes and
+the schema pages (/docs, /openapi.json) need it; /health and /metrics stay open for probes.
+TLS is the server's business (uvicorn, see cli.py), not the app's.
 """
 from __future__ import annotations
 
@@ -12,18 +15,27 @@ import time
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.body_guard import BodyGuard
 from serving.engine import Engine
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ExitCard, ModelCard, ModelList
 from serving.serving_chat import OpenAIServingChat
-from serving.serving_common import Admission, APIError
+from serving.serving_common import Admission, APIError, json_dumps
 from serving.serving_completion import OpenAIServingCompletion
 from serving.settings import ServeSettings
 
 _ENDPOINT = {"/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}
+
+
+class StrictJSONResponse(JSONResponse):
+    """JSON with finite numbers only and ASCII escapes (see `serving_common.json_dumps`)."""
+
+    def render(self, content) -> bytes:
+        return json_dumps(content).encode()
 
 
 class SSEResponse(StreamingResponse):
@@ -58,7 +70,10 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
         if hasattr(engine, "close"):
             await engine.close()
 
-    app = FastAPI(title="Familial", lifespan=lifespan)
+    locked = settings.api_key is not None   # with a key, the schema pages are served below, behind it
+    app = FastAPI(title="Familial", lifespan=lifespan, default_response_class=StrictJSONResponse,
+                  docs_url=None if locked else "/docs", redoc_url=None if locked else "/redoc",
+                  openapi_url=None if locked else "/openapi.json")
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
 
     async def require_key(request: Request) -> None:
@@ -70,15 +85,21 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            type="invalid_request_error", code="invalid_api_key")
 
-    def _count(request: Request, status: int) -> None:
-        ep = _ENDPOINT.get(request.url.path)
+    def _count_path(path: str, status: int) -> None:
+        ep = _ENDPOINT.get(path)
         if ep:
             metrics.requests.labels(ep, str(status)).inc()
+
+    def _count(request: Request, status: int) -> None:
+        _count_path(request.url.path, status)
+
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s,
+                       on_reject=_count_path)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         _count(request, e.status)
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return StrictJSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -101,7 +122,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
         out = await handler.create(req, arrival, request.is_disconnected)
         if isinstance(out, dict):
             _count(request, 200)
-            return JSONResponse(out)
+            return StrictJSONResponse(out)
         return SSEResponse(out, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
@@ -122,6 +143,16 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
         out["data"][0]["latency_model"] = engine.planner.snapshot()
         return out
 
+    if locked:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key)])
+        async def openapi_schema():
+            return app.openapi()
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(require_key)])
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Familial - docs")
+
+    @app.head("/health", include_in_schema=False)   # load balancers probe with HEAD
     @app.get("/health")
     async def health():
         try:
@@ -134,7 +165,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
         body = {"status": "ok" if ok else "degraded", "tiers": tiers}
         if err:
             body["error"] = err
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return StrictJSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus():

@@ -3,10 +3,13 @@
     familial-serve --tier device|edge|cloud --shards DIR [--next HOST:PORT] [--port N]   # one node (relay.cli)
     familial-serve --tier router --family family.yaml [--port 8000]                      # HTTP face over a chain
     familial-serve --tier router --checkpoint DIR                                         # HTTP face, in-process model
+    familial-serve --tier router ... --tls-cert C --tls-key K [--tls-ca CA --require-client-cert]   # HTTPS (mTLS)
     familial-serve demo [--host H] [--port P]                                             # built-in family on loopback
 
 The demo splits the built-in family with `deploy`, starts device, edge and cloud nodes and the router
 in this process (one event loop; nodes talk real gRPC over loopback) and prints a curl line.
+A flag that the chosen role does not use (`--shards` for the router, `--api-key` for a node) is an
+error, not silently ignored. Bad input of any kind is one line on stderr and exit status 2.
 This file only parses flags and wires parts together; the parts live in app.py, engine.py, relay.cli.
 """
 from __future__ import annotations
@@ -18,8 +21,10 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from serving.settings import ServeSettings
@@ -27,6 +32,26 @@ from serving.settings import ServeSettings
 DEFAULT_ROUTER_PORT = 8000
 DEFAULT_NODE_PORT = 50051
 DEMO_TIERS = "device=0,edge=1,cloud=2.."
+PROG = "familial-serve"
+# node flags the router uses too: where to listen, and its own TLS (HTTPS instead of gRPC)
+ROUTER_SHARED = {"tier", "host", "port", "tls_cert", "tls_key", "tls_ca", "require_client_cert"}
+ROUTER_TLS_HELP = {
+    "tls_cert": "PEM certificate to serve with: TLS for a node, HTTPS for the router",
+    "tls_key": "PEM private key for --tls-cert",
+    "tls_ca": "PEM CA bundle: verifies client certificates (node and router) and --next's certificate (node)",
+    "require_client_cert": "mutual TLS: refuse clients without a certificate from --tls-ca (node and router)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 # ---- flags ----------------------------------------------------------------------------------------
@@ -42,13 +67,18 @@ def _add_router_args(p: argparse.ArgumentParser) -> None:
 def _add_http_args(g) -> None:
     d = ServeSettings()
     g.add_argument("--api-key", default=os.environ.get("FAMILIAL_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1 routes (default: $FAMILIAL_API_KEY; unset = open)")
+                   help="require `Authorization: Bearer KEY` on /v1 routes, /docs and /openapi.json "
+                        "(default: $FAMILIAL_API_KEY; unset = open)")
     g.add_argument("--model-name", help="model id to report and accept (default: the family's name)")
     g.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens, help="longest prompt accepted")
     g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit, help="largest max_tokens accepted")
     g.add_argument("--max-concurrency", type=int, default=d.max_concurrency, help="requests generating at once")
     g.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="requests waiting for a slot; more get 429 with Retry-After")
+    g.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
+                   help="largest request body in MiB; larger ones get 413 before they are read")
+    g.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                   help="a request body must arrive within this many seconds of its headers, else 408")
     g.add_argument("--calibrate-rounds", type=int, default=3, help="warm-up forwards per exit at start-up")
     g.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn log level")
@@ -57,8 +87,8 @@ def _add_http_args(g) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from relay.cli import add_node_args
 
-    p = argparse.ArgumentParser(
-        prog="familial-serve",
+    p = _Parser(
+        prog=PROG,
         description="Serve a familial model: one relay tier node (--tier device|edge|cloud|<name>), the HTTP "
                     "router (--tier router), or `familial-serve demo` for a whole local family.",
         epilog="Subcommand: `familial-serve demo [--host H] [--port P] [--checkpoint DIR]` starts device, edge and "
@@ -67,18 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="`router` for the HTTP face; otherwise the tier name in the shard manifest to serve "
                         "(device, edge, cloud)")
     add_node_args(p, include_tier=False)
-    for a in p._actions:  # --host/--port serve both roles; the port default depends on the role
+    for a in p._actions:  # --host/--port/TLS serve both roles; the port default depends on the role
         if a.dest == "port":
             a.default, a.help = None, (f"port to listen on (default {DEFAULT_NODE_PORT} for a node, "
                                        f"{DEFAULT_ROUTER_PORT} for the router; 0 = any free port)")
+        a.help = ROUTER_TLS_HELP.get(a.dest, a.help)
     _add_router_args(p)
     return p
 
 
+def unused_flags(argv: list[str], router: bool) -> list[str]:
+    """The flags in `argv` that the chosen role (router or node) does not use."""
+    p = build_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS   # so the namespace holds only what was given
+    given = set(vars(p.parse_args(argv)))
+    router_dests = {a.dest for g in p._action_groups if g.title.startswith("router") for a in g._group_actions}
+    node_dests = {a.dest for g in p._action_groups if g.title.startswith("relay") for a in g._group_actions}
+    foreign = (node_dests - ROUTER_SHARED) if router else (router_dests - ROUTER_SHARED)
+    return [a.option_strings[-1] for a in p._actions if a.dest in given & foreign]
+
+
 def build_demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="familial-serve demo",
-                                description="Start device, edge and cloud relay nodes and the HTTP router on "
-                                            "loopback with the built-in family; Ctrl-C stops everything.")
+    p = _Parser(prog=f"{PROG} demo",
+                description="Start device, edge and cloud relay nodes and the HTTP router on loopback with the "
+                            "built-in family; Ctrl-C stops everything.")
     p.add_argument("--host", default="127.0.0.1", help="router address (nodes always listen on 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_ROUTER_PORT, help="router port (0 = any free port)")
     p.add_argument("--checkpoint", metavar="DIR", help="family checkpoint to serve (default: the built-in family)")
@@ -91,9 +134,13 @@ def build_demo_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args) -> ServeSettings:
+    for flag, v in (("--max-body-mb", args.max_body_mb), ("--body-timeout-s", args.body_timeout_s)):
+        if not v > 0:
+            fail(f"{flag} must be > 0, got {v:g}")
     return ServeSettings(model_name=args.model_name, api_key=args.api_key, max_prompt_tokens=args.max_prompt_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_concurrency=args.max_concurrency,
-                         max_queue=args.max_queue)
+                         max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * 2**20),
+                         body_timeout_s=args.body_timeout_s)
 
 
 # ---- family.yaml ----------------------------------------------------------------------------------
@@ -106,10 +153,10 @@ def load_family_yaml(path) -> dict:
     doc = yaml.safe_load(path.read_text()) or {}
     tiers = doc.get("tiers") or []
     if not tiers or not all(isinstance(t, dict) and t.get("name") and t.get("address") for t in tiers):
-        raise SystemExit(f"{path}: `tiers` must list {{name, address}} entries, head first")
+        fail(f"{path}: `tiers` must list {{name, address}} entries, head first")
     tok = doc.get("tokenizer")
     if not tok:
-        raise SystemExit(f"{path}: `tokenizer` must name a directory with the tokenizer files (shards or checkpoint)")
+        fail(f"{path}: `tokenizer` must name a directory with the tokenizer files (shards or checkpoint)")
     tok = (path.parent / tok).resolve()
     tls = None
     if doc.get("tls"):
@@ -141,7 +188,42 @@ def relay_engine_from_family(fam: dict, timeout_s: float = 30.0):
 
 # ---- running --------------------------------------------------------------------------------------
 
-async def serve_http(app, host: str, port: int, log_level: str = "warning", on_ready=None) -> None:
+@dataclass
+class HTTPSConfig:
+    """The router's own TLS (uvicorn's): certificate and key, and a CA to verify client certificates."""
+    cert: str
+    key: str
+    ca: str | None = None
+    require_client_cert: bool = False
+
+    def uvicorn_kwargs(self) -> dict:
+        reqs = ssl.CERT_REQUIRED if self.require_client_cert else (ssl.CERT_OPTIONAL if self.ca else ssl.CERT_NONE)
+        return {"ssl_certfile": self.cert, "ssl_keyfile": self.key, "ssl_ca_certs": self.ca, "ssl_cert_reqs": reqs}
+
+
+def https_from_args(args) -> HTTPSConfig | None:
+    """HTTPS settings from --tls-*, checked here (files readable, key matches) so that a mistake is one line."""
+    if not args.tls_cert:
+        if args.tls_key or args.tls_ca or args.require_client_cert:
+            fail("--tls-key, --tls-ca and --require-client-cert need --tls-cert (the router's certificate)")
+        return None
+    if not args.tls_key:
+        fail("--tls-cert needs --tls-key")
+    if args.require_client_cert and not args.tls_ca:
+        fail("--require-client-cert needs --tls-ca to verify client certificates against")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            ctx.load_verify_locations(args.tls_ca)
+    except (OSError, ssl.SSLError) as e:
+        fail(f"cannot use the TLS files (--tls-cert {args.tls_cert}, --tls-key {args.tls_key}"
+             f"{', --tls-ca ' + args.tls_ca if args.tls_ca else ''}): {e}")
+    return HTTPSConfig(args.tls_cert, args.tls_key, args.tls_ca, args.require_client_cert)
+
+
+async def serve_http(app, host: str, port: int, log_level: str = "warning", on_ready=None,
+                     https: HTTPSConfig | None = None) -> None:
     """Run uvicorn on the current loop until SIGINT/SIGTERM; `on_ready(port)` once it listens.
 
     Signals are handled here rather than by uvicorn (which re-raises them once it has stopped), so the
@@ -155,7 +237,8 @@ async def serve_http(app, host: str, port: int, log_level: str = "warning", on_r
         def capture_signals(self):
             return contextlib.nullcontext()
 
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                    **(https.uvicorn_kwargs() if https else {})))
 
     def on_signal():
         if server.should_exit:
@@ -169,7 +252,7 @@ async def serve_http(app, host: str, port: int, log_level: str = "warning", on_r
     while not server.started:
         if task.done():
             await task
-            raise SystemExit("the HTTP server did not start")
+            fail(f"the HTTP server did not start (is {host}:{port} free?)")
         await asyncio.sleep(0.05)
     if on_ready is not None:
         on_ready(server.servers[0].sockets[0].getsockname()[1])
@@ -181,9 +264,11 @@ def run_router(args) -> None:
     from serving.engine import LocalEngine
 
     if bool(args.family) == bool(args.checkpoint):
-        raise SystemExit("--tier router needs exactly one of --family YAML or --checkpoint DIR")
+        fail("--tier router needs exactly one of --family YAML or --checkpoint DIR")
     port = DEFAULT_ROUTER_PORT if args.port is None else args.port
     settings = settings_from_args(args)
+    https = https_from_args(args)
+    scheme = "https" if https else "http"
 
     async def main():
         try:
@@ -193,10 +278,10 @@ def run_router(args) -> None:
                 engine = LocalEngine.from_checkpoint(args.checkpoint)
             await engine.start(args.calibrate_rounds)
         except Exception as e:  # noqa: BLE001 - say what is wrong in one line, not a traceback
-            raise SystemExit(f"familial-serve: cannot start the router: {type(e).__name__}: {e}") from None
+            fail(f"cannot start the router: {type(e).__name__}: {e}")
         app = build_app(engine, settings)
-        await serve_http(app, args.host, port, args.log_level,
-                         on_ready=lambda p: print(f"familial router on http://{args.host}:{p}/v1", flush=True))
+        await serve_http(app, args.host, port, args.log_level, https=https,
+                         on_ready=lambda p: print(f"familial router on {scheme}://{args.host}:{p}/v1", flush=True))
 
     asyncio.run(main())
 
@@ -211,7 +296,7 @@ def builtin_checkpoint() -> Path:
 
         path = Path(trunk.__file__).parent / "builtin"
     if not (path / "family.json").is_file():
-        raise SystemExit(f"no built-in family at {path}; pass --checkpoint DIR")
+        fail(f"no built-in family at {path}; pass --checkpoint DIR")
     return path
 
 
@@ -297,14 +382,30 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "demo":
         return run_demo(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.tier == "router":
+    router = args.tier == "router"
+    unused = unused_flags(argv, router)
+    if unused:
+        fail(f"{', '.join(unused)}: not used by {'the router' if router else 'a relay node'} (--tier {args.tier})")
+    if router:
         return run_router(args)
+    run_node_cli(args)
+
+
+def run_node_cli(args) -> None:
+    """A relay node; a shard it refuses (hash, shapes, paths), a TLS file it cannot read or a port it
+    cannot bind is one line and exit status 2."""
+    from deploy.manifest import ShardError
     from relay.cli import run_node
 
+    if not args.shards:
+        fail("--shards DIR is required for a relay node")
     if args.port is None:
         args.port = DEFAULT_NODE_PORT
     logging.basicConfig(level=logging.WARNING)
-    run_node(args)
+    try:
+        run_node(args)
+    except (ShardError, OSError) as e:
+        fail(f"tier {args.tier}: {e}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Fields follow OpenAI's order. Everything Familial adds sits in one block marked 
 in each model, so a reader can see at a glance what the `openai` client sends and what it does not
 know about (it keeps unknown response fields in `model_extra`, and sends ours through `extra_body`).
 Only the parameters we honour are modelled; unknown request fields are ignored (as vLLM does) except
-`n`, which must be 1. This file holds no logic beyond field validation.
+`n`, which must be 1. Every client mistake fails validation here, so it becomes a 400 rather than a
+5xx further in: numbers must be finite and in range (`seed` fits the wire's uint64), every string must be
+valid Unicode (no lone surrogates), chat content parts must be text parts with string `text`.
+This file holds no logic beyond field validation.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+MAX_SEED = 2**64 - 1                 # the relay carries the seed as uint64
+MAX_BUDGET_MS = 86_400_000.0         # one day; larger budgets would overflow deadline arithmetic downstream
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -21,6 +27,34 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def check_unicode(v):
+    """`v` (a string, or lists/dicts of them) unchanged, or ValueError if a string cannot be UTF-8
+    encoded: a JSON escape such as "\\ud800" decodes to a lone surrogate, which no tokenizer or response
+    can carry."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text must be valid Unicode; found a lone surrogate at character {e.start}") from None
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            check_unicode(x)
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            check_unicode(k)
+            check_unicode(x)
+    return v
+
+
+class OpenAIRequest(OpenAIModel):
+    """Base of everything a client sends: every field's strings must be valid Unicode."""
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, v):
+        return check_unicode(v)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -38,7 +72,7 @@ class ErrorResponse(OpenAIModel):
 
 # ---- shared pieces --------------------------------------------------------------------------------
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(OpenAIRequest):
     include_usage: Optional[bool] = False
 
 
@@ -51,7 +85,7 @@ class UsageInfo(OpenAIModel):
 ExitChoice = Union[int, str]  # "auto" | exit index | tier name
 
 
-class _SamplingFields(OpenAIModel):
+class _SamplingFields(OpenAIRequest):
     """Validation shared by both request kinds (the fields themselves are declared in OpenAI order)."""
 
     @field_validator("n", check_fields=False)
@@ -79,15 +113,15 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int]]
     max_tokens: Optional[int] = Field(16, ge=1)
     n: Optional[int] = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)  # float64, passed on unrounded
     user: Optional[str] = None
     # ---- Familial extensions (not in the OpenAI schema) ----
-    latency_budget_ms: Optional[float] = Field(None, gt=0)  # whole request, arrival to last token
+    latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)  # arrival to last token
     exit: ExitChoice = "auto"                               # "auto" | exit index | tier name
     ignore_eos: bool = False                                # keep going past end-of-sequence (as vLLM's)
 
@@ -105,14 +139,38 @@ class CompletionRequest(_SamplingFields):
 
 # ---- /v1/chat/completions -------------------------------------------------------------------------
 
-class ChatMessage(OpenAIModel):
+class ChatContentPart(OpenAIRequest):
+    """One part of a message's content list; only text parts are read (the models take text only)."""
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict]]
+    content: Union[str, list[ChatContentPart]]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, v):
+        """One clear error per bad part (pydantic's union errors would name both branches)."""
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError("content must be a string or a list of text parts")
+        parts = []
+        for i, p in enumerate(v):
+            if not isinstance(p, dict) or p.get("type") != "text":
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise ValueError(f"part {i}: only {{'type': 'text', 'text': ...}} parts are supported, got {kind!r}")
+            if not isinstance(p.get("text"), str):
+                raise ValueError(f"part {i}: 'text' must be a string, got {type(p.get('text')).__name__}")
+            parts.append(ChatContentPart.model_validate(p))
+        return parts
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -121,15 +179,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     n: Optional[int] = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)  # float64, passed on unrounded
     user: Optional[str] = None
     # ---- Familial extensions (not in the OpenAI schema) ----
-    latency_budget_ms: Optional[float] = Field(None, gt=0)
+    latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)
     exit: ExitChoice = "auto"
     ignore_eos: bool = False
 
@@ -174,11 +232,16 @@ class FamilialInfo(OpenAIModel):
 
 # ---- responses ------------------------------------------------------------------------------------
 
+# "stop": end of sequence or a stop string; "length": max_tokens; "error": the stream was cut short
+# because the engine failed mid-request (the text so far is kept; `familial.degraded_reasons` says why).
+FinishReason = Literal["stop", "length", "error"]
+
+
 class CompletionChoice(OpenAIModel):
     index: int = 0
     text: str
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     # ---- Familial extensions ----
     familial: Optional[FamilialInfo] = None
 
@@ -201,7 +264,7 @@ class ChatCompletionChoice(OpenAIModel):
     index: int = 0
     message: ChatResponseMessage
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     # ---- Familial extensions ----
     familial: Optional[FamilialInfo] = None
 
@@ -224,7 +287,7 @@ class ChatCompletionChunkChoice(OpenAIModel):
     index: int = 0
     delta: DeltaMessage
     logprobs: None = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[FinishReason] = None
     # ---- Familial extensions ----
     familial: Optional[FamilialInfo] = None
 

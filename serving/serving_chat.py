@@ -9,12 +9,13 @@ not write the next user turn. `chat_prompt` is the one place that chooses.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                               ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
                               DeltaMessage, FamilialInfo, random_id)
-from serving.serving_common import APIError, OpenAIServing, RequestRun, build_request, check_model, dump
+from serving.serving_common import APIError, OpenAIServing, RequestRun, build_request, check_model, dump, encode_prompt
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
@@ -41,7 +42,10 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, arrival_s: float, is_disconnected):
         name = check_model(self.settings, self.engine, req.model)
-        prompt, template_stops = chat_prompt(self.engine.tokenizer, req.messages)
+        if getattr(self.engine.tokenizer, "chat_template", None):
+            prompt, template_stops = await asyncio.to_thread(chat_prompt, self.engine.tokenizer, req.messages)
+        else:
+            prompt, template_stops = await encode_prompt(self.engine, self.settings, render_chat(req.messages)), [CHAT_STOP]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
         run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), *template_stops], exit_requested=req.exit)

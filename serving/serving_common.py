@@ -1,7 +1,9 @@
-"""What both OpenAI endpoints share: errors, admission (concurrency limit, 429), request checks, and
-`RequestRun`, which drives one request through the engine and turns token ids into text deltas
-(incremental detokenisation with `trunk.detokenize`, stop strings, the tokenizer's EOS list) while
-keeping the Familial summary and the metrics.
+"""What both OpenAI endpoints share: errors, admission (concurrency limit, 429), request checks (a
+prompt too long is refused by its byte count before it is tokenized; tokenizing runs in a worker
+thread, off the event loop), `RequestRun`, which drives one request through the engine and turns token
+ids into text deltas (incremental detokenisation with `trunk.detokenize`, stop strings, the tokenizer's
+EOS list) while keeping the Familial summary and the metrics, and `json_dumps`, the one JSON encoder of
+every response and SSE line (finite numbers only).
 
 Handlers (`serving_completion.py`, `serving_chat.py`) only shape responses; the FastAPI router
 (`app.py`) only wires routes. Nothing here imports the transport beyond raising `APIError`.
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -37,6 +41,22 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
                                              code=self.code)).model_dump()
+
+
+def finite(obj):
+    """`obj` with every non-finite float replaced by None (JSON has no Infinity or NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_dumps(obj) -> str:
+    """Strict JSON (allow_nan=False after `finite`), ASCII-only so no string can break the encoding."""
+    return json.dumps(finite(obj), allow_nan=False)
 
 
 # ---- admission ------------------------------------------------------------------------------------
@@ -75,6 +95,48 @@ class Admission:
 
 # ---- request checks -------------------------------------------------------------------------------
 
+_MAX_TOKEN_BYTES: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+_MIN_TOKEN_BYTES_BOUND = 16  # covers special-token strings ("<|endoftext|>") that `decode` skips
+
+
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the UTF-8 bytes of text one token can stand for: the longest decoded token,
+    and at least 16 for special-token strings. Computed once per tokenizer (one decode per id)."""
+    try:
+        return _MAX_TOKEN_BYTES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocab = getattr(tokenizer, "vocab_size", 0) or 0
+    longest = max((len(tokenizer.decode([i]).encode("utf-8")) for i in range(vocab)), default=0)
+    n = max(longest, _MIN_TOKEN_BYTES_BOUND)
+    with contextlib.suppress(TypeError):
+        _MAX_TOKEN_BYTES[tokenizer] = n
+    return n
+
+
+def prompt_token_limit(engine: Engine, settings: ServeSettings) -> int:
+    return min(settings.max_prompt_tokens, engine.info.max_seq_len - 1)
+
+
+def _too_long(n_tokens: int, limit: int) -> APIError:
+    return APIError(400, f"prompt is {n_tokens} tokens; the limit is {limit}", param="prompt",
+                    code="context_length_exceeded")
+
+
+async def encode_prompt(engine: Engine, settings: ServeSettings, text: str) -> list[int]:
+    """Token ids of `text`, tokenized in a worker thread. A text longer than the token limit times the
+    most bytes one token can cover has more tokens than the limit for sure, and is refused untokenized."""
+    limit = prompt_token_limit(engine, settings)
+    nbytes = len(text.encode("utf-8"))
+    if nbytes > limit:  # only then can it be too long; the bound costs one pass over the vocabulary
+        per_token = await asyncio.to_thread(max_token_bytes, engine.tokenizer)
+        if nbytes > limit * per_token:
+            raise APIError(400, f"prompt is {nbytes} bytes, more than {limit} tokens can hold (at most "
+                                f"{per_token} bytes each); the limit is {limit} tokens", param="prompt",
+                           code="context_length_exceeded")
+    return await asyncio.to_thread(engine.tokenizer.encode, text)
+
+
 def resolve_exit(engine: Engine, exit) -> int | None:
     """"auto" -> None (choose by budget); an index; or a tier name -> that tier's best exit."""
     exits = engine.info.exits
@@ -105,13 +167,12 @@ def build_request(engine: Engine, settings: ServeSettings, prompt_ids: list[int]
                   req, arrival_s: float) -> GenerateRequest:
     if not prompt_ids:
         raise APIError(400, "prompt must not be empty", param="prompt")
+    limit = prompt_token_limit(engine, settings)
+    if len(prompt_ids) > limit:
+        raise _too_long(len(prompt_ids), limit)
     vocab = getattr(engine.tokenizer, "vocab_size", None) or (1 << 62)
     if any((not isinstance(t, int)) or not 0 <= t < vocab for t in prompt_ids):
         raise APIError(400, f"token ids in prompt must be integers in [0, {vocab})", param="prompt")
-    limit = min(settings.max_prompt_tokens, engine.info.max_seq_len - 1)
-    if len(prompt_ids) > limit:
-        raise APIError(400, f"prompt is {len(prompt_ids)} tokens; the limit is {limit}", param="prompt",
-                       code="context_length_exceeded")
     n = settings.default_max_tokens if max_tokens is None else max_tokens
     if n > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens is {n}; the limit is {settings.max_tokens_limit}", param="max_tokens")
@@ -206,7 +267,7 @@ class RequestRun:
                                    code="engine_unavailable") from e
                 self.degraded.append(str(e))
                 text += stream.flush()
-                self.finish_reason = "stop"
+                self.finish_reason = "error"   # cut short: never "stop", which would claim a finished answer
         self._finish()
         yield Delta(text[sent:], pending_exits, pending_tiers, self.finish_reason or "stop")
 
@@ -323,14 +384,14 @@ class OpenAIServing:
         try:
             async with contextlib.aclosing(run.deltas()) as deltas:
                 async for d in deltas:
-                    yield f"data: {json.dumps(dump(chunk(d)))}\n\n"
+                    yield f"data: {json_dumps(dump(chunk(d)))}\n\n"
             if usage_chunk is not None:
-                yield f"data: {json.dumps(dump(usage_chunk()))}\n\n"
+                yield f"data: {json_dumps(dump(usage_chunk()))}\n\n"
             yield "data: [DONE]\n\n"
             self.metrics.requests.labels(self.endpoint, "200").inc()
         except APIError as e:
             self.metrics.requests.labels(self.endpoint, str(e.status)).inc()
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield f"data: {json_dumps(e.body())}\n\n"
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.requests.labels(self.endpoint, "499").inc()

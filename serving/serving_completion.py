@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, FamilialInfo, random_id
-from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump
+from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump, encode_prompt
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -16,7 +16,8 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, arrival_s: float, is_disconnected):
         """A response dict, or an async iterator of SSE lines when `req.stream`."""
         name = check_model(self.settings, self.engine, req.model)
-        prompt = self.engine.tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        prompt = (await encode_prompt(self.engine, self.settings, req.prompt) if isinstance(req.prompt, str)
+                  else list(req.prompt))
         gen = build_request(self.engine, self.settings, prompt, req.max_tokens, req, arrival_s)
         run = RequestRun(self.engine, self.metrics, gen, req.stop or [], exit_requested=req.exit)
         stack = await self.start(run)

@@ -15,3 +15,5 @@ class ServeSettings:
     max_queue: int = 64                 # requests waiting for a slot; beyond that: 429 + Retry-After
     retry_after_s: int = 1              # Retry-After header on 429
     disconnect_poll_s: float = 0.05     # how often a non-streaming request checks for a gone client
+    max_body_bytes: int = 1 << 20       # larger request bodies get 413 (a 2048-token prompt needs well under this)
+    body_timeout_s: float = 30.0        # the whole body must arrive this soon after the headers, else 408

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from trunk.data import TokenData
 from trunk.flops import flops_per_token, param_counts, tokens_for_budget
 from trunk.loss import exit_weights, family_loss
 from trunk.model import FamilyModel
+from trunk.trainer_state import read_trainer_state, rng_state, set_rng_state, write_trainer_state
 
 RUN_SCHEMA = "familial.run/v1"
 STATE_FILE = "trainer_state.pt"
@@ -226,21 +226,6 @@ def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
 
 # ---- state -------------------------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: TrainConfig, tok,
                exit_val_loss, mcfg: FamilyConfig, d: Dist | None = None, net=None) -> None:
     """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`.
@@ -270,13 +255,11 @@ def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: Tra
         **weights,
         "scheduler": {"step": step, "total": plan.steps},  # the LR is a pure function of step (lr_at)
         "data": {"cursor": step * plan.global_batch, "seed": t.seed},
-        "rng": _rng_state(),
+        "rng": rng_state(),
         "model_config": mcfg.to_dict(),
         "train_config": dataclasses.asdict(t),
     }
-    tmp = out / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out / STATE_FILE)
+    write_trainer_state(out / STATE_FILE, state)
     if sharded:
         dist_checkpoint.prune(out, state["sharded"])
 
@@ -285,7 +268,7 @@ def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: Famil
     path = directory / STATE_FILE
     if not path.is_file():
         raise TrainError(f"{path}: no trainer state to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_trainer_state(path, TrainError)   # tensors and plain data only: a crafted file cannot run code
     if state["model_config"] != mcfg.to_dict():
         raise TrainError(f"{path}: model config differs from the one being trained")
     if state["data"]["cursor"] != state["step"] * plan.global_batch:
@@ -305,7 +288,7 @@ def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: Famil
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     return int(state["step"])
 
 

@@ -76,3 +76,52 @@ class NodeChain:
             self.call(h.stop(grace=0.2))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+
+
+# ---- `familial-serve` as a real process ----------------------------------------------------------
+
+def spawn_serve(args, **kw):
+    """`python -m serving.cli ARGS` from the repository root, stdout+stderr merged, line-buffered text."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "serving.cli", *map(str, args)], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def wait_for(proc, pattern: str, timeout: float = 90):
+    """(match, output so far) once `pattern` appears in the process's output; kills it and fails if not."""
+    import re
+
+    out, deadline = "", time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        out += line
+        m = re.search(pattern, out)
+        if m:
+            return m, out
+    proc.kill()
+    raise AssertionError(f"no {pattern!r} in output:\n{out}")
+
+
+def stop(proc, sig=None) -> str:
+    """SIGINT (or `sig`) and the rest of the output."""
+    import signal
+    import subprocess
+
+    proc.send_signal(sig or signal.SIGINT)
+    try:
+        rest, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return rest

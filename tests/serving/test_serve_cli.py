@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serving.cli import build_demo_parser, build_parser, load_family_yaml
+from serving_helpers import spawn_serve, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,42 +31,9 @@ def test_example_family_yaml_parses():
     assert fam["tiers"][0]["address"] == "127.0.0.1:50051" and fam["tls"] is None
 
 
-def _spawn(args, **kw):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "serving.cli", *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
-
-
-def _wait_for(proc, pattern: str, timeout: float = 90) -> tuple[re.Match, str]:
-    out, deadline = "", time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        out += line
-        m = re.search(pattern, out)
-        if m:
-            return m, out
-    proc.kill()
-    raise AssertionError(f"no {pattern!r} in output:\n{out}")
-
-
-def _stop(proc) -> str:
-    proc.send_signal(signal.SIGINT)
-    try:
-        rest, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    return rest
-
-
 def test_demo_prints_curl_line_that_streams(tiny_ckpt):
-    proc = _spawn(["demo", "--checkpoint", str(tiny_ckpt), "--port", "0"])
-    m, _ = _wait_for(proc, r"curl -N (http://\S+)/v1/chat/completions .* -d '(.*)'\n")
+    proc = spawn_serve(["demo", "--checkpoint", str(tiny_ckpt), "--port", "0"])
+    m, _ = wait_for(proc, r"curl -N (http://\S+)/v1/chat/completions .* -d '(.*)'\n")
     url, body = m.group(1), json.loads(m.group(2))
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -79,7 +41,7 @@ def test_demo_prints_curl_line_that_streams(tiny_ckpt):
         assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 2  # EOS may come first
         assert httpx.get(url + "/health").json()["tiers"] == {"device": True, "edge": True, "cloud": True}
     finally:
-        rest = _stop(proc)
+        rest = stop(proc)
     assert proc.returncode == 0, rest
     assert "familial demo stopped" in rest and "Traceback" not in rest, rest
 
@@ -93,9 +55,9 @@ def test_router_from_family_yaml(tiny_ckpt, tmp_path):
         y = tmp_path / "family.yaml"
         y.write_text("name: tiny-family\ntokenizer: shards\ntiers:\n" + "".join(
             f"  - name: {t}\n    address: {a}\n" for t, a in chain.addresses.items()))
-        proc = _spawn(["--tier", "router", "--family", str(y), "--port", "0", "--api-key", "k1",
+        proc = spawn_serve(["--tier", "router", "--family", str(y), "--port", "0", "--api-key", "k1",
                        "--calibrate-rounds", "1"])
-        m, _ = _wait_for(proc, r"familial router on (http://\S+)/v1")
+        m, _ = wait_for(proc, r"familial router on (http://\S+)/v1")
         url = m.group(1)
         try:
             h = {"Authorization": "Bearer k1"}
@@ -104,5 +66,5 @@ def test_router_from_family_yaml(tiny_ckpt, tmp_path):
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
             assert httpx.post(url + "/v1/completions", json={"prompt": "hi"}).status_code == 401
         finally:
-            rest = _stop(proc)
+            rest = stop(proc)
         assert proc.returncode == 0, rest
