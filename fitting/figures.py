@@ -137,7 +137,7 @@ def isoloss(p: LawParams, out: Path, G: int = 4, runs: Runs | None = None) -> li
             ax.scatter(runs.N[m], runs.D[m], s=10, color="w", edgecolor="k", lw=0.4, label=f"runs (G={G})",
                        zorder=3)
         ax.set(xscale="log", yscale="log", xlim=(N[0], N[-1]), ylim=(D[0], D[-1]),
-               xlabel="non-embedding parameters N", ylabel="training tokens D",
+               xlabel=f"parameters N ({p.n_kind})", ylabel="training tokens D",
                title="Isoloss contours, IsoFLOP lines (dashed) and the efficient frontier")
         ax.legend(loc="lower right", frameon=True, facecolor="w", framealpha=0.9)
         ax.grid(False)

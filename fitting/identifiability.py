@@ -110,15 +110,36 @@ def profile_ab(runs: Runs, a_grid: np.ndarray, b_grid: np.ndarray, cfg: FitConfi
         x0 = torch.tensor(starts.reshape(-1, 4))                                     # (R, 4) e, alpha, beta, gamma
         res = lbfgs.minimize(_fun_ab(law, d, ab_rows, cfg.delta), x0, cfg.lbfgs,
                              bounds=_free_bounds(law))
-    f = res.f.numpy().reshape(na, nb, keep)
-    best = np.nan_to_num(f, nan=np.inf).argmin(-1)                                   # (na, nb)
-    xb = res.x.numpy().reshape(na, nb, keep, 4)[np.arange(na)[:, None], np.arange(nb)[None, :], best]
+        f, xb = _best_of(res, na, nb, keep)
+        f, xb = _polish(law, d, AB, f, xb, cfg)
     params = {"E": np.exp(xb[..., 0]), "alpha": xb[..., 1], "beta": xb[..., 2], "gamma": xb[..., 3]}
     fmin = min(free.objective, float(np.min(f)))
-    return Profile(a=grid["a"], b=grid["b"], f=f.min(-1), params=params, f_min=fmin,
+    return Profile(a=grid["a"], b=grid["b"], f=f, params=params, f_min=fmin,
                    ab_free=(float(free.x[1]), float(free.x[2])),
                    scale=residual_scale(law, free.x, d, cfg.delta),
                    info={"n_runs": runs.n, "keep": keep, "rows": int(x0.shape[0]), "free_fit": free.params})
+
+
+def _best_of(res, na: int, nb: int, k: int):
+    """(f (na, nb), x (na, nb, 4)): the best of each point's k rows."""
+    f = np.nan_to_num(res.f.numpy().reshape(na, nb, k), nan=np.inf)
+    best = f.argmin(-1)
+    x = res.x.numpy().reshape(na, nb, k, 4)[np.arange(na)[:, None], np.arange(nb)[None, :], best]
+    return f.min(-1), x
+
+
+def _polish(law, d: LawData, AB: np.ndarray, f: np.ndarray, xb: np.ndarray, cfg: FitConfig):
+    """One more pass from each point's own optimum and its four neighbours': a point whose starts all
+    fell into a worse local minimum picks up its neighbours' basin, so the profile comes out smooth."""
+    na, nb = f.shape
+    pad = np.pad(xb, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    starts = np.stack([xb, pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]], 2)   # (na, nb, 5, 4)
+    ab_rows = torch.tensor(np.repeat(AB.reshape(-1, 2), 5, 0))
+    res = lbfgs.minimize(_fun_ab(law, d, ab_rows, cfg.delta), torch.tensor(starts.reshape(-1, 4)), cfg.lbfgs,
+                         bounds=_free_bounds(law))
+    f2, x2 = _best_of(res, na, nb, 5)
+    better = f2 < f
+    return np.where(better, f2, f), np.where(better[..., None], x2, xb)
 
 
 def _free_bounds(law):

@@ -141,7 +141,8 @@ def minimize(fun: Objective, x0: torch.Tensor, cfg: LBFGSConfig | None = None,
             plateau = (f_ref[active] - f[active]) <= cfg.stall_rtol * f_ref[active].abs()
             active = active[~plateau]
             f_ref[active] = f[active]
-        pg = g[active].masked_fill(_held(x[active], g[active], lo, hi), 0.0)   # projected gradient
+        held = _held(x[active], g[active], lo, hi)                # (b, P) parameters pinned at a bound
+        pg = g[active].masked_fill(held, 0.0)                      # projected gradient
         gmax = pg.abs().amax(-1)
         done = gmax <= cfg.gtol * f[active].abs().clamp_min(1.0)
         converged[active[done]] = True
@@ -149,8 +150,7 @@ def minimize(fun: Objective, x0: torch.Tensor, cfg: LBFGSConfig | None = None,
         if len(active) == 0:
             break
         a = active
-        pg = pg[~done]
-        held = _held(x[a], g[a], lo, hi)                           # (b, P) parameters pinned at a bound
+        pg, held = pg[~done], held[~done]
         d = _two_loop(pg, S[a], Y[a], rho[a]).masked_fill(held, 0.0)
         bad = (pg * d).sum(-1) >= 0                                # not a descent direction: restart
         if bad.any():

@@ -31,6 +31,8 @@ _TIER_FIELDS = {  # name: (required, help)
     "context_tokens": (False, "tokens of KV cache to hold (default: the training seq_len)"),
     "prompt_tokens": (False, "prompt length for the prefill estimate (default 512)"),
 }
+
+
 class PlanError(ValueError):
     """No plan: the message (one line) names the tier and the limit that fails."""
 
@@ -57,6 +59,7 @@ class CostConfig:
 
 
 def read_mapping(path: str | Path, what: str):
+    """A YAML (or JSON, its subset) file as Python data; PlanError in one line when unreadable."""
     try:
         text = Path(path).read_text()
     except OSError as e:
