@@ -47,9 +47,9 @@ def strict_json(obj):
     return walk(obj, ""), replaced
 
 
-def _write_json(prog: str, path: Path, doc: dict) -> None:
+def _write_json(prog: str, path: Path, doc: dict, warn: bool = True) -> None:
     clean, replaced = strict_json(doc)
-    if replaced:
+    if replaced and warn:
         _warn(prog, f"non-finite values written as null: {', '.join(replaced[:6])}"
                     + (f" (+{len(replaced) - 6} more)" if len(replaced) > 6 else ""))
     try:
@@ -239,7 +239,7 @@ def _profile(prog, args, runs, cfg) -> None:
     _write_json(prog, out / "identifiability.json",
                 {"a": prof.a.tolist(), "b": prof.b.tolist(), "objective": prof.f.tolist(), "f_min": prof.f_min,
                  "ab_free": list(prof.ab_free), "scale": prof.scale, "spread_95": prof.spread(),
-                 "n_opt_exponent": prof.n_opt_exponent().tolist()})
+                 "n_opt_exponent": prof.n_opt_exponent().tolist()}, warn=False)   # nan where alpha = beta = 0
     sp = prof.spread()
     if sp:
         print(f"identifiability: at 95 % the runs allow ln A in [{sp['a'][0]:g}, {sp['a'][1]:g}], ln B in "

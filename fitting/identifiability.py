@@ -74,7 +74,9 @@ class Profile:
         return self.lr_stat() <= chi2.ppf(level, 2)
 
     def n_opt_exponent(self) -> np.ndarray:
-        return self.params["beta"] / (self.params["alpha"] + self.params["beta"])
+        """beta / (alpha + beta) at each point; nan where both exponents sit on their zero bound."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.params["beta"] / (self.params["alpha"] + self.params["beta"])
 
     def spread(self, level: float = 0.95) -> dict:
         """min and max of each quantity over the (a, b) region the data cannot reject."""

@@ -182,3 +182,15 @@ def test_full_flop_frontier_spends_the_budget_and_brackets_the_plan(plan_1e20):
     assert D * f(float(N)) == pytest.approx(1e20, rel=1e-9)
     assert f(float(N)) > 6 * N                                        # attention and heads cost extra
     assert 0.5 < plan_1e20["N"] / plan_1e20["frontier_full_flops"]["N_opt"] < 2.0
+
+
+def test_cli_dense_side_and_min_gain(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert plan_main(["--flops", "1e20", "--tiers", str(TIERS), "--dense-side", "same-tokens", "--min-gain", "0.05",
+                      "--out", str(out)]) == 0
+    pl = json.loads((tmp_path / "p.plan.json").read_text())
+    assert pl["predicted"]["dense_side"] == "same-tokens"
+    assert all(t["gain_over_previous"] >= 0.05 for t in pl["tiers"][1:]) or pl["notes"]
+    with pytest.raises(SystemExit) as e:
+        plan_main(["--flops", "1e20", "--tiers", str(TIERS), "--min-gain", "1.5"])
+    assert e.value.code == 2 and "--min-gain must be in [0, 1)" in capsys.readouterr().err
