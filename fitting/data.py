@@ -1,11 +1,14 @@
 """Runs in, fitting arrays out: the JSONL run-record and CSV readers and the per-law feature tables.
 
 Formats (the format is read from the content, never from the file name):
-- JSONL run records (docs/run-record.md): one object per line with at least N, D, G, loss; also used
-  when present: flops_total (the run's compute budget), exit_val_loss, exit_layers, n_layers,
-  exit_dense_loss (per-exit loss of a size-matched dense model, for the branch law).
-- CSV with a header: N,D,G,loss (G optional; C optional = compute budget) for family/dense;
-  P,Q,D,loss,L_dense (C or N optional) for the branch law.
+- JSONL run records (docs/run-record.md), exactly as `familial-train` writes them: one object per line
+  with at least N, D, G, loss; also used when present: N_total, flops_total (the run's compute budget),
+  exit_val_loss, exit_layers, n_layers, exit_dense_loss (per-exit loss of a size-matched dense model, for
+  the branch law). A record whose `schema` is not familial.run/v1 is refused; unknown keys are ignored.
+- CSV with a header: N,D,G,loss (G optional; C optional = compute budget; N_total optional) for
+  family/dense; P,Q,D,loss,L_dense (C or N optional) for the branch law.
+N: `n_kind` = "non-embedding" reads N, "total" reads N_total (embeddings and untied heads included; the
+paper's convention). In the branch rows the exit's N is N l_g / L, plus the embedding share for "total".
 Which runs feed which law: family = every run's `loss`; dense = runs with G == 1; branch = one row per
 exit (exit g of G, 0-based: P = g exits before it, Q = G - 1 - g after it) from CSV rows or records.
 This file does no fitting; `fitter.py` does.
@@ -28,6 +31,10 @@ from fitting.objective import LawData
 
 class DataError(ValueError):
     """Input that cannot be fitted; the message is one line for the user."""
+
+
+RUN_SCHEMA = "familial.run/v1"
+N_KEYS = {"non-embedding": "N", "total": "N_total"}
 
 
 @dataclass
@@ -68,9 +75,14 @@ def read_rows(path: str | Path) -> list[dict]:
         for i, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i}: not a JSON object")
+                if row.get("schema", RUN_SCHEMA) != RUN_SCHEMA:
+                    raise DataError(f"{path}:{i}: run record schema {row['schema']!r}, this reader knows {RUN_SCHEMA}")
+                rows.append(row)
         return rows
     reader = csv.DictReader(io.StringIO(text))
     rows = []
@@ -82,6 +94,12 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+def _num(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise DataError(f"{what} must be a number, got {v!r}")
+    return float(v)
+
+
 def _col(rows: list[dict], key: str, required: bool = True, default=math.nan) -> np.ndarray:
     out = []
     for i, r in enumerate(rows):
@@ -90,7 +108,7 @@ def _col(rows: list[dict], key: str, required: bool = True, default=math.nan) ->
                 raise DataError(f"run {i + 1} has no {key!r} field (need {key} for this law)")
             out.append(default)
         else:
-            out.append(float(r[key]))
+            out.append(_num(r[key], f"run {i + 1}: {key}"))
     return np.asarray(out, dtype=np.float64)
 
 
@@ -100,12 +118,19 @@ def _check(name: str, v: np.ndarray) -> None:
 
 
 def _budget(rows: list[dict], N: np.ndarray, D: np.ndarray) -> np.ndarray:
-    C = np.array([float(r.get("flops_total", r.get("C", math.nan))) for r in rows])
+    C = np.array([_num(r.get("flops_total", r.get("C", math.nan)), f"run {i + 1}: flops_total")
+                  for i, r in enumerate(rows)])
     fallback = 6.0 * N * D if np.all(np.isfinite(N)) else D
     return np.where(np.isfinite(C), C, fallback)
 
 
-def family_runs(rows: list[dict], dense_only: bool = False) -> Runs:
+def _n_key(n_kind: str) -> str:
+    if n_kind not in N_KEYS:
+        raise DataError(f"n_kind must be one of {', '.join(N_KEYS)}, got {n_kind!r}")
+    return N_KEYS[n_kind]
+
+
+def family_runs(rows: list[dict], dense_only: bool = False, n_kind: str = "non-embedding") -> Runs:
     """Runs for the family law (every run) or the dense law (G == 1 runs; G defaults to 1 in CSV)."""
     G = _col(rows, "G", required=False, default=1.0)
     if dense_only:
@@ -114,20 +139,22 @@ def family_runs(rows: list[dict], dense_only: bool = False) -> Runs:
         if not rows:
             raise DataError("no dense runs (G == 1) to fit the dense law to")
         G = G[keep]
-    N, D, L = _col(rows, "N"), _col(rows, "D"), _col(rows, "loss")
+    N, D, L = _col(rows, _n_key(n_kind)), _col(rows, "D"), _col(rows, "loss")
     for name, v in (("N", N), ("D", D), ("loss", L), ("G", G)):
         _check(name, v)
     return Runs(loss=L, D=D, N=N, G=G, C=_budget(rows, N, D))
 
 
-def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-                ) -> Runs:
+def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                n_kind: str = "non-embedding") -> Runs:
     """One row per exit. CSV rows carry P, Q, D, loss, L_dense; run records are expanded per exit.
 
     Exit g (0-based) of a G-exit record gives P = g (exits before it) and Q = G - 1 - g (exits after).
     For run records without `exit_dense_loss`, L_dense comes from `dense_predict(N_g, D)` with
-    N_g = N * l_g / L (the exit's share of the trunk), e.g. a dense-law fit to the file's G == 1 runs.
+    N_g = N * l_g / L (the exit's share of the trunk; with n_kind "total" plus N_total - N, the embeddings),
+    e.g. a dense-law fit to the file's G == 1 runs.
     """
+    _n_key(n_kind)
     if rows and "P" in rows[0]:
         P, Q, D, L, Ld = (_col(rows, k) for k in ("P", "Q", "D", "loss", "L_dense"))
         N = _col(rows, "N", required=False)
@@ -145,9 +172,12 @@ def branch_runs(rows: list[dict], dense_predict: Callable[[np.ndarray, np.ndarra
                 raise DataError(f"run record {i + 1} lacks {e.args[0]!r}, needed for the branch law") from None
             if len(losses) != len(exits):
                 raise DataError(f"run record {i + 1}: {len(losses)} exit losses for {len(exits)} exits")
+            emb = r["N_total"] - r["N"] if n_kind == "total" and "N_total" in r else 0.0
+            if n_kind == "total" and "N_total" not in r:
+                raise DataError(f"run record {i + 1} lacks 'N_total', needed for --n total")
             for g, (l, loss) in enumerate(zip(exits, losses)):
                 P.append(g), Q.append(len(exits) - 1 - g), D.append(r["D"]), L.append(loss)
-                N.append(r["N"] * l / r["n_layers"])
+                N.append(emb + r["N"] * l / r["n_layers"])
                 C.append(r.get("flops_total", 6.0 * r["N"] * r["D"]))
                 Ld.append(r["exit_dense_loss"][g] if "exit_dense_loss" in r else math.nan)
         P, Q, D, L, Ld, N, C = (np.asarray(v, dtype=np.float64) for v in (P, Q, D, L, Ld, N, C))

@@ -13,6 +13,9 @@ Procedure (the paper's, vectorised):
 Bootstrap replicates and leave-one-budget-out folds are extra batch rows with their own data weights,
 so they are re-optimised in one batched L-BFGS run too. The branch law is fitted the same way (generic
 screen, then batched L-BFGS) over (alpha_P, beta_Q, a) with D_d held at `FitConfig.branch_D_d`.
+Every parameter is box-bounded (objective.BOUNDS); an optimum on a bound is reported as a warning, since it
+means the runs do not determine that parameter. `FitConfig.fixed` freezes parameters (e.g. a = 6, b = 8 as
+the paper's A, B suggest); the grid then collapses to the fixed value on those axes.
 
 Data loading is `data.py`; the laws' numpy forms are `laws.py`; drawing is `figures.py`.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ from tqdm.auto import tqdm
 from fitting import lbfgs
 from fitting.grids import get_grid, grid_points, grid_size
 from fitting.laws import PAPER_BRANCH
-from fitting.objective import HUBER_DELTA, Law, LawData, evaluate, get_law, huber
+from fitting.objective import HUBER_DELTA, Frozen, Law, LawData, evaluate, get_law, huber
 
 _CELL_AXES = {"family": ("alpha", "beta", "gamma"), "dense": ("alpha", "beta"), "branch": ("alpha_P", "beta_Q")}
 _N_CANDIDATES = 8     # starts reused by bootstrap replicates and validation folds
@@ -51,6 +54,30 @@ class FitConfig:
     threads: int | None = 1             # torch intra-op threads while fitting (None = leave as is); the
                                         # batch is many small ops, where a second thread gains little and
                                         # oversubscribed cores (a busy CI box) slow it down 5-10x
+    gamma_on: str = "equation"          # family law: G^gamma on everything (eq. (1)) or "learnable" (A, B terms)
+    fixed: dict = field(default_factory=dict)  # parameters held fixed: log-space (e, a, b, ...) or E, A, B
+    branch_D_unit: float = PAPER_BRANCH.D_unit  # branch law: tokens per unit of D (and of D_d)
+
+
+_NATURAL_TO_LOG = {"E": "e", "A": "a", "B": "b"}
+
+
+def log_fixed(law_name: str, fixed: dict) -> dict:
+    """`fixed` with natural names (E, A, B) turned into the log-space ones (e, a, b) the law optimises."""
+    out = {}
+    for k, v in fixed.items():
+        if k in _NATURAL_TO_LOG and law_name in ("family", "dense"):
+            if not v > 0:
+                raise ValueError(f"{k} must be positive to be fixed, got {v}")
+            out[_NATURAL_TO_LOG[k]] = math.log(v)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def make_law(law_name: str, cfg: "FitConfig") -> Law:
+    """The law object `cfg` describes: G^gamma reading, branch D_d and unit, frozen parameters."""
+    return get_law(law_name, cfg.branch_D_d, cfg.gamma_on, log_fixed(law_name, cfg.fixed), cfg.branch_D_unit)
 
 
 @dataclass
@@ -59,7 +86,7 @@ class FitResult:
     grid: str
     x: np.ndarray                       # (P,) best point, log-space parameters
     params: dict                        # published names: E, A, alpha, B, beta[, gamma] / alpha_P, beta_Q, D_d, a
-    fixed: dict                         # constants held fixed, not fitted (branch: {"D_d": ...}; else {})
+    fixed: dict                         # constants held fixed, not fitted (branch: D_d, D_unit; any frozen)
     objective: float                    # summed Huber at x
     n_runs: int
     n_starts: int                       # grid size
@@ -99,10 +126,12 @@ def _screen_lse(law: Law, grid: dict, d: LawData, cfg: FitConfig) -> np.ndarray:
     e, a, b = (torch.tensor(grid[k], dtype=f32) for k in ("e", "a", "b"))
     al, be = torch.tensor(grid["alpha"], dtype=f32), torch.tensor(grid["beta"], dtype=f32)
     ga = torch.tensor(grid["gamma"], dtype=f32) if law.name == "family" else torch.zeros(1, dtype=f32)
+    learnable = law.name == "family" and law.gamma_on == "learnable"
     lnN, lnD, lnG, y = (v.to(f32) for v in (d.lnN, d.lnD, d.lnG, d.y))
     X1 = (a[:, None, None] - al[None, :, None] * lnN).exp()       # (na, nal, n)
     X2 = (b[:, None, None] - be[None, :, None] * lnD).exp()       # (nb, nbe, n)
-    E = e.exp()
+    E = e.exp()[:, None, None, None, None, None]
+    Gg = (ga[:, None] * lnG).exp()                                 # (ng, n) G^gamma
     shift = ga[:, None] * lnG - y                                  # (ng, n)
     out = torch.empty(len(e), len(a), len(b), len(al), len(be), len(ga), dtype=torch.float64)
     per_a = len(e) * len(b) * len(al) * len(be) * len(ga) * d.n
@@ -110,11 +139,12 @@ def _screen_lse(law: Law, grid: dict, d: LawData, cfg: FitConfig) -> np.ndarray:
     blocks = range(0, len(a), step)
     for i in tqdm(blocks, desc="screen", disable=not cfg.progress, leave=False):
         x1 = X1[i:i + step]                                        # (ca, nal, n)
-        # S[e, ca, b, alpha, beta, n] = E_e + X1[ca, alpha] + X2[b, beta]; then log, in place
-        lp = (E[:, None, None, None, None, None] + x1[None, :, None, :, None, :]
-              + X2[None, None, :, None, :, :]).log_()             # (ne, ca, nb, nal, nbe, n)
-        for j in range(len(ga)):                                   # gamma only shifts the log prediction
-            r = (lp + shift[j]).abs_()
+        # S[e, ca, b, alpha, beta, n] = X1[ca, alpha] + X2[b, beta]: the learnable part
+        s = x1[None, :, None, :, None, :] + X2[None, None, :, None, :, :]   # (1, ca, nb, nal, nbe, n)
+        lp = None if learnable else (E + s).log_()                 # (ne, ca, nb, nal, nbe, n)
+        for j in range(len(ga)):
+            # equation: gamma only shifts the log prediction; learnable: log(E + G^gamma s) per gamma
+            r = ((lp + shift[j]) if lp is not None else (E + s * Gg[j]).log_().sub_(y)).abs_()
             m = r.clamp(max=cfg.delta)
             # Huber(r) = m (|r| - m / 2) with m = min(|r|, delta): the exact two-piece form
             out[:, i:i + step, ..., j] = r.sub_(m.mul_(0.5)).mul_(m.mul_(2.0)).sum(-1).double()
@@ -136,7 +166,7 @@ def _screen_generic(law: Law, grid: dict, d: LawData, cfg: FitConfig) -> np.ndar
 
 
 def screen(law: Law, grid: dict, d: LawData, cfg: FitConfig) -> np.ndarray:
-    """Objective at every start of `grid` (array shaped like the grid)."""
+    """Objective at every start of `grid` (array shaped like the grid; `law` is never a Frozen one)."""
     if law.name in ("family", "dense"):
         return _screen_lse(law, grid, d, cfg)
     return _screen_generic(law, grid, d, cfg)
@@ -190,7 +220,7 @@ def optimise(law: Law, d: LawData, x0: np.ndarray, W: torch.Tensor, group: int, 
             bar.refresh()
 
         parts.append(lbfgs.minimize(fun, torch.tensor(x0[s:s + cfg.max_batch], dtype=torch.float64),
-                                    cfg.lbfgs, progress))
+                                    cfg.lbfgs, progress, law.bounds()))
     bar.close()
     return lbfgs.LBFGSResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                                ("x", "f", "grad", "n_iter", "converged", "moved")))
@@ -214,9 +244,16 @@ def _candidates(x_final: np.ndarray, f_final: np.ndarray, x0: np.ndarray, f0: np
 def _warnings(law: Law, grid: dict, x: np.ndarray, winner_moved: bool, n_unmoved: int,
               converged: bool) -> list[str]:
     out = []
-    for name, v in zip(law.names, x):
+    blo, bhi = law.bounds()
+    for name, v, lo_b, hi_b in zip(law.names, x, blo, bhi):
+        if min(v - lo_b, hi_b - v) <= 5e-3 * (hi_b - lo_b):
+            out.append(f"optimum {name}={v:.6g} sits on its bound [{lo_b:g}, {hi_b:g}]: the runs do not "
+                       f"determine it")
+            continue
         lo, hi = float(grid[name].min()), float(grid[name].max())
         tol = 1e-2 * (hi - lo)
+        if hi == lo:
+            continue
         if v < lo - tol or v > hi + tol:
             out.append(f"optimum {name}={v:.6g} lies outside the grid range [{lo:g}, {hi:g}]")
         elif min(abs(v - lo), abs(v - hi)) <= tol:
@@ -237,16 +274,26 @@ def fit(law_name: str, d: LawData, cfg: FitConfig | None = None) -> FitResult:
         return _fit(law_name, d, cfg)
 
 
-def _fit(law_name: str, d: LawData, cfg: FitConfig) -> FitResult:
-    law = get_law(law_name, cfg.branch_D_d)
+def _grid_for(law: Law, law_name: str, cfg: FitConfig) -> tuple[Law, dict]:
+    """(the unfrozen law, its start grid with every frozen axis collapsed to its fixed value)."""
+    base = law.law if isinstance(law, Frozen) else law
     grid = get_grid(law_name, cfg.grid) if isinstance(cfg.grid, str) else cfg.grid
-    if list(grid) != list(law.names):
-        raise ValueError(f"grid axes {list(grid)} must be the {law_name} law's parameters {list(law.names)}")
+    if list(grid) != list(base.names):
+        raise ValueError(f"grid axes {list(grid)} must be the {law_name} law's parameters {list(base.names)}")
+    if isinstance(law, Frozen):
+        grid = {k: (np.array([law.values[k]]) if k in law.values else v) for k, v in grid.items()}
+    return base, grid
+
+
+def _fit(law_name: str, d: LawData, cfg: FitConfig) -> FitResult:
+    law = make_law(law_name, cfg)
+    base, grid = _grid_for(law, law_name, cfg)
+    free = [base.names.index(n) for n in law.names]
     t0 = time.perf_counter()
-    obj = screen(law, grid, d, cfg)
+    obj = screen(base, grid, d, cfg)
     t1 = time.perf_counter()
     flat = select_starts(obj, grid, law_name, cfg.keep, cfg.per_cell)
-    x0 = grid_points(grid, flat)
+    x0 = grid_points(grid, flat)[:, free]
     res = optimise(law, d, x0, torch.ones(1, d.n, dtype=torch.float64), len(x0), cfg)
     t2 = time.perf_counter()
     f = res.f.numpy().copy()
@@ -256,7 +303,8 @@ def _fit(law_name: str, d: LawData, cfg: FitConfig) -> FitResult:
     fbest = float(f[i])
     in_basin = int(np.sum(f <= fbest + 1e-9 * abs(fbest) + 1e-20))
     n_unmoved = int((~res.moved).sum())
-    warns = _warnings(law, grid, x, bool(res.moved[i]), n_unmoved, bool(res.converged[i]))
+    warns = _warnings(law, {n: grid[n] for n in law.names}, x, bool(res.moved[i]), n_unmoved,
+                      bool(res.converged[i]))
     return FitResult(
         law=law_name, grid=cfg.grid if isinstance(cfg.grid, str) else "custom", x=x, params=law.natural(x),
         fixed=law.fixed(), objective=fbest, n_runs=d.n,
@@ -278,8 +326,7 @@ def refit_weighted(law_name: str, d: LawData, W: np.ndarray, starts: np.ndarray,
     K, M = len(W), len(starts)
     x0 = np.tile(starts, (K, 1))                                   # (K*M, P), row r -> weights r // M
     with _threads(cfg.threads):
-        res = optimise(get_law(law_name, cfg.branch_D_d), d, x0, torch.tensor(W, dtype=torch.float64), M, cfg,
-                       desc)
+        res = optimise(make_law(law_name, cfg), d, x0, torch.tensor(W, dtype=torch.float64), M, cfg, desc)
     f = res.f.numpy().reshape(K, M)
     f = np.where(np.isfinite(f), f, np.inf)
     best = f.argmin(1)
@@ -315,7 +362,7 @@ def leave_one_budget_out(law_name: str, d: LawData, C: np.ndarray, result: FitRe
     W = (keys[None, :] != uniq[:, None]).astype(np.float64)        # (F, n): 0 = held out
     cfg = cfg or FitConfig()
     x, _ = refit_weighted(law_name, d, W, result.candidates, cfg, desc="validation")
-    law = get_law(law_name, cfg.branch_D_d)
+    law = make_law(law_name, cfg)
     pred, _ = law.predict(torch.tensor(x), d)                      # (F, n)
     rel = (pred - d.y).exp().numpy() - 1.0                         # L_pred / L - 1
     obs = d.y.exp().numpy()
@@ -334,22 +381,37 @@ def leave_one_budget_out(law_name: str, d: LawData, C: np.ndarray, result: FitRe
 
 
 def confidence(law_name: str, xs: np.ndarray, budgets=(1e19, 1e20, 1e21), level: float = 0.95,
-               branch_D_d: float | None = None) -> dict:
-    """Percentile CIs of the parameters and of derived quantities (N_opt exponent, N_opt(C)).
+               cfg: FitConfig | None = None) -> dict:
+    """Percentile CIs of the parameters and of derived quantities (N_opt exponent, N_opt(C) for C = 6ND).
 
-    Branch law: D_d is held fixed, so its "interval" is that one value."""
-    law = get_law(law_name, branch_D_d)
+    xs: (K, P) replicates in the law's (free) log-space parameters. Frozen parameters and the branch law's
+    D_d have a single value, so their "interval" is that one value."""
+    law = make_law(law_name, cfg or FitConfig())
     nat = [law.natural(x) for x in xs]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {k: [float(v) for v in np.percentile([n[k] for n in nat], q)] for k in nat[0]}
     if law_name in ("family", "dense"):
-        al, be = xs[:, 3], xs[:, 4]
-        out["N_opt_exponent"] = [float(v) for v in np.percentile(be / (al + be), q)]
-        for C in budgets:
-            # closed-form frontier (C = 6 N D) per replicate, in log space to stay finite
-            s = al + be
-            lnN = (np.log(al) + xs[:, 1] - np.log(be) - xs[:, 2]) / s + be / s * math.log(C / 6.0)
-            out[f"N_opt@{C:.0e}"] = [float(v) for v in np.exp(np.percentile(lnN, q))]
+        al, be = (np.array([n[k] for n in nat]) for k in ("alpha", "beta"))
+        lnA, lnB = (np.log([n[k] for n in nat]) for k in ("A", "B"))
+        s = al + be
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["N_opt_exponent"] = [float(v) for v in np.percentile(be / s, q)]
+            for C in budgets:
+                # closed-form frontier (C = 6 N D) per replicate, in log space to stay finite
+                lnN = (np.log(al) + lnA - np.log(be) - lnB) / s + be / s * math.log(C / 6.0)
+                out[f"N_opt@{C:.0e}"] = [float(v) for v in np.exp(np.percentile(lnN, q))]
     out["level"] = level
     out["n_boot"] = len(xs)
+    return out
+
+
+def delta_scan(law_name: str, d: LawData, deltas=(1e-4, 1e-3, 1e-2, 1e-1), cfg: FitConfig | None = None) -> list[dict]:
+    """The same fit at several Huber thresholds: [{"delta", "params", "objective", "warnings"}] per delta.
+
+    The paper picks delta = 1e-3 and calls the fit insensitive to it; this shows by how much it moves."""
+    cfg = cfg or FitConfig()
+    out = []
+    for delta in deltas:
+        r = fit(law_name, d, replace(cfg, delta=float(delta)))
+        out.append({"delta": float(delta), "params": r.params, "objective": r.objective, "warnings": r.warnings})
     return out

@@ -5,9 +5,13 @@ backtracking line search and the curvature-pair update for all still-active rows
 the active set when they converge, so late iterations cost only what is left. There is no Python loop
 over rows (the loops are over iterations and backtracking halvings, both bounded).
 
+Box bounds (optional, per parameter): a projected L-BFGS. A parameter sitting on a bound with the
+gradient pushing outwards is held (its gradient and direction components are zeroed), every trial point
+is projected onto the box, and Armijo uses the projected step. With no bound active this is plain L-BFGS.
+
 This file knows nothing about scaling laws: `fun(x, rows)` returns the objective (B',) and its gradient
-(B', P) for the rows `rows` of the batch (so a caller can give each row its own data weights). It does
-not handle bounds or constraints.
+(B', P) for the rows `rows` of the batch (so a caller can give each row its own data weights). It handles
+no constraints other than boxes.
 """
 from __future__ import annotations
 
@@ -63,9 +67,16 @@ def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tens
     return -r
 
 
+def _held(x: torch.Tensor, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(B, P) bool: on a bound with the gradient pointing out of the box (descent would leave it)."""
+    return ((x <= lo) & (g > 0)) | ((x >= hi) & (g < 0))
+
+
 def _line_search(fun: Objective, x: torch.Tensor, f: torch.Tensor, g: torch.Tensor, d: torch.Tensor,
-                 rows: torch.Tensor, cfg: LBFGSConfig):
+                 rows: torch.Tensor, cfg: LBFGSConfig, lo: torch.Tensor, hi: torch.Tensor):
     """Armijo backtracking for every row at once; returns (x_new, f_new, g_new, ok) for `rows`.
+
+    Trial points are projected onto [lo, hi]; Armijo reads f(x_t) <= f + c1 g.(x_t - x).
 
     The full step t = 1 is tried first; rows that fail it try the next `_FAN` halvings in one call
     (t = 2^-1 .. 2^-8, then 2^-9 .. 2^-16, ...) and keep the largest step that satisfies Armijo, so a
@@ -73,22 +84,24 @@ def _line_search(fun: Objective, x: torch.Tensor, f: torch.Tensor, g: torch.Tens
     interpolation step before the fan saved ~15 % of evaluations but let rows on flat plateaus creep
     for thousands of iterations; halving lets them fail the search and stop.)
     """
-    slope = (g * d).sum(-1)                                        # (b,) < 0 for descent
     x_new, f_new, g_new = x.clone(), f.clone(), g.clone()
     ok = torch.zeros_like(f, dtype=torch.bool)
-    ft, gt = fun(x + d, rows)
-    good = torch.isfinite(ft) & (ft <= f + cfg.c1 * slope)
-    x_new[good], f_new[good], g_new[good], ok[good] = (x + d)[good], ft[good], gt[good], True
+    x1 = torch.minimum(torch.maximum(x + d, lo), hi)               # (b, P)
+    ft, gt = fun(x1, rows)
+    good = torch.isfinite(ft) & (ft <= f + cfg.c1 * (g * (x1 - x)).sum(-1))
+    x_new[good], f_new[good], g_new[good], ok[good] = x1[good], ft[good], gt[good], True
     todo = torch.nonzero(~good).squeeze(1)
     k0 = 1
     while len(todo) and k0 <= cfg.max_backtrack:
         ks = torch.arange(k0, min(k0 + _FAN, cfg.max_backtrack + 1), dtype=x.dtype)
         t = 0.5 ** ks                                              # (k,)
         xt = x[todo, None] + t[None, :, None] * d[todo, None]      # (b', k, P)
+        xt = torch.minimum(torch.maximum(xt, lo), hi)
         b, k, P = xt.shape
         ft, gt = fun(xt.reshape(b * k, P), rows[todo].repeat_interleave(k))
         ft, gt = ft.reshape(b, k), gt.reshape(b, k, P)
-        armijo = torch.isfinite(ft) & (ft <= f[todo, None] + cfg.c1 * t[None] * slope[todo, None])  # (b', k)
+        decrease = (g[todo, None] * (xt - x[todo, None])).sum(-1)  # (b', k) g.(x_t - x)
+        armijo = torch.isfinite(ft) & (ft <= f[todo, None] + cfg.c1 * decrease)  # (b', k)
         hit = armijo.any(1)
         first = armijo.float().argmax(1)                           # largest accepted step
         acc, j = todo[hit], first[hit]
@@ -103,10 +116,15 @@ _FAN = 8
 
 
 def minimize(fun: Objective, x0: torch.Tensor, cfg: LBFGSConfig | None = None,
-             progress: Callable[[int, int], None] | None = None) -> LBFGSResult:
-    """Minimise every row of x0 (B, P) independently; see the module docstring."""
+             progress: Callable[[int, int], None] | None = None,
+             bounds: tuple[list[float], list[float]] | None = None) -> LBFGSResult:
+    """Minimise every row of x0 (B, P) independently within `bounds` = (lower, upper) per parameter
+    (None: unbounded); x0 is projected onto the box first. See the module docstring."""
     cfg = cfg or LBFGSConfig()
     B, P = x0.shape
+    inf = torch.full((P,), torch.inf, dtype=x0.dtype)
+    lo, hi = (-inf, inf) if bounds is None else (torch.tensor(b, dtype=x0.dtype) for b in bounds)
+    x0 = torch.minimum(torch.maximum(x0, lo), hi)
     x = x0.clone()
     all_rows = torch.arange(B)
     f, g = fun(x, all_rows)
@@ -123,19 +141,22 @@ def minimize(fun: Objective, x0: torch.Tensor, cfg: LBFGSConfig | None = None,
             plateau = (f_ref[active] - f[active]) <= cfg.stall_rtol * f_ref[active].abs()
             active = active[~plateau]
             f_ref[active] = f[active]
-        gmax = g[active].abs().amax(-1)
+        held = _held(x[active], g[active], lo, hi)                # (b, P) parameters pinned at a bound
+        pg = g[active].masked_fill(held, 0.0)                      # projected gradient
+        gmax = pg.abs().amax(-1)
         done = gmax <= cfg.gtol * f[active].abs().clamp_min(1.0)
         converged[active[done]] = True
         active = active[~done]
         if len(active) == 0:
             break
         a = active
-        d = _two_loop(g[a], S[a], Y[a], rho[a])
-        bad = (g[a] * d).sum(-1) >= 0                              # not a descent direction: restart
+        pg, held = pg[~done], held[~done]
+        d = _two_loop(pg, S[a], Y[a], rho[a]).masked_fill(held, 0.0)
+        bad = (pg * d).sum(-1) >= 0                                # not a descent direction: restart
         if bad.any():
-            d[bad] = -g[a][bad] / g[a][bad].abs().amax(-1, keepdim=True).clamp_min(1.0)
+            d[bad] = -pg[bad] / pg[bad].abs().amax(-1, keepdim=True).clamp_min(1.0)
             rho[a[bad]] = 0.0
-        x_new, f_new, g_new, ok = _line_search(fun, x[a], f[a], g[a], d, a, cfg)
+        x_new, f_new, g_new, ok = _line_search(fun, x[a], f[a], g[a], d, a, cfg, lo, hi)
         s, y = x_new - x[a], g_new - g[a]
         sy = (s * y).sum(-1)
         upd = ok & (sy > 1e-300)

@@ -1,20 +1,22 @@
 """Tier planner: a training budget and a device -> edge -> cloud tier file in, a familial model plan out.
 
-One exit per tier (G = number of tiers): tier k runs layers [l_{k-1}, l_k) and exit head k; tier 0 also
-holds the embedding, every tier holds an unembedding for its exit. The plan:
-1. Shapes: Llama-style candidates (d_model 256..12288, depth around a width-dependent aspect ratio,
-   GQA 4:1, SwiGLU 8/3 d); N = non-embedding params and FLOPs/token from `trunk.flops` (the full count
-   with G exit heads), D = C / flops_per_token, loss from the family law L(N, D, G).
-2. Exits: for a shape, every placement l_1 < .. < l_{G-1} < L is scored at once (numpy): tier memory
-   (shard weights + KV cache for `context_tokens`) and the per-token latency to each tier's exit (roofline
-   decode max(weight bytes / bandwidth, FLOPs / compute) of every tier up to it, plus each hop's round
-   trip and hidden-state transfer) against the tier's limits. Among feasible placements the branch law
-   (added to the dense law at each exit's size) picks the lowest predicted mean exit loss.
-3. The lowest-loss shape with a feasible placement wins (the compute-optimal N when the tiers allow it).
-   With none, PlanError names the tier and the limit that fails for the closest candidate.
+One exit per tier (G = number of tiers); the tier cost model (memory, roofline decode, hops) is tiers.py.
+1. The trunk is compute-optimal: every candidate Llama-style shape (d_model 256..12288, depth 0.6-1.5x a
+   width-dependent aspect) is costed with `trunk.flops` (full count, G exit heads), D = C / flops_per_token,
+   and scored by its deepest exit's loss. Shapes within `opt_tol` (0.5 %) of the best are all
+   compute-optimal for the budget; among them the one whose exits serve the tiers best wins.
+2. Exits: every placement 0 < l_1 < .. < l_{G-1} < L is costed at once (numpy). A placement is valid when
+   every tier fits its memory and latency and each tier's exit beats the one below by at least
+   `min_gain` (2 %) of its loss, so no tier serves a near-copy of the previous one. Among valid ones the
+   deepest exits win, top tier first: each tier gets the best model its limits allow.
+3. One law for every number: exit g's loss is the dense law at the exit's size plus the branch-law
+   penalty, L_g = L_dense(N_g, D) + (alpha_P g + beta_Q (G-1-g)) (D_d / D)^a; the family's loss is their
+   mean and EL compares that mean with the dense side (`dense_side`, as in leverage.py). The family law
+   L(N, D, G) (eq. (1)) is reported next to it as a cross-check, never mixed in.
 Outputs a trainer config {model: FamilyConfig fields, train: {tokens, seq_len, batch_size, lr,
 warmup_steps}}. Batch size and LR follow DeepSeek LLM's compute fits (B = 0.292 C^0.3271 tokens,
-lr = 0.3118 C^-0.125). This file does not train, serve or measure anything.
+lr = 0.3118 C^-0.125). Exits are printed 0-based, as serving numbers them. This file does not train,
+serve or measure anything.
 """
 from __future__ import annotations
 
@@ -25,109 +27,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import brentq
 
-from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss,
-                          efficiency_leverage, efficiency_leverage_compute, family_loss, frontier,
-                          frontier_numeric)
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss, family_loss,
+                          frontier, frontier_numeric)
+from fitting.leverage import DENSE_SIDES, budget_split_loss
+from fitting.tiers import (CostConfig, PlanError, Tier, diagnose, feasible, limits, load_tiers,  # noqa: F401
+                           parse_tiers, read_mapping, tier_costs)
 from trunk.config import FamilyConfig
 from trunk.flops import flops_per_token, param_counts
 
-_TIER_FIELDS = {  # name: (required, help)
-    "name": (True, "tier name"),
-    "memory_gb": (True, "memory for this tier's weights and KV cache (GB)"),
-    "compute_tflops": (True, "sustained compute (TFLOP/s)"),
-    "bandwidth_gbs": (True, "memory bandwidth (GB/s)"),
-    "latency_ms": (True, "per-token latency target for an answer from this tier's exit (ms)"),
-    "rtt_ms": (False, "round trip to the previous tier (ms); required for every tier but the first"),
-    "link_gbps": (False, "bandwidth of the link from the previous tier (Gbit/s); required after the first"),
-    "context_tokens": (False, "tokens of KV cache to hold (default: the training seq_len)"),
-    "prompt_tokens": (False, "prompt length for the prefill estimate (default 512)"),
-}
 _MAX_PLACEMENTS = 2_000_000
-
-
-class PlanError(ValueError):
-    """No plan: the message (one line) names the tier and the limit that fails."""
+_DEPTH_FACTORS = (0.6, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
 
 
 @dataclass
-class Tier:
-    name: str
-    memory_gb: float
-    compute_tflops: float
-    bandwidth_gbs: float
-    latency_ms: float
-    rtt_ms: float = 0.0
-    link_gbps: float = math.inf
-    context_tokens: int = 0
-    prompt_tokens: int = 512
-
-
-@dataclass
-class PlanConfig:
-    seq_len: int = 2048              # training sequence length (and default KV context)
+class PlanConfig(CostConfig):
     vocab_size: int = 32000
-    bytes_per_param: float = 2.0     # serving weights (bf16)
-    act_bytes: float = 2.0           # hidden state element sent between tiers (bf16)
-    kv_bytes: float = 2.0            # KV cache element
     max_G: int = 6
-
-
-# ---- inputs --------------------------------------------------------------------------------------
-def _read_mapping(path: str | Path, what: str):
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise PlanError(f"cannot read {what} {path}: {e.strerror}") from None
-    try:
-        import yaml
-        return yaml.safe_load(text)       # YAML is a superset of JSON
-    except Exception as e:                # yaml raises several types; all mean "unparseable"
-        raise PlanError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
-
-
-def parse_tiers(doc) -> list[Tier]:
-    """Tiers from {tiers: [ {name, ...}, ... ]} or {tiers: {name: {...}, ...}}, in chain order."""
-    raw = doc.get("tiers") if isinstance(doc, dict) else None
-    if isinstance(raw, dict):
-        raw = [{"name": k, **(v or {})} for k, v in raw.items()]
-    if not isinstance(raw, list) or not raw:
-        raise PlanError("tier file needs a non-empty 'tiers' list (device -> edge -> cloud order)")
-    tiers = []
-    for i, t in enumerate(raw):
-        if not isinstance(t, dict):
-            raise PlanError(f"tier {i + 1} must be a mapping of fields")
-        name = t.get("name", f"#{i + 1}")
-        unknown = sorted(set(t) - set(_TIER_FIELDS))
-        if unknown:
-            raise PlanError(f"tier {name!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_TIER_FIELDS)}")
-        need = [k for k, (req, _) in _TIER_FIELDS.items() if req] + (["rtt_ms", "link_gbps"] if i else [])
-        missing = [k for k in need if k not in t]
-        if missing:
-            raise PlanError(f"tier {name!r}: missing {', '.join(missing)}")
-        for k, v in t.items():
-            if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
-                                or (v == 0 and k not in ("rtt_ms", "context_tokens", "prompt_tokens"))):
-                raise PlanError(f"tier {name!r}: {k} must be a positive number, got {v!r}")
-        tiers.append(Tier(**t))
-    if len({t.name for t in tiers}) != len(tiers):
-        raise PlanError("tier names must be distinct")
-    return tiers
-
-
-def load_tiers(path: str | Path) -> list[Tier]:
-    return parse_tiers(_read_mapping(path, "tier file"))
+    min_gain: float = 0.02           # each tier's exit beats the exit below by >= this fraction of its loss
+    opt_tol: float = 0.005           # shapes whose deepest-exit loss is within this of the best: compute-optimal
+    dense_side: str = "matched"      # dense side of the predicted EL (leverage.DENSE_SIDES)
 
 
 def load_law(path: str | Path) -> LawParams:
-    """A `familial-fit --json` result for the family law."""
-    doc = _read_mapping(path, "law file")
+    """A `familial-fit --json` result for the family law (with its gamma_on and n_kind when recorded)."""
+    doc = read_mapping(path, "law file")
+    if isinstance(doc, dict) and doc.get("law") != "family":
+        raise PlanError(f"{path}: planning needs a family-law fit, this one is {doc.get('law')!r}")
     try:
-        if doc.get("law") != "family":
-            raise PlanError(f"{path}: planning needs a family-law fit, this one is {doc.get('law')!r}")
         return LawParams(**{k: float(doc["params"][k]) for k in ("E", "A", "alpha", "B", "beta", "gamma")},
-                         source=str(path))
-    except (KeyError, TypeError, AttributeError):
+                         source=str(path), gamma_on=doc.get("gamma_on", "equation"),
+                         n_kind=doc.get("n_kind", "non-embedding"))
+    except (KeyError, TypeError, AttributeError, ValueError):
         raise PlanError(f"{path}: not a familial-fit --json result (needs params E, A, alpha, B, beta, gamma)") from None
 
 
@@ -144,23 +76,30 @@ def shape(d_model: int, n_layers: int, exit_layers: tuple[int, ...], pc: PlanCon
 
 def candidate_shapes(G: int, pc: PlanConfig) -> list[FamilyConfig]:
     """Widths 256..12288 (step 256 below 1024, 512 above, so heads come in multiples of 4); depths
-    around aspect d/L = 48 + 16 log2(d / 256), +-25 % in five steps."""
+    around aspect d/L = 48 + 16 log2(d / 256), from 0.6x to 1.5x (deeper-narrower shapes give shallow
+    tiers more layers at the same N)."""
     out = []
     for d in list(range(256, 1024, 256)) + list(range(1024, 12289, 512)):
         base = d / (48 + 16 * math.log2(d / 256))
-        for L in sorted({max(G + 1, round(base * f)) for f in (0.75, 0.875, 1.0, 1.125, 1.25)}):
+        for L in sorted({max(G + 1, round(base * f)) for f in _DEPTH_FACTORS}):
             out.append(shape(d, L, tuple(range(1, G)), pc))   # placeholder exits: FLOPs do not depend on them
     return out
 
 
-def flops_per_token_curve(G: int, pc: PlanConfig):
-    """FLOPs per token as a smooth function of N: trunk.flops over the rule-aspect shapes, interpolated
-    log-log between widths. Feeds `laws.frontier_numeric` for the full-FLOP frontier."""
+def law_n(cfg: FamilyConfig, p: LawParams) -> int:
+    """N as the law counts it: non-embedding parameters, or every parameter (p.n_kind == "total")."""
+    pc = param_counts(cfg)
+    return pc.total if p.n_kind == "total" else pc.non_embedding
+
+
+def flops_per_token_curve(G: int, pc: PlanConfig, p: LawParams = PAPER):
+    """FLOPs per token as a smooth function of the law's N: trunk.flops over the rule-aspect shapes,
+    interpolated log-log between widths. Feeds `laws.frontier_numeric` for the full-FLOP frontier."""
     rows = []
     for d in list(range(256, 1024, 256)) + list(range(1024, 12289, 512)):
         L = max(G + 1, round(d / (48 + 16 * math.log2(d / 256))))
         cfg = shape(d, L, tuple(range(1, G)), pc)
-        rows.append((param_counts(cfg).non_embedding, flops_per_token(cfg, pc.seq_len)))
+        rows.append((law_n(cfg, p), flops_per_token(cfg, pc.seq_len)))
     lnN, lnF = (np.log(np.array(v, dtype=np.float64)) for v in zip(*rows))
     slope_lo = (lnF[1] - lnF[0]) / (lnN[1] - lnN[0])
     slope_hi = (lnF[-1] - lnF[-2]) / (lnN[-1] - lnN[-2])
@@ -177,10 +116,10 @@ def flops_per_token_curve(G: int, pc: PlanConfig):
 
 def full_flops_frontier(C, G: int, p: LawParams = PAPER, pc: PlanConfig | None = None):
     """(N_opt, D_opt) under the full FLOP count (attention, G exit heads) rather than C = 6ND."""
-    return frontier_numeric(C, p, flops_per_token_curve(G, pc or PlanConfig()), G)
+    return frontier_numeric(C, p, flops_per_token_curve(G, pc or PlanConfig(), p), G)
 
 
-# ---- exit placement ------------------------------------------------------------------------------
+# ---- exits -----------------------------------------------------------------------------------------
 def _placements(L: int, G: int) -> np.ndarray:
     """All cut points 0 = c_0 < c_1 < .. < c_{G-1} < c_G = L: (K, G + 1)."""
     if G == 1:
@@ -193,78 +132,44 @@ def _placements(L: int, G: int) -> np.ndarray:
     return np.concatenate([np.zeros((K, 1), np.int64), cuts, np.full((K, 1), L, np.int64)], 1)
 
 
-def tier_costs(cfg: FamilyConfig, cuts: np.ndarray, tiers: list[Tier], pc: PlanConfig) -> dict:
-    """Per placement (K) and tier (G): memory need, decode/transfer/prefill times, latency to each exit."""
-    G = len(tiers)
-    d, V = cfg.d_model, cfg.vocab_size
-    layer_params = param_counts(cfg.replace(n_layers=1, exit_layers=())).non_embedding - d  # one block
-    n = np.diff(cuts, axis=1).astype(np.float64)                      # (K, G) layers per tier
-    head = np.full(G, float(V * d + d))                               # unembedding + norm per exit
-    head[0] += V * d                                                  # tier 0 also embeds
-    params = n * layer_params + head                                  # (K, G)
-    wbytes = params * pc.bytes_per_param
-    ctx = np.array([t.context_tokens or pc.seq_len for t in tiers], dtype=np.float64)
-    kv = n * 2 * cfg.n_kv_heads * cfg.head_dim * ctx * pc.kv_bytes
-    flops = 2 * params + 4 * n * d * ctx                              # forward FLOPs per decoded token
-    comp = np.array([t.compute_tflops * 1e12 for t in tiers])
-    bw = np.array([t.bandwidth_gbs * 1e9 for t in tiers])
-    decode = np.maximum(wbytes / bw, flops / comp) * 1e3              # ms, roofline
-    hop = np.array([0.0] + [t.rtt_ms + d * pc.act_bytes * 8 / (t.link_gbps * 1e9) * 1e3 for t in tiers[1:]])
-    latency = np.cumsum(decode + hop, axis=1)                         # (K, G) ms to each exit
-    prompt = np.array([t.prompt_tokens for t in tiers], dtype=np.float64)
-    return {"layers": n, "params": params, "memory_gb": (wbytes + kv) / 1e9, "decode_ms": decode,
-            "hop_ms": np.broadcast_to(hop, n.shape), "latency_ms": latency,
-            "prefill_ms": prompt * flops / comp * 1e3}
-
-
-def _limits(tiers: list[Tier]) -> tuple[np.ndarray, np.ndarray]:
-    return (np.array([t.memory_gb for t in tiers]), np.array([t.latency_ms for t in tiers]))
+def exit_sizes(cfg: FamilyConfig, cuts: np.ndarray, p: LawParams) -> np.ndarray:
+    """(K, G) each exit's N as the law counts it: its share l_g / L of the non-embedding parameters
+    (plus the embedding when the law counts total parameters)."""
+    pc = param_counts(cfg)
+    N = pc.non_embedding * cuts[:, 1:] / cfg.n_layers
+    return N + (pc.embedding if p.n_kind == "total" else 0)
 
 
 def exit_losses(cfg: FamilyConfig, D: float, p: LawParams, b: BranchParams, cuts: np.ndarray) -> np.ndarray:
-    """Branch-law loss of every exit for each placement (K, G).
-
-    Exit g (0-based) of G: L_g = L_dense(N l_g / L, D) + (alpha_P g + beta_Q (G - 1 - g)) (D_d / D)^a, the
-    branch law added to the dense law at the exit's size. Only L_dense depends on the placement.
-    """
-    N = param_counts(cfg).non_embedding
-    q = cuts[:, 1:] / cfg.n_layers                                     # (K, G) exit depth fractions
-    G = q.shape[1]
+    """(K, G) loss of every exit: the dense law at the exit's size plus the branch-law penalty,
+    L_g = L_dense(N_g, D) + (alpha_P g + beta_Q (G - 1 - g)) (D_d / D)^a."""
+    G = cuts.shape[1] - 1
     P = np.arange(G)[None, :]                                          # exits before exit g
-    return branch_loss(P, G - 1 - P, D, dense_loss(N * q, D, p), b)
+    return branch_loss(P, G - 1 - P, D, dense_loss(exit_sizes(cfg, cuts, p), D, p), b)
 
 
-def place_exits(cfg, D, tiers, pc, p, b):
-    """(best cut row, costs at it, exit losses) or (None, diagnosis) when no placement fits."""
+def place_exits(cfg, D, tiers, pc: PlanConfig, p, b) -> dict:
+    """The best valid placement for this shape (see the module docstring), as {cuts, costs, losses,
+    gains, min_gain_met}; or {"error": diagnosis} when no placement fits the tiers at all."""
     cuts = _placements(cfg.n_layers, len(tiers))
     c = tier_costs(cfg, cuts, tiers, pc)
-    mem_lim, lat_lim = _limits(tiers)
-    ok = np.all((c["memory_gb"] <= mem_lim) & (c["latency_ms"] <= lat_lim), axis=1)
+    ok = feasible(c, tiers)
     if not ok.any():
-        # closest placement: the one whose worst relative overshoot is smallest
+        mem_lim, lat_lim = limits(tiers)
         over = np.maximum(c["memory_gb"] / mem_lim, c["latency_ms"] / lat_lim).max(1)
-        return None, _diagnose(cfg, c, int(np.argmin(over)), tiers, cuts)
+        return {"error": diagnose(c, int(np.argmin(over)), tiers)}
     losses = exit_losses(cfg, D, p, b, cuts)
-    score = np.where(ok, losses.mean(1), np.inf)
-    k = int(np.argmin(score))
-    return cuts[k], {key: v[k] for key, v in c.items()}, losses[k]
-
-
-def _diagnose(cfg, c, k, tiers, cuts) -> str:
-    mem_lim, lat_lim = _limits(tiers)
-    worst, msg = 0.0, ""
-    for g, t in enumerate(tiers):
-        m, lat = c["memory_gb"][k, g], c["latency_ms"][k, g]
-        if m / mem_lim[g] > worst and m > mem_lim[g]:
-            worst = m / mem_lim[g]
-            msg = (f"tier {t.name!r} memory: its shard needs {m:.2f} GB (weights + KV cache for "
-                   f"{int(c['layers'][k, g])} layers) > memory_gb {t.memory_gb:g}")
-        if lat / lat_lim[g] > worst and lat > lat_lim[g]:
-            worst = lat / lat_lim[g]
-            msg = (f"tier {t.name!r} latency: {lat:.2f} ms per token to its exit (decode "
-                   f"{c['decode_ms'][k, :g + 1].sum():.2f} ms + hops {c['hop_ms'][k, :g + 1].sum():.2f} ms) "
-                   f"> latency_ms {t.latency_ms:g}")
-    return msg
+    gains = 1.0 - losses[:, 1:] / losses[:, :-1]                       # (K, G-1) relative gain per tier
+    good = ok & np.all(gains >= pc.min_gain, axis=1)
+    idx = np.flatnonzero(good if good.any() else ok)
+    G = len(tiers)
+    # deepest exits first, top tier first (np.lexsort's primary key is the last one)
+    order = np.lexsort([-cuts[idx, g] for g in range(1, G)]) if G > 1 else np.arange(len(idx))
+    if not good.any():                                                 # no valid one: the largest smallest gain
+        order = np.argsort(-gains[idx].min(1), kind="stable")
+    k = int(idx[order[0]])
+    return {"cuts": cuts[k], "costs": {key: v[k] for key, v in c.items()}, "losses": losses[k],
+            "gains": gains[k], "min_gain_met": bool(good.any())}
 
 
 # ---- the plan ------------------------------------------------------------------------------------
@@ -276,6 +181,59 @@ def _train_section(C: float, D: float, pc: PlanConfig) -> dict:
             "lr": float(0.3118 * C ** -0.125), "warmup_steps": int(min(2000, max(10, steps // 100)))}
 
 
+@dataclass
+class _Shape:
+    cfg: FamilyConfig
+    N: int                 # as the law counts it
+    D: float
+    fpt: float
+    top_loss: float        # the deepest exit's loss (placement-independent)
+
+
+def _scored_shapes(C: float, G: int, pc: PlanConfig, p: LawParams, b: BranchParams) -> list[_Shape]:
+    out = []
+    for cfg in candidate_shapes(G, pc):
+        fpt = flops_per_token(cfg, pc.seq_len)
+        D = C / fpt
+        if D < 1:
+            continue
+        N = law_n(cfg, p)
+        top = float(branch_loss(G - 1, 0, D, dense_loss(N, D, p), b))
+        out.append(_Shape(cfg, N, D, fpt, top))
+    return sorted(out, key=lambda s: s.top_loss)
+
+
+def _choose(shapes: list[_Shape], tiers, pc, p, b):
+    """(shape, placement, notes): the compute-optimal shape whose exits serve the tiers best."""
+    best_top = shapes[0].top_loss
+    near, rest = ([s for s in shapes if s.top_loss <= best_top * (1 + pc.opt_tol)],
+                  [s for s in shapes if s.top_loss > best_top * (1 + pc.opt_tol)])
+    placed = [(s, place_exits(s.cfg, s.D, tiers, pc, p, b)) for s in near]
+    placed = [(s, pl) for s, pl in placed if "error" not in pl]
+    notes = []
+    if not placed:                                                     # smaller than optimal: first that fits
+        for s in rest:
+            pl = place_exits(s.cfg, s.D, tiers, pc, p, b)
+            if "error" not in pl:
+                first_err = place_exits(near[0].cfg, near[0].D, tiers, pc, p, b)["error"]
+                notes.append(f"the compute-optimal trunk does not fit ({first_err}); this one is "
+                             f"{s.top_loss / best_top - 1:.2%} worse at its deepest exit")
+                placed = [(s, pl)]
+                break
+    if not placed:
+        smallest = min(shapes, key=lambda s: s.N)
+        raise PlanError(f"infeasible: no model fits these tiers; even the smallest candidate (N={smallest.N:.3g}) "
+                        f"fails {place_exits(smallest.cfg, smallest.D, tiers, pc, p, b)['error']}")
+    met = [(s, pl) for s, pl in placed if pl["min_gain_met"]]
+    s, pl = min(met or placed, key=lambda t: float(np.mean(t[1]["losses"])))
+    if not pl["min_gain_met"]:
+        g = int(np.argmin(pl["gains"]))
+        notes.append(f"tier {tiers[g + 1].name!r} adds only {pl['gains'][g]:.2%} over the exit below it "
+                     f"(min_gain {pc.min_gain:.0%}): at this budget the tiers below already serve nearly the same "
+                     f"model; consider fewer tiers or a larger budget")
+    return s, pl, notes
+
+
 def plan(C: float, tiers: list[Tier], pc: PlanConfig | None = None, p: LawParams | None = None,
          b: BranchParams = PAPER_BRANCH) -> dict:
     """The plan for budget C (FLOPs) on `tiers`; see the module docstring. Raises PlanError."""
@@ -284,75 +242,96 @@ def plan(C: float, tiers: list[Tier], pc: PlanConfig | None = None, p: LawParams
     G = len(tiers)
     if not 1 <= G <= pc.max_G:
         raise PlanError(f"{G} tiers: the planner places one exit per tier and supports 1..{pc.max_G}")
-    scored = []
-    for cfg in candidate_shapes(G, pc):
-        N = param_counts(cfg).non_embedding
-        fpt = flops_per_token(cfg, pc.seq_len)
-        D = C / fpt
-        scored.append((float(family_loss(N, D, G, p)), cfg, N, D, fpt))
-    scored.sort(key=lambda s: s[0])
-    closest = None
-    for loss, cfg, N, D, fpt in scored:
-        if D < 1:
-            continue
-        placed = place_exits(cfg, D, tiers, pc, p, b)
-        if placed[0] is None:
-            closest = closest or (N, placed[1])
-            continue
-        out = _assemble(C, tiers, pc, p, b, cfg, N, D, fpt, loss, *placed)
-        n_opt = out["frontier_6ND"]["N_opt"]
-        if closest is not None and N < 0.5 * n_opt:
-            out["notes"].append(f"N is {N / n_opt:.3g} x the compute-optimal {n_opt:.3g}: larger models fail "
-                                f"(at N={closest[0]:.3g}: {closest[1]})")
-        return out
-    smallest = min(scored, key=lambda s: s[2])
-    diag = place_exits(smallest[1], smallest[3], tiers, pc, p, b)[1]
-    raise PlanError(f"infeasible: no model fits these tiers; even the smallest candidate (N={smallest[2]:.3g}) "
-                    f"fails {diag}")
+    if pc.dense_side not in DENSE_SIDES:
+        raise PlanError(f"dense_side must be one of {', '.join(DENSE_SIDES)}, got {pc.dense_side!r}")
+    shapes = _scored_shapes(C, G, pc, p, b)
+    if not shapes:
+        raise PlanError(f"budget {C:g} FLOPs is below one token of the smallest candidate model")
+    s, pl, notes = _choose(shapes, tiers, pc, p, b)
+    return _assemble(C, tiers, pc, p, b, s, pl, notes)
 
 
-def _assemble(C, tiers, pc, p, b, cfg, N, D, fpt, loss, cuts, costs, losses) -> dict:
-    cfg = cfg.replace(exit_layers=tuple(int(x) for x in cuts[1:-1]))
-    q = cuts[1:] / cfg.n_layers
-    n_opt, d_opt = frontier(C, p)
-    n_full, d_full = full_flops_frontier(C, len(tiers), p, pc)
-    scale = loss / float(np.mean(losses))                             # branch-law shape, family-law level
-    tier_rows = []
+def _dense_models(C, cfg, cuts, D, p, pc):
+    """(N_g, D_g) of the EL dense side: dense models of the exits' widths and depths, trained with the
+    family's whole budget C ("matched", via trunk.flops) or on its D tokens ("same-tokens")."""
+    Ns, Ds = [], []
+    for l in cuts[1:]:
+        dense = cfg.replace(n_layers=int(l), exit_layers=())
+        Ns.append(law_n(dense, p))
+        Ds.append(C / flops_per_token(dense, pc.seq_len) if pc.dense_side == "matched" else D)
+    return np.array(Ns, dtype=np.float64), np.array(Ds)
+
+
+def predicted_el(C, cfg, cuts, D, family_loss_mean, p, pc) -> dict:
+    """EL of the planned family from the same laws as its exit losses: loss form and compute form (the
+    factor on the dense side's tokens at which its mean loss reaches the family's)."""
+    G = len(cuts) - 1
+    if pc.dense_side == "budget-split":
+        q = cuts[1:] / cfg.n_layers
+        dense = lambda s: float(budget_split_loss(C, G, p, exit_fractions=q, scale=s))
+    else:
+        Ns, Ds = _dense_models(C, cfg, cuts, D, p, pc)
+        dense = lambda s: float(np.mean(dense_loss(Ns, Ds * s, p)))
+    el = dense(1.0) / family_loss_mean
+    h = lambda ls: math.log(dense(math.exp(ls)) / family_loss_mean)
+    try:
+        elc = math.exp(brentq(h, -30.0, 30.0, xtol=1e-12)) if family_loss_mean > p.E else math.inf
+    except ValueError:                                                 # no sign change: out of reach
+        elc = math.inf
+    return {"dense_side": pc.dense_side, "EL_loss_form": el, "EL_compute_form": elc}
+
+
+def _tier_rows(tiers, cuts, costs, losses, gains) -> list[dict]:
+    rows = []
     for g, t in enumerate(tiers):
-        tier_rows.append({
-            "name": t.name, "layers": [int(cuts[g]), int(cuts[g + 1])], "exit": g + 1,
+        rows.append({
+            "name": t.name, "layers": [int(cuts[g]), int(cuts[g + 1])], "exit": g,
             "params": int(costs["params"][g]), "memory_gb": float(costs["memory_gb"][g]),
             "memory_limit_gb": t.memory_gb, "decode_ms": float(costs["decode_ms"][g]),
             "hop_ms": float(costs["hop_ms"][g]), "latency_ms": float(costs["latency_ms"][g]),
             "latency_target_ms": t.latency_ms, "prefill_ms": float(costs["prefill_ms"][g]),
-            "predicted_loss": float(losses[g] * scale), "predicted_loss_branch_law": float(losses[g])})
+            "predicted_loss": float(losses[g]), "gain_over_previous": float(gains[g - 1]) if g else None})
+    return rows
+
+
+def _assemble(C, tiers, pc, p, b, s: _Shape, pl: dict, notes: list[str]) -> dict:
+    cuts = pl["cuts"]
+    cfg = s.cfg.replace(exit_layers=tuple(int(x) for x in cuts[1:-1]))
+    n_opt, d_opt = frontier(C, p)
+    n_full, d_full = full_flops_frontier(C, len(tiers), p, pc)
+    fam = float(np.mean(pl["losses"]))
     return {
-        "flops": C, "G": len(tiers), "N": int(N), "N_total": int(param_counts(cfg).total), "D": float(D),
-        "flops_per_token": fpt, "law": {**p.as_dict(), "source": p.source},
+        "flops": C, "G": len(tiers), "N": int(s.N), "n_kind": p.n_kind,
+        "N_non_embedding": int(param_counts(cfg).non_embedding), "N_total": int(param_counts(cfg).total),
+        "D": float(s.D), "flops_per_token": s.fpt,
+        "law": {**p.as_dict(), "gamma_on": p.gamma_on, "source": p.source}, "branch_law": {**b.as_dict(), "D_unit": b.D_unit},
         "frontier_6ND": {"N_opt": float(n_opt), "D_opt": float(d_opt)},
         "frontier_full_flops": {"N_opt": float(n_full), "D_opt": float(d_full)},
-        "predicted": {"family_loss": loss, "exit_losses": [r["predicted_loss"] for r in tier_rows],
-                      "EL_loss_form": float(efficiency_leverage(C, len(tiers), p, exit_fractions=q)),
-                      "EL_compute_form": float(efficiency_leverage_compute(C, len(tiers), p, exit_fractions=q))},
-        "tiers": tier_rows,
-        "notes": [],
-        "trainer_config": {"model": cfg.to_dict(), "train": _train_section(C, D, pc)},
+        "predicted": {"family_loss": fam, "exit_losses": [float(v) for v in pl["losses"]],
+                      **predicted_el(C, cfg, cuts, s.D, fam, p, pc),
+                      "family_law_loss": float(family_loss(s.N, s.D, len(tiers), p))},
+        "tiers": _tier_rows(tiers, cuts, pl["costs"], pl["losses"], pl["gains"]),
+        "notes": notes,
+        "trainer_config": {"model": cfg.to_dict(), "train": _train_section(C, s.D, pc)},
     }
 
 
 def describe(pl: dict) -> str:
     m = pl["trainer_config"]["model"]
-    lines = [f"budget {pl['flops']:.3g} FLOPs -> N = {pl['N']:.4g} non-embedding params "
+    pr = pl["predicted"]
+    lines = [f"budget {pl['flops']:.3g} FLOPs -> N = {pl['N']:.4g} ({pl['n_kind']}) params "
              f"(d_model {m['d_model']}, {m['n_layers']} layers), D = {pl['D']:.4g} tokens, G = {pl['G']}; "
              f"N_opt = {pl['frontier_full_flops']['N_opt']:.4g} (full FLOP count), "
              f"{pl['frontier_6ND']['N_opt']:.4g} (C = 6ND)",
-             f"predicted mean exit loss {pl['predicted']['family_loss']:.4f}; EL {pl['predicted']['EL_loss_form']:.4f} "
-             f"(loss form), {pl['predicted']['EL_compute_form']:.3f} (compute form)"]
+             f"predicted mean exit loss {pr['family_loss']:.4f} (family law eq. (1): {pr['family_law_loss']:.4f}); "
+             f"EL vs {pr['dense_side']} dense models {pr['EL_loss_form']:.4f} (loss form), "
+             f"{pr['EL_compute_form']:.3f} (compute form)"]
     for t in pl["tiers"]:
-        lines.append(f"  {t['name']:>8s}: layers [{t['layers'][0]}, {t['layers'][1]}) exit {t['exit']}, "
-                     f"{t['memory_gb']:.2f}/{t['memory_limit_gb']:g} GB, {t['latency_ms']:.2f}/"
+        gain = f", {t['gain_over_previous']:+.1%} better than exit {t['exit'] - 1}" if t["exit"] else ""
+        lines.append(f"  {t['name']:>8s}: exit {t['exit']} after layer {t['layers'][1]} (layers [{t['layers'][0]}, "
+                     f"{t['layers'][1]})), {t['memory_gb']:.2f}/{t['memory_limit_gb']:g} GB, {t['latency_ms']:.2f}/"
                      f"{t['latency_target_ms']:g} ms per token, prefill {t['prefill_ms']:.1f} ms, "
-                     f"loss {t['predicted_loss']:.4f}")
+                     f"loss {t['predicted_loss']:.4f}{gain}")
     lines += [f"note: {n}" for n in pl["notes"]]
     return "\n".join(lines)
 
@@ -361,4 +340,8 @@ def write_outputs(pl: dict, out: Path) -> None:
     """The trainer config (JSON, which YAML readers accept too) to `out`, the full plan next to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(pl["trainer_config"], indent=2) + "\n")
-    out.with_name(out.stem + ".plan.json").write_text(json.dumps(pl, indent=2) + "\n")
+    out.with_name(out.stem + ".plan.json").write_text(json.dumps(pl, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(v):
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")

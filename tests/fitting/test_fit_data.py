@@ -41,3 +41,31 @@ def test_branch_rows_from_run_records():
         branch_runs([rec])
     with pytest.raises(DataError, match="2 exit losses for 3 exits"):
         branch_runs([{**rec, "exit_val_loss": [3.0, 2.9]}], dense_predict=lambda N, D: N * 0 + 3)
+
+
+def test_n_kind_picks_the_records_n_or_n_total(tmp_path):
+    recs = [{"schema": "familial.run/v1", "N": 1e8, "N_total": 1.3e8, "D": 1e9, "G": 1, "loss": 3.0},
+            {"N": 2e8, "N_total": 2.3e8, "D": 1e9, "G": 3, "loss": 2.9, "n_layers": 6, "exit_layers": [2, 4],
+             "exit_val_loss": [3.1, 3.0, 2.9], "exit_dense_loss": [3.0, 2.95, 2.85]}]
+    p = tmp_path / "runs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    rows = read_rows(p)
+    np.testing.assert_allclose(family_runs(rows).N, [1e8, 2e8])
+    np.testing.assert_allclose(family_runs(rows, n_kind="total").N, [1.3e8, 2.3e8])
+    # per exit: the exit's share of N, plus the embedding (N_total - N) when counting total parameters
+    np.testing.assert_allclose(branch_runs(rows, n_kind="total").N, 3e7 + 2e8 * np.array([2, 4, 6]) / 6)
+    with pytest.raises(DataError, match="N_total"):
+        family_runs([{"N": 1.0, "D": 1.0, "G": 1, "loss": 1.0}], n_kind="total")
+
+
+def test_records_of_another_schema_or_with_non_numbers_are_refused(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"schema": "familial.run/v9", "N": 1, "D": 1, "G": 1, "loss": 1}\n')
+    with pytest.raises(DataError, match="familial.run/v9"):
+        read_rows(p)
+    p.write_text('{"N": 1e8, "D": 1e9, "G": 1, "loss": null}\n')
+    with pytest.raises(DataError, match="loss must be a number"):
+        family_runs(read_rows(p))
+    p.write_text('{"N": 1}\n[1, 2]\n')                     # JSONL (first line) with a non-object line
+    with pytest.raises(DataError, match=r"r.jsonl:2: not a JSON object"):
+        read_rows(p)

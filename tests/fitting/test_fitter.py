@@ -1,14 +1,13 @@
-"""Acceptance for the fitter: recovery, validation, pruning == no pruning, SciPy parity and speed,
-the mean-Huber failure, bootstrap and warnings."""
-import time
-
+"""Acceptance for the fitter: recovery, validation, pruning == no pruning, SciPy parity, the mean-Huber
+failure, bootstrap, warnings, bounds, frozen parameters, the learnable G^gamma reading and the Huber delta.
+Speed is measured by benchmarks/fit_speed.py, not asserted here."""
 import numpy as np
 import pytest
 import torch
 
 from fitting import scipy_reference as ref
-from fitting.fitter import (FitConfig, bootstrap, confidence, fit, leave_one_budget_out, optimise, screen,
-                            select_starts)
+from fitting.fitter import (FitConfig, bootstrap, confidence, delta_scan, fit, leave_one_budget_out, optimise,
+                            screen, select_starts)
 from fitting.grids import get_grid, grid_points, grid_size
 from fitting.laws import PAPER, PAPER_BRANCH, family_loss
 from fitting.objective import LAWS, evaluate
@@ -27,12 +26,11 @@ def test_synthetic_sweep_covers_the_acceptance_ranges(clean_runs):
     assert r.N.max() / r.N.min() > 100 and r.D.max() / r.D.min() > 100
 
 
-def test_noiseless_recovery_paper_grid_within_0p1_percent_and_30s(clean_fit_paper):
+def test_noiseless_recovery_paper_grid_within_0p1_percent(clean_fit_paper):
     res = clean_fit_paper
     err = _rel_errors(res.params, PAPER.as_dict())
     assert max(err.values()) < 1e-3, err
     assert res.n_starts == 5 ** 3 * 5 * 50 * 50
-    assert res.seconds["total"] <= 30.0, res.seconds
     assert res.warnings == []
 
 
@@ -105,23 +103,19 @@ def test_select_starts_keeps_best_overall_and_best_per_cell():
     assert len(seen) == 27                                              # every (alpha, beta, gamma) cell
 
 
-def test_never_worse_than_scipy_loop_and_at_least_50x_faster(noisy_runs, noisy_fit_hoffmann):
-    """The SciPy loop over a random 40-start sample of the hoffmann grid; its per-start time gives the
-    cost of the full 22,500-start loop (benchmarks/fit_speed.py measures more starts)."""
+@pytest.mark.slow
+def test_never_worse_than_scipy_loop(noisy_runs, noisy_fit_hoffmann):
+    """The SciPy loop over a random 40-start sample of the hoffmann grid (the speed ratio over the whole
+    grid is benchmarks/fit_speed.py's job)."""
     d = noisy_runs.lawdata()
     cols = [v.numpy() for v in (d.lnN, d.lnD, d.lnG, d.y)]
     grid = get_grid("family", "hoffmann")
     x0 = grid_points(grid, np.random.default_rng(0).choice(grid_size(grid), 40, replace=False))
-    t = time.perf_counter()
     _, f_sp = ref.fit_loop(x0, *cols)
-    per_start = (time.perf_counter() - t) / len(x0)
-    ours = noisy_fit_hoffmann
-    assert ours.objective <= f_sp.min() * (1 + 1e-9)
+    assert noisy_fit_hoffmann.objective <= f_sp.min() * (1 + 1e-9)
     # our batched optimiser from the very same 40 starts reaches the same best objective
     res = optimise(LAWS["family"], d, x0, torch.ones(1, d.n, dtype=torch.float64), 40, FitConfig())
     assert res.f.min().item() <= f_sp.min() * (1 + 1e-9)
-    speedup = per_start * grid_size(grid) / ours.seconds["total"]
-    assert speedup >= 50, speedup
 
 
 def test_mean_huber_with_default_scipy_tolerances_leaves_a_b_at_their_starts(noisy_runs, noisy_fit_hoffmann):
@@ -147,7 +141,7 @@ def test_dense_and_branch_laws_recover_their_parameters(clean_runs):
     assert max(_rel_errors(r.params, truth).values()) < 1e-3
     runs = branch_sweep()
     b = fit("branch", runs.lawdata(), FitConfig())
-    assert b.n_starts == 9 * 9 * 8 and b.fixed == {"D_d": PAPER_BRANCH.D_d}
+    assert b.n_starts == 9 * 9 * 8 and b.fixed == {"D_d": PAPER_BRANCH.D_d, "D_unit": PAPER_BRANCH.D_unit}
     assert max(_rel_errors(b.params, PAPER_BRANCH.as_dict()).values()) < 1e-3    # alpha_P, beta_Q, a
     assert b.warnings == []
 
@@ -175,3 +169,58 @@ def test_warns_when_the_optimum_is_outside_the_grid_or_a_start_never_moved():
     on = isoflop_sweep(p, noise=0.0)
     r = fit("family", on.lawdata(), FitConfig(grid="hoffmann"))
     assert any("never moved" in w for w in r.warnings)
+
+
+def test_bounds_stop_a_runaway_fit_and_say_so():
+    """One budget, three sizes, four G, 2 % noise: the N and D terms are barely told apart. Unbounded, such
+    designs ran to E = 0, A = inf on real runs; bounded, every parameter stays finite and the warning names
+    the bound it sits on (familial-fit warns about this design before fitting, see checks.py)."""
+    runs = isoflop_sweep(noise=0.02, seed=3, budgets=(1e19,), n_sizes=3, G=(1, 2, 3, 4))
+    assert runs.n == 12
+    r = fit("family", runs.lawdata(), FitConfig(grid="hoffmann"))
+    assert all(np.isfinite(v) for v in r.params.values())
+    lo, hi = LAWS["family"].bounds()
+    assert np.all(r.x >= np.array(lo)) and np.all(r.x <= np.array(hi))
+    assert any("sits on its bound" in w for w in r.warnings), r.warnings
+
+
+def test_frozen_parameters_stay_put_and_the_rest_is_refit(noisy_runs):
+    d = noisy_runs.lawdata()
+    r = fit("family", d, FitConfig(grid="hoffmann", fixed={"A": 403.4289, "b": 8.0}))
+    assert r.params["A"] == pytest.approx(403.4289, rel=1e-12) and r.params["B"] == pytest.approx(np.exp(8.0))
+    assert r.fixed == {"a": pytest.approx(np.log(403.4289)), "b": 8.0}
+    assert len(r.x) == 4 and r.n_starts == 5 ** 3 * 5
+    # at the optimum the gradient of the free parameters vanishes
+    from fitting.fitter import make_law
+    law = make_law("family", FitConfig(fixed={"A": 403.4289, "b": 8.0}))
+    _, g = evaluate(law, torch.tensor(r.x[None]), d, torch.ones(1, d.n, dtype=torch.float64))
+    assert g.abs().max() < 1e-8
+    with pytest.raises(ValueError, match="cannot fix"):
+        fit("family", d, FitConfig(grid="hoffmann", fixed={"alpha_P": 0.1}))
+
+
+def test_learnable_reading_recovers_its_own_law():
+    q = PAPER.replace(gamma_on="learnable")
+    runs = isoflop_sweep(q, noise=0.0)
+    r = fit("family", runs.lawdata(), FitConfig(grid="hoffmann", gamma_on="learnable"))
+    assert max(_rel_errors(r.params, q.as_dict()).values()) < 1e-3
+    # its gradient, like the equation's, matches finite differences
+    law = LAWS["family"].__class__("learnable")
+    x = torch.tensor([[0.1, 5.0, 7.0, 0.3, 0.35, 0.05]], dtype=torch.float64)
+    w = torch.ones(1, runs.n, dtype=torch.float64)
+    _, g = evaluate(law, x, runs.lawdata(), w)
+    for j in range(6):
+        h = torch.zeros_like(x)
+        h[0, j] = 1e-6
+        fd = (evaluate(law, x + h, runs.lawdata(), w)[0] - evaluate(law, x - h, runs.lawdata(), w)[0]) / 2e-6
+        assert g[0, j].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-10)
+
+
+def test_huber_delta_moves_a_noisy_fit_little(noisy_runs):
+    """The paper's insensitivity claim, on 1 %-noise synthetic runs: delta from 1e-4 to 1e-1 moves the
+    exponents by < 1 % and gamma and E by < 2 % (the table in docs/fitting.md has the numbers)."""
+    rows = delta_scan("family", noisy_runs.lawdata(), (1e-4, 1e-3, 1e-2, 1e-1), FitConfig(grid="hoffmann"))
+    ref_row = rows[1]["params"]
+    for row in rows:
+        for k, tol in (("alpha", 0.01), ("beta", 0.01), ("gamma", 0.02), ("E", 0.02)):
+            assert abs(row["params"][k] / ref_row[k] - 1) < tol, (row["delta"], k, row["params"][k])

@@ -46,3 +46,20 @@ def test_nonfinite_start_is_left_alone():
     res = minimize(f, torch.tensor([[1e3, 0.0], [1.0, 2.0]], dtype=torch.float64))
     assert not res.moved[0] and not res.converged[0]
     assert res.x[1].abs().max() < 1e-9
+
+
+def test_box_bounds_hold_and_the_free_coordinates_still_converge():
+    """min (x - 3)^2 + (y + 2)^2 on [0, 1] x [-5, 5]: x stops on its upper bound, y reaches -2; a start
+    outside the box is projected in first."""
+    def f(x, rows):
+        t = torch.tensor([3.0, -2.0], dtype=x.dtype)
+        return ((x - t) ** 2).sum(-1), 2 * (x - t)
+
+    x0 = torch.tensor([[0.5, 4.0], [7.0, -9.0]], dtype=torch.float64)
+    res = minimize(f, x0, bounds=([0.0, -5.0], [1.0, 5.0]))
+    np.testing.assert_allclose(res.x.numpy(), [[1.0, -2.0], [1.0, -2.0]], atol=1e-9)
+    assert res.converged.all()
+    # inside the box the bounded and unbounded runs agree exactly
+    free = minimize(_rosen, torch.tensor([[-1.2, 1.0]], dtype=torch.float64))
+    boxed = minimize(_rosen, torch.tensor([[-1.2, 1.0]], dtype=torch.float64), bounds=([-5.0, -5.0], [5.0, 5.0]))
+    np.testing.assert_allclose(boxed.x.numpy(), free.x.numpy(), atol=1e-10)
