@@ -1,9 +1,5 @@
 """deploy: a checkpoint turned into tier stage shards (+ ONNX for the device tier) and a manifest.
 
-The relay imports from here: `load_tier(dir, tier) -> TierStage`, `StageOut`, `ShardError`.
+`deploy.shards`: `split_checkpoint`, `load_tier(dir, tier) -> TierStage` (a trunk Stage), `verify_dir`;
+`deploy.manifest`: the manifest format, tier specs, `ShardError`; `deploy.onnx_export`: the ONNX device tier.
 """
-from deploy.manifest import ShardError, TierSpecError
-from deploy.shards import StageOut, TierStage, load_chain, load_tier, split_checkpoint, verify_dir
-
-__all__ = ["ShardError", "TierSpecError", "StageOut", "TierStage", "load_chain", "load_tier",
-           "split_checkpoint", "verify_dir"]

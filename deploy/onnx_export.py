@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deploy.manifest import MANIFEST, ShardError, check_file, file_record, read_manifest, tier_entry, write_manifest
-from deploy.shards import StageOut, TierStage, load_tier
-from trunk.kv_cache import CacheError
-from trunk.model import apply_rope
+from deploy.shards import TierStage, load_tier
+from trunk.kv_pool import KVPool, PoolShape
+from trunk.stage import SeqOut, SeqRun, StageError, StageOut, decide, evaluated_at
 from trunk.tokenizer import load_tokenizer
 
 OPSET = 18
@@ -58,31 +58,30 @@ def cache_layers(stage) -> list[str]:
 
 
 # ---- the exported graph --------------------------------------------------------------------------
-def _block(blk, h_BTD, cos_TE, sin_TE, mask_TS, past_k_BKPE, past_v_BKPE):
-    """trunk.model.Block with explicit attention over [past, new] keys; (h, present_k, present_v)."""
-    att = blk.self_attn
-    B, T, _ = h_BTD.shape
-    H, K, E = att.n_heads, att.n_kv, att.head_dim
-    x_BTD = blk.input_layernorm(h_BTD)
-    q_BHTE = apply_rope(att.q_proj(x_BTD).view(B, T, H, E).transpose(1, 2), cos_TE, sin_TE)
-    k_BKTE = apply_rope(att.k_proj(x_BTD).view(B, T, K, E).transpose(1, 2), cos_TE, sin_TE)
-    v_BKTE = att.v_proj(x_BTD).view(B, T, K, E).transpose(1, 2)
-    k_BKSE = torch.cat([past_k_BKPE, k_BKTE], dim=2)
-    v_BKSE = torch.cat([past_v_BKPE, v_BKTE], dim=2)
-    S = k_BKSE.shape[2]
-    # GQA: query head h reads kv head h // (H/K), as SDPA's enable_gqa does
-    kx_BHSE = k_BKSE[:, :, None].expand(B, K, H // K, S, E).reshape(B, H, S, E)
-    vx_BHSE = v_BKSE[:, :, None].expand(B, K, H // K, S, E).reshape(B, H, S, E)
-    # softmax(q k^T / sqrt(E) + mask) v, mask = 0 where key position <= query position else -inf
-    s_BHTS = torch.matmul(q_BHTE, kx_BHSE.transpose(-1, -2)) * (1.0 / math.sqrt(E)) + mask_TS
-    y_BHTE = torch.matmul(torch.softmax(s_BHTS, dim=-1), vx_BHSE)
-    h_BTD = h_BTD + att.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, H * E))
-    h_BTD = h_BTD + blk.mlp(blk.post_attention_layernorm(h_BTD))
-    return h_BTD, k_BKSE, v_BKSE
+class _PastAttend:
+    """attend(q, k, v) for one layer in the graph: keys/values = [past, new], explicit softmax attention
+    (GQA by expanding K/V heads; SDPA with enable_gqa does not export), present = [past, new]."""
+
+    def __init__(self, past_k_BKPE, past_v_BKPE, mask_TS, present: list):
+        self.pk, self.pv, self.mask, self.present = past_k_BKPE, past_v_BKPE, mask_TS, present
+
+    def __call__(self, q_BTHE, k_BTKE, v_BTKE):
+        B, T, H, E = q_BTHE.shape
+        K = k_BTKE.shape[2]
+        k_BKSE = torch.cat([self.pk, k_BTKE.transpose(1, 2)], dim=2)
+        v_BKSE = torch.cat([self.pv, v_BTKE.transpose(1, 2)], dim=2)
+        self.present.append((k_BKSE, v_BKSE))
+        S = k_BKSE.shape[2]
+        kx_BHSE = k_BKSE[:, :, None].expand(B, K, H // K, S, E).reshape(B, H, S, E)
+        vx_BHSE = v_BKSE[:, :, None].expand(B, K, H // K, S, E).reshape(B, H, S, E)
+        # softmax(q k^T / sqrt(E) + mask) v, mask = 0 where key position <= query position else -inf
+        s_BHTS = torch.matmul(q_BTHE.transpose(1, 2), kx_BHSE.transpose(-1, -2)) * (1.0 / math.sqrt(E)) + self.mask
+        return torch.matmul(torch.softmax(s_BHTS, dim=-1), vx_BHSE).transpose(1, 2)  # (B, T, H, E)
 
 
 class OnnxGraph(nn.Module):
-    """The tier as one pure function of (input, pos, past KV...) for torch.onnx.export."""
+    """The tier as one pure function of (input, pos, past KV...) for torch.onnx.export: the trunk's own
+    blocks and heads (trunk/model.py) walked over the tier's segments, attention over past + new."""
 
     def __init__(self, stage: TierStage):
         super().__init__()
@@ -90,8 +89,8 @@ class OnnxGraph(nn.Module):
         self.layer_names = cache_layers(stage)
         # an exit tied to the embedding this tier holds reads that matrix (one copy in the graph)
         embed_ptr = self.model.embed.weight.data_ptr() if stage.has_embedding else None
-        self.unembed_from_embed = [stage.unembed_VD[g].data_ptr() == embed_ptr for g in stage.exits]
-        self.unembed = nn.ParameterList(nn.Parameter(stage.unembed_VD[g], requires_grad=False)
+        self.unembed_from_embed = [stage.unembed[g].data_ptr() == embed_ptr for g in stage.exits]
+        self.unembed = nn.ParameterList(nn.Parameter(stage.unembed[g], requires_grad=False)
                                         for g, tied in zip(stage.exits, self.unembed_from_embed) if not tied)
 
     def forward(self, x, pos, *past):
@@ -101,30 +100,26 @@ class OnnxGraph(nn.Module):
         h_BTD = m.embed(x) if st.has_embedding else x
         T = h_BTD.shape[1]
         q_pos_T = pos + torch.arange(T, dtype=torch.int64)
-        cos_TE, sin_TE = m.rope_cos[q_pos_T], m.rope_sin[q_pos_T]
+        cos, sin = m.rope_cos[q_pos_T][:, None], m.rope_sin[q_pos_T][:, None]  # (T, 1, E)
         k_pos_S = torch.arange(past[0].shape[2] + T, dtype=torch.int64)
         mask_TS = torch.where(k_pos_S[None, :] <= q_pos_T[:, None], 0.0, float("-inf")).to(h_BTD.dtype)
 
         def run(blk, name, h):
-            h, k, v = _block(blk, h, cos_TE, sin_TE, mask_TS, *past_kv[name])
-            present[name] = (k, v)
+            out: list = []
+            h = blk(h, cos, sin, _PastAttend(*past_kv[name], mask_TS, out))
+            present[name] = out[0]
             return h
 
-        logits, hidden, layer, own = [], [], st.start_layer, iter(self.unembed)
-        for idx, g in enumerate(st.exits):
-            for i in range(layer, self.cfg.exits[g]):
+        logits, hidden, own = [], [], iter(self.unembed)
+        for idx, (a, b, g) in enumerate(st.segments):
+            for i in range(a, b):
                 h_BTD = run(m.layers[i], f"layers.{i}", h_BTD)
-            layer = self.cfg.exits[g]
             if g != st.deepest_exit:
                 hidden.append(h_BTD)
-            if g == self.cfg.G - 1:
-                x_BTD = m.norm(h_BTD)
-            else:
-                head, x_BTD = m.heads[g], h_BTD
-                for j, blk in enumerate(head.branch):
-                    x_BTD = run(blk, f"heads.{g}.branch.{j}", x_BTD)
-                x_BTD = head.norm(x_BTD)
-                x_BTD = head.adapter(x_BTD) if head.adapter is not None else x_BTD
+            x_BTD = h_BTD
+            for j, (_, blk) in enumerate(m.branch_blocks(g)):
+                x_BTD = run(blk, f"heads.{g}.branch.{j}", x_BTD)
+            x_BTD = m.head_features(g, x_BTD)
             logits.append(F.linear(x_BTD, m.embed.weight if self.unembed_from_embed[idx] else next(own)))
         kv = [t for n in self.layer_names for t in present[n]]
         return (h_BTD, *logits, *hidden, *kv)
@@ -176,32 +171,13 @@ def _update_manifest(d: Path, tier: str, entry: dict) -> None:
 
 
 # ---- running it ------------------------------------------------------------------------------------
-class OnnxKVCache:
-    """Per-session KV for an ONNX tier: numpy arrays (B, K, S, E) per cached layer, contiguous appends."""
-
-    def __init__(self, layer_names: list[str], n_kv: int, head_dim: int, max_tokens: int):
-        self.layer_names, self.n_kv, self.head_dim, self.max_tokens = layer_names, n_kv, head_dim, max_tokens
-        self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.length = 0
-        self.last: tuple[int, int, dict] | None = None  # (pos, T, logits) of the latest forward
-
-    def past(self, B: int) -> dict[str, np.ndarray]:
-        if not self.kv:
-            empty = np.zeros((B, self.n_kv, 0, self.head_dim), np.float32)
-            self.kv = {n: (empty, empty) for n in self.layer_names}
-        return {f"past_{kv}.{n}": self.kv[n][i] for n in self.layer_names for i, kv in enumerate(("key", "value"))}
-
-    def truncate(self, length: int) -> None:
-        if length < self.length:
-            self.kv = {n: (k[:, :, :length], v[:, :, :length]) for n, (k, v) in self.kv.items()}
-            self.length, self.last = length, None
-
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
-
-
 class OnnxTierStage:
-    """A tier on ONNX Runtime with TierStage's interface (forward / exit_logits / new_cache)."""
+    """A tier on ONNX Runtime that the tier engine drives like a `trunk.stage.Stage`.
+
+    The graph runs one sequence at a time (a device tier serves one user); every held exit is computed
+    on every row, so the tier's segments never lag each other and only its output boundary is logged
+    (in the engine's pool, for the next tier). Keys/values live here as numpy arrays per pool slot.
+    """
 
     def __init__(self, shards_dir, tier: str = "device", *, verify: bool = True, providers=None,
                  threads: int = 0):
@@ -217,8 +193,11 @@ class OnnxTierStage:
         self.tier, self.cfg, self.manifest, self.tokenizer = tier, cfg, m, load_tokenizer(d)
         self.start_layer, self.stop_layer = entries[0]["layers"][0], entries[-1]["layers"][1]
         self.has_embedding, self.is_last = entries[0]["has_embedding"], entries[-1]["is_last"]
+        self.has_next = not self.is_last
         self.exits = [g for e in entries for g in e["exits"]]
         self.deepest_exit = self.exits[-1]
+        bounds = [self.start_layer] + [cfg.exits[g] for g in self.exits]
+        self.segments = [(bounds[s], bounds[s + 1], g) for s, g in enumerate(self.exits)]
         self.val_loss = {e["index"]: e.get("val_loss") for e in m["exits"] if e["index"] in self.exits}
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.layer_names, self.output_names = info["cache_layers"], info["outputs"]
@@ -227,76 +206,115 @@ class OnnxTierStage:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(d / info["file"]), opts,
                                             providers=providers or ["CPUExecutionProvider"])
+        self.kv: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
     def __repr__(self) -> str:
         return f"OnnxTierStage({self.tier!r}, layers [{self.start_layer}, {self.stop_layer}), exits {self.exits})"
 
-    def new_cache(self, max_tokens: int | None = None) -> OnnxKVCache:
-        return OnnxKVCache(self.layer_names, self.cfg.n_kv_heads, self.cfg.head_dim, max_tokens or self.cfg.max_seq_len)
+    def pool_shape(self, max_len: int | None = None) -> PoolShape:
+        cfg = self.cfg
+        return PoolShape(0, cfg.n_kv_heads, cfg.head_dim, int(self.has_next), cfg.d_model,
+                         min(max_len or cfg.max_seq_len, cfg.max_seq_len), torch.float32)
 
-    def forward(self, x, pos: int = 0, cache: OnnxKVCache | None = None, *, logits_for=None,
-                last_only: bool = False) -> StageOut:
-        """As TierStage.forward; ONNX computes every held exit's logits, `logits_for` only filters."""
-        cache = cache if cache is not None else self.new_cache()
+    def log_index(self, s: int) -> int | None:
+        return 0 if self.has_next and s == len(self.segments) - 1 else None
+
+    def run_graph(self, x, pos: int, past: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> dict[str, np.ndarray]:
+        """One graph call: x (B, T) ids or (B, T, D) states at positions [pos, pos+T) after `past`."""
         x = torch.as_tensor(x)
-        B, T = x.shape[:2]
-        if pos != cache.length:
-            raise CacheError(f"KV append at position {pos} but the cache holds {cache.length} positions")
-        if pos + T > min(cache.max_tokens, self.cfg.max_seq_len):
-            raise CacheError(f"KV cache limit of {min(cache.max_tokens, self.cfg.max_seq_len)} positions exceeded (would hold {pos + T})")
-        feed = {"pos": np.asarray(pos, np.int64), **cache.past(B)}
+        B = x.shape[0]
+        if not past:
+            empty = np.zeros((B, self.cfg.n_kv_heads, 0, self.cfg.head_dim), np.float32)
+            past = {n: (empty, empty) for n in self.layer_names}
+        feed = {"pos": np.asarray(pos, np.int64)}
+        feed.update({f"past_{kv}.{n}": past[n][i] for n in self.layer_names for i, kv in enumerate(("key", "value"))})
         if self.has_embedding:
             feed["input_ids"] = x.to(torch.int64).numpy()
         else:
             feed["hidden_in"] = x.detach().to(torch.float32).contiguous().numpy()
-        res = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
-        cache.kv = {n: (res[f"present_key.{n}"], res[f"present_value.{n}"]) for n in self.layer_names}
-        cache.length = pos + T
-        logits = {g: torch.from_numpy(res[f"logits.{g}"]) for g in self.exits}
-        cache.last = (pos, T, logits)
-        h_out = torch.from_numpy(res["h_out"])
-        hidden = {g: torch.from_numpy(res[f"hidden.{g}"]) for g in self.exits[:-1]}
-        hidden[self.deepest_exit] = h_out
-        want = self.exits if logits_for is None else [g for g in self.exits if g in set(logits_for)]
-        return StageOut(h_out, hidden, {g: logits[g][:, -1:] if last_only else logits[g] for g in want})
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
-    __call__ = forward
+    def forward(self, x: torch.Tensor, runs: list[SeqRun], pool: KVPool) -> StageOut:
+        outs, fb_rows, fb = [SeqOut(None) for _ in runs], [], []
+        row = 0
+        for k, r in enumerate(runs):
+            past = None if r.start == 0 else self.kv.get(r.slot)
+            if r.start > 0:
+                if past is None or past[self.layer_names[0]][0].shape[2] < r.start:
+                    raise StageError(f"slot {r.slot} holds fewer than {r.start} positions")
+                past = {n: (kk[:, :, :r.start], vv[:, :, :r.start]) for n, (kk, vv) in past.items()}
+            xs = x[row:row + r.count][None]
+            row += r.count
+            res = self.run_graph(xs, r.start, past)
+            self.kv[r.slot] = {n: (res[f"present_key.{n}"], res[f"present_value.{n}"]) for n in self.layer_names}
+            li = self.log_index(len(self.segments) - 1)
+            if li is not None:
+                pool.logs[li, r.slot, r.start:r.start + r.count] = torch.from_numpy(res["h_out"][0])
+            r.seg_lens[:] = [r.start + r.count] * len(self.segments)
+            for g in self.exits:
+                if outs[k].exit is None and evaluated_at(r, g):
+                    if r.keep_logits:
+                        outs[k].logits[g] = torch.from_numpy(res[f"logits.{g}"][0])
+                    decide(g, torch.from_numpy(res[f"logits.{g}"][0, -1:]), [k], runs, outs)
+            if outs[k].exit is None and r.evaluate and self.has_next:
+                fb_rows.append(k)
+                fb.append(torch.from_numpy(res[f"logits.{self.deepest_exit}"][0, -1]))
+        out = StageOut(outs)
+        if fb_rows:
+            out.fallback_rows, out.fallback_x = fb_rows, torch.stack(fb)  # logits here, not features
+        return out
 
-    def exit_logits(self, g: int, h_BTD, pos: int = 0, cache: OnnxKVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of exit g for the positions the latest `forward` on `cache` ran.
+    def fallback_tokens(self, out: StageOut, rows: list[int], runs) -> dict[int, SeqOut]:
+        """Degraded answers from the deepest exit's logits for sequences `rows` sent deeper."""
+        got = {i: SeqOut(None) for i in rows}
+        forced = _Forced(runs, self.deepest_exit)
+        for i in rows:
+            logits = out.fallback_x[out.fallback_rows.index(i)][None]
+            decide(self.deepest_exit, logits, [i], forced, got)
+        return got
 
-        The graph computes every held exit inside `forward`; this returns those logits rather than
-        running the head again, so it needs that forward's cache and positions.
-        """
-        if g not in self.exits:
-            raise ValueError(f"tier {self.tier!r} holds exits {self.exits}, not {g}")
-        last = cache.last if cache is not None else None
-        if last is None or last[0] != pos or last[1] != h_BTD.shape[1]:
-            raise ValueError("OnnxTierStage.exit_logits needs the cache and positions of the latest forward")
-        return last[2][g]
+
+class _Forced:
+    """runs[i] with `want` set to exit g, so `decide` answers there (a degraded answer)."""
+
+    def __init__(self, runs, g: int):
+        self.runs, self.g = runs, g
+
+    def __getitem__(self, i):
+        r = self.runs[i]
+        return SeqRun(r.slot, r.start, r.count, r.seg_lens, want=self.g, sampling=r.sampling)
 
 
 # ---- check against PyTorch -------------------------------------------------------------------------
 def check_tier(shards_dir, tier: str = "device", *, seed: int = 0, tol: float = 1e-4,
                runs=((1, 7, 6), (2, 5, 4), (3, 1, 3))) -> dict:
-    """ONNX Runtime vs PyTorch TierStage on random prompts then single-token decode steps, each run a
-    (batch, prompt length, decode steps) triple; the max abs diff of h_out and logits, argmax agreement.
-    Writes `{tier}.onnx.check.json` and the summary into the manifest's onnx entry."""
+    """ONNX Runtime vs the same graph in PyTorch (the tier's own blocks) on random prompts then
+    single-token decode steps, each run a (batch, prompt length, decode steps) triple: the max abs diff
+    of h_out and logits, argmax agreement. Writes `{tier}.onnx.check.json` and the summary into the
+    manifest's onnx entry."""
     d = Path(shards_dir)
-    torch_stage = load_tier(d, tier, dtype=torch.float32)
+    graph = OnnxGraph(load_tier(d, tier, dtype=torch.float32)).eval()
     onnx_stage = OnnxTierStage(d, tier)
-    cfg, gen = torch_stage.cfg, torch.Generator().manual_seed(seed)
+    cfg, gen = onnx_stage.cfg, torch.Generator().manual_seed(seed)
     steps, worst_logits, worst_h, argmax_equal = [], 0.0, 0.0, True
+    n_out = len(onnx_stage.output_names)
     for B, prompt, decode in runs:
-        tc, oc = torch_stage.new_cache(), onnx_stage.new_cache()
-        pos = 0
+        past_t, past_o, pos = None, None, 0
         for T in [prompt] + [1] * decode:
-            x = (torch.randint(0, cfg.vocab_size, (B, T), generator=gen) if torch_stage.has_embedding
+            x = (torch.randint(0, cfg.vocab_size, (B, T), generator=gen) if onnx_stage.has_embedding
                  else torch.randn(B, T, cfg.d_model, generator=gen))
-            a, b = torch_stage.forward(x, pos, tc), onnx_stage.forward(x, pos, oc)
-            dh = (a.h_out_BTD - b.h_out_BTD).abs().max().item()
-            dl = max((a.exit_logits[g] - b.exit_logits[g]).abs().max().item() for g in torch_stage.exits)
-            same = all(torch.equal(a.exit_logits[g].argmax(-1), b.exit_logits[g].argmax(-1)) for g in torch_stage.exits)
+            if past_t is None:
+                past_t = [torch.zeros(B, cfg.n_kv_heads, 0, cfg.head_dim) for _ in range(2 * len(graph.layer_names))]
+            with torch.no_grad():
+                a = dict(zip(onnx_stage.output_names, graph(x, torch.tensor(pos), *past_t)))
+            b = onnx_stage.run_graph(x, pos, past_o)
+            assert len(a) == n_out
+            past_t = [a[f"present_{kv}.{n}"] for n in graph.layer_names for kv in ("key", "value")]
+            past_o = {n: (b[f"present_key.{n}"], b[f"present_value.{n}"]) for n in graph.layer_names}
+            dh = float(np.abs(a["h_out"].numpy() - b["h_out"]).max())
+            dl = max(float(np.abs(a[f"logits.{g}"].numpy() - b[f"logits.{g}"]).max()) for g in onnx_stage.exits)
+            same = all(np.array_equal(a[f"logits.{g}"].numpy().argmax(-1), b[f"logits.{g}"].argmax(-1))
+                       for g in onnx_stage.exits)
             steps.append({"batch": B, "pos": pos, "T": T, "max_abs_diff_logits": dl, "max_abs_diff_h_out": dh,
                           "argmax_equal": same})
             worst_logits, worst_h, argmax_equal = max(worst_logits, dl), max(worst_h, dh), argmax_equal and same

@@ -6,9 +6,9 @@ the last shard the final norm and LM head. Tensors keep their checkpoint names (
 under the head's own name (`heads.{g}.unembed.weight`, or `lm_head.weight` for the final head), so a
 shard never needs a tensor from another shard. The manifest's `unembed` map names each exit's matrix.
 
-A tier (one or more consecutive shards) loads as a `TierStage`: a trunk `FamilyModel` built on the
-meta device with only the held layers and heads materialised, so a node's memory is its shard. The
-stage runs the trunk's own math (`run_layers`, `exit_features`); it adds no numerics of its own.
+A tier (one or more consecutive shards) loads as a `TierStage`, a `trunk.stage.Stage` over a trunk
+`FamilyModel` built on the meta device with only the held layers and heads materialised, so a node's
+memory is its shard. The stage loop is the trunk's own; this file adds no numerics.
 Sessions, eviction and the wire belong to `relay/`; ONNX to `deploy/onnx_export.py`.
 
 Legend: B batch, T positions, D d_model, V vocab.
@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deploy.manifest import (FORMAT, MANIFEST, ShardError, check_file, default_tiers, file_record,
                              parse_tiers, read_manifest, shard_file, tier_entry, write_manifest)
 from trunk.artifacts import confined
 from trunk.checkpoint import META, WEIGHTS, load_checkpoint, read_meta
 from trunk.config import FamilyConfig
-from trunk.kv_cache import KVCache
 from trunk.model import FamilyModel, rope_tables
+from trunk.stage import Stage
 from trunk.tokenizer import TokenizerError, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -176,53 +174,17 @@ def verify_dir(shards_dir) -> dict:
 
 
 # ---- stage ---------------------------------------------------------------------------------------
-@dataclass
-class StageOut:
-    h_out_BTD: torch.Tensor                      # trunk state at stop_layer: what the next tier takes
-    exit_hidden: dict[int, torch.Tensor]         # g -> trunk state (B, T, D) at exits[g], each held exit
-    exit_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # g -> (B, T or 1, V), as asked
-
-
-class _ReplayKV:
-    """A read-only view of a cache whose positions were already written by `forward`.
-
-    `exit_logits` after `forward` over the same positions must not append the branch layers' KV a
-    second time; keys/values at those positions are what the append would write, so reading them
-    back gives the same attention.
-    """
-
-    def __init__(self, kv):
-        self.kv = kv
-
-    def append(self, k_BKTE, v_BKTE, start: int):
-        end = start + k_BKTE.shape[2]
-        return self.kv.k_BKSE[:, :, :end], self.kv.v_BKSE[:, :, :end]
-
-
-class _ReplayCache:
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-
-    def layer(self, name: str):
-        return _ReplayKV(self.cache.layers[name])
-
-
-class TierStage:
-    """One tier's shards, runnable: embed (first tier), trunk layers [start, stop), its exit heads."""
+class TierStage(Stage):
+    """One tier's shards as a runnable `trunk.stage.Stage`: embedding (first tier), trunk layers
+    [start, stop), its exit heads, each exit's unembedding; plus where they came from."""
 
     def __init__(self, tier: str, cfg: FamilyConfig, manifest: dict, model: FamilyModel,
                  unembed: dict[int, torch.Tensor], tokenizer, shards: list[dict]):
-        self.tier, self.cfg, self.manifest, self.tokenizer = tier, cfg, manifest, tokenizer
-        self.model, self.unembed_VD = model, unembed
+        super().__init__(model, [g for s in shards for g in s["exits"]], unembed=unembed,
+                         has_embedding=shards[0]["has_embedding"])
+        self.tier, self.manifest, self.tokenizer = tier, manifest, tokenizer
         self.shards = [s["index"] for s in shards]
-        self.start_layer, self.stop_layer = shards[0]["layers"][0], shards[-1]["layers"][1]
-        self.has_embedding = shards[0]["has_embedding"]
-        self.is_last = shards[-1]["is_last"]
-        self.exits = [g for s in shards for g in s["exits"]]
-        self.deepest_exit = self.exits[-1]
         self.val_loss = {e["index"]: e.get("val_loss") for e in manifest["exits"] if e["index"] in self.exits}
-        p = next(iter(unembed.values()))
-        self.device, self.dtype = p.device, p.dtype
 
     def __repr__(self) -> str:
         return (f"TierStage({self.tier!r}, layers [{self.start_layer}, {self.stop_layer}), exits {self.exits}, "
@@ -231,58 +193,8 @@ class TierStage:
     def nbytes(self) -> int:
         """Bytes of weights held (each tensor once)."""
         seen = {t.data_ptr(): t.numel() * t.element_size()
-                for t in [*self.model.state_dict().values(), *self.unembed_VD.values()]}
+                for t in [*self.model.state_dict().values(), *self.unembed.values()]}
         return sum(seen.values())
-
-    def new_cache(self, max_tokens: int | None = None) -> KVCache:
-        return KVCache(max_tokens or self.cfg.max_seq_len)
-
-    @torch.inference_mode()
-    def embed(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        if not self.has_embedding:
-            raise ValueError(f"tier {self.tier!r} holds no embedding (it starts at layer {self.start_layer})")
-        return self.model.embed_tokens(tokens_BT.to(self.device))
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, pos: int = 0, cache: KVCache | None = None, *,
-                logits_for=None, last_only: bool = False) -> StageOut:
-        """Run the stage on positions [pos, pos+T).
-
-        x: token ids (B, T) int64 on the first tier, else the previous tier's h_out (B, T, D).
-        Every held exit head's branch layers run (their KV must cover every position), but only the
-        exits in `logits_for` (default: all held) are unembedded; `last_only` keeps position T-1.
-        """
-        h_BTD = self.embed(x) if self.has_embedding else x.to(self.device, self.dtype)
-        want = set(self.exits if logits_for is None else logits_for)
-        out = StageOut(h_BTD, {})
-        layer = self.start_layer
-        for g in self.exits:
-            h_BTD = self.model.run_layers(h_BTD, layer, self.cfg.exits[g], pos, cache)
-            layer = self.cfg.exits[g]
-            out.exit_hidden[g] = h_BTD
-            x_BTD = self.model.exit_features(g, h_BTD, pos, cache)
-            if g in want:
-                out.exit_logits[g] = F.linear(x_BTD[:, -1:] if last_only else x_BTD, self.unembed_VD[g])
-        out.h_out_BTD = h_BTD
-        return out
-
-    __call__ = forward
-
-    @torch.inference_mode()
-    def exit_logits(self, g: int, h_BTD: torch.Tensor, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) of held exit g from the trunk state at exits[g] (e.g. `out.exit_hidden[g]`).
-
-        If `forward` already ran these positions with this cache, the branch layers read their KV
-        back instead of appending it twice.
-        """
-        if g not in self.unembed_VD:
-            raise ValueError(f"tier {self.tier!r} holds exits {self.exits}, not {g}")
-        end = pos + h_BTD.shape[1]
-        if cache is not None and self.cfg.branch_layers and g < self.cfg.G - 1 \
-                and cache.length(f"heads.{g}.branch.0") >= end:
-            cache = _ReplayCache(cache)
-        x_BTD = self.model.exit_features(g, h_BTD.to(self.device, self.dtype), pos, cache)
-        return F.linear(x_BTD, self.unembed_VD[g])
 
 
 def _build_model(cfg: FamilyConfig, shards: list[dict], tensors: dict[str, torch.Tensor],

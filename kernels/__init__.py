@@ -6,6 +6,7 @@ kernels/backend.py):
   decode_attention    split-KV decode over a KV cache, 1..8 queries per sequence (forward)
   write_kv_cache      write new keys/values into the cache layout both attention ops read
   exit_head           RMSNorm + unembedding + softmax statistics (+ Gumbel sample), no logits
+  add_rmsnorm, rope_qkv, silu_mul   a serving decoder block's elementwise work, one kernel each
   multi_exit_linear_cross_entropy   training loss and gradients of G exits, chunked
 Each `<op>_reference` has the same signature. Layouts and numerics: docs/kernels.md.
 This package imports only torch (and triton when present); it knows nothing of the model.
@@ -20,6 +21,8 @@ from kernels.attention_prefill import (KERNEL_HEAD_DIMS, prefill_attention_refer
                                        write_kv_cache_reference, write_kv_cache_triton)
 from kernels.backend import mode, use_triton
 from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
+from kernels.fused_block import (add_rmsnorm_reference, add_rmsnorm_triton, rope_qkv_reference, rope_qkv_triton,
+                                 silu_mul_reference, silu_mul_triton)
 from kernels.linear_ce import (multi_exit_linear_cross_entropy_reference,
                                multi_exit_linear_cross_entropy_triton)
 
@@ -34,14 +37,15 @@ def _kernel_shape(q, k) -> bool:
 
 
 def prefill_attention(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
-                      cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+                      cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None, kv_written=False):
     """Attention of new positions over themselves and any cached prefix. Layouts: attention_prefill.py.
 
     The Triton kernel is forward-only: when autograd needs a graph this is SDPA (flash/cuDNN
     backward). Dense shapes go to whichever of Triton and SDPA measured faster (kernels/dispatch.py).
     """
     kw = dict(causal=causal, cu_seqlens=cu_seqlens, k_cache=k_cache, v_cache=v_cache,
-              cache_offsets=cache_offsets, sm_scale=sm_scale, max_seqlen=max_seqlen, cache_slots=cache_slots)
+              cache_offsets=cache_offsets, sm_scale=sm_scale, max_seqlen=max_seqlen, cache_slots=cache_slots,
+              kv_written=kv_written)
     if _needs_graph(q, k, v) or not _kernel_shape(q, k) or not use_triton(q, k, v, k_cache):
         return prefill_attention_reference(q, k, v, **kw)
     dense = cu_seqlens is None and k_cache is None and q.shape[2] == k.shape[2]
@@ -75,6 +79,28 @@ def exit_head(h, norm_weight, W, *, eps, temperature=0.0, seed=None) -> ExitHead
     return exit_head_reference(h, norm_weight, W, **kw)
 
 
+def add_rmsnorm(h, d, w, *, eps):
+    """(h + d, rmsnorm(h + d) * w); d None: (h, rmsnorm(h) * w). Rows (N, D)."""
+    if use_triton(h, d, w):
+        return add_rmsnorm_triton(h, d, w, eps)
+    return add_rmsnorm_reference(h, d, w, eps)
+
+
+def rope_qkv(qkv, pos, slots, cos, sin, k_cache, v_cache, *, n_heads, n_kv_heads):
+    """RoPE on packed q/k/v rows; k and v written into the cache at (slot, pos); returns q (N, H, E)."""
+    E = k_cache.shape[-1]
+    if use_triton(qkv, k_cache) and E & (E - 1) == 0:  # the kernel tiles a power-of-two head dim
+        return rope_qkv_triton(qkv, pos, slots, cos, sin, k_cache, v_cache, n_heads, n_kv_heads)
+    return rope_qkv_reference(qkv, pos, slots, cos, sin, k_cache, v_cache, n_heads, n_kv_heads)
+
+
+def silu_mul(gu):
+    """[gate | up] (N, 2F) -> silu(gate) * up (N, F)."""
+    if use_triton(gu):
+        return silu_mul_triton(gu)
+    return silu_mul_reference(gu)
+
+
 def multi_exit_linear_cross_entropy(hs, W, targets, *, weights=None, ignore_index=-100, chunk_rows=None,
                                     return_per_exit=False):
     """sum_g w_g CE(h_g W_g^T, targets), gradients for every h_g and W; (loss, per-exit CE) if asked."""
@@ -93,4 +119,6 @@ __all__ = [
     "exit_head_reference", "multi_exit_linear_cross_entropy_reference",
     "prefill_attention_triton", "decode_attention_triton", "write_kv_cache_triton",
     "exit_head_triton", "multi_exit_linear_cross_entropy_triton",
+    "add_rmsnorm", "rope_qkv", "silu_mul", "add_rmsnorm_reference", "rope_qkv_reference", "silu_mul_reference",
+    "add_rmsnorm_triton", "rope_qkv_triton", "silu_mul_triton",
 ]

@@ -390,7 +390,7 @@ def _meta_fp32(d):
 # ---- launcher --------------------------------------------------------------------------------------
 
 def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
-                             cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+                             cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None, kv_written=False):
     """Triton prefill attention; same signature and result as `prefill_attention_reference`.
 
     Host work is allocations and launches only (plus one sync for a ragged batch without
@@ -414,7 +414,8 @@ def prefill_attention_triton(q, k, v, *, causal=True, cu_seqlens=None, k_cache=N
         if cache_offsets is None:
             raise ValueError("k_cache needs cache_offsets (positions already cached per sequence)")
         offs, slots = _int32(cache_offsets, dev), _int32(cache_slots, dev)
-        write_kv_cache_triton(k_cache, v_cache, k, v, offs, cu_seqlens=cu, cache_slots=slots, max_seqlen=max_len)
+        if not kv_written:  # kv_written: the new rows' K/V are in the cache already (e.g. by rope_qkv)
+            write_kv_cache_triton(k_cache, v_cache, k, v, offs, cu_seqlens=cu, cache_slots=slots, max_seqlen=max_len)
         K, V, S = k_cache, v_cache, k_cache.shape[2]
         skb, skt, skh = k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)
         svb, svt, svh = v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)
@@ -497,7 +498,8 @@ def _attend_one(q_HTD, k_HSD, v_HSD, causal, scale):
 
 
 def prefill_attention_reference(q, k, v, *, causal=True, cu_seqlens=None, k_cache=None, v_cache=None,
-                                cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None):
+                                cache_offsets=None, sm_scale=None, max_seqlen=None, cache_slots=None,
+                                kv_written=False):
     """PyTorch reference (SDPA). The dense case (padded, no cache, T == S or not causal) is one SDPA
     call on its fastest backend; that is the path the dispatcher picks when SDPA measured faster."""
     hq, hkv, d = _check_heads(q, k, cu_seqlens is not None)
@@ -506,7 +508,7 @@ def prefill_attention_reference(q, k, v, *, causal=True, cu_seqlens=None, k_cach
     if k_cache is None and not varlen and (not causal or q.shape[2] == k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale, enable_gqa=hq != hkv)
     q_start, q_len, B, _, _ = _seq_layout(q, k, cu_seqlens, max_seqlen)
-    if k_cache is not None:
+    if k_cache is not None and not kv_written:
         write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, cu_seqlens=cu_seqlens,
                                  cache_slots=cache_slots)
     slots = list(range(B)) if cache_slots is None else cache_slots.tolist()

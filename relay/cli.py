@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 
 import torch
 
 from relay.node import NodeConfig, NodeHandle, serve
-from relay.session import Limits
+from relay.tier import TierConfig
 from relay.types import TLSConfig
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -35,17 +36,35 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) ->
                    help="compute dtype (default: float32 on CPU, where half-precision matmuls are slow; else the shards')")
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the shards (shapes are still checked)")
     g.add_argument("--onnx", action="store_true", help="run this tier on ONNX Runtime (device tier, after `familial-deploy export-onnx`)")
-    g.add_argument("--max-sessions", type=int, default=64, help="live sessions; one more evicts the least recently used")
-    g.add_argument("--max-tokens", type=int, default=4096, help="positions per session (capped by the model's max_seq_len)")
-    g.add_argument("--max-total-mb", type=float, default=4096, help="KV caches + boundary logs of all sessions, MiB")
-    g.add_argument("--idle-timeout-s", type=float, default=600, help="close sessions unused this long")
+    e = parser.add_argument_group("tier engine")
+    e.add_argument("--kv-memory-mb", type=float, default=None,
+                   help="KV pool budget in MiB (default: --kv-memory-fraction of free memory)")
+    e.add_argument("--kv-memory-fraction", type=float, default=0.5,
+                   help="fraction of free device memory for the KV pool when --kv-memory-mb is not given")
+    e.add_argument("--max-model-len", type=int, default=None,
+                   help="positions per sequence (default: the model's max_seq_len); a pool slot holds this many")
+    e.add_argument("--max-slots", type=int, default=None,
+                   help="sequences resident in the pool at once, at most (default 256 on CUDA, 64 on CPU)")
+    e.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="rows per engine step: decode tokens plus prefill chunks (default 8192 on CUDA, 2048 on CPU)")
+    e.add_argument("--max-batch-seqs", type=int, default=256, help="sequences per engine step")
+    e.add_argument("--micro-batches", type=int, default=2,
+                   help="with --next: run at most 1/N of the runnable sequences per step so tiers overlap")
+    e.add_argument("--max-sessions", type=int, default=4096, help="sequences tracked (resident or not)")
+    e.add_argument("--idle-timeout-s", type=float, default=600, help="release sequences with no work this long")
+    e.add_argument("--step-timeout-s", type=float, default=30,
+                   help="deadline of a step whose request set none; then answer from the deepest tier that did")
+    e.add_argument("--deadline-margin-ms", type=float, default=25,
+                   help="time kept back from a deadline to answer degraded if --next is late")
     g.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
                    help="hidden states sent to --next; auto = compute dtype (lossless, exact)")
     g.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message either way, MiB")
-    g.add_argument("--deadline-margin-ms", type=float, default=25,
-                   help="time kept back from the caller's deadline to answer degraded if --next is late")
-    g.add_argument("--next-timeout-s", type=float, default=30, help="deadline for --next when the caller set none")
-    g.add_argument("--inject-delay-ms", type=float, default=0, help="TEST ONLY: add this much to every Forward here")
+    g.add_argument("--node-token", default=os.environ.get("FAMILIAL_NODE_TOKEN"),
+                   help="shared secret tiers present to each other (required from upstream, sent to --next); "
+                        "default $FAMILIAL_NODE_TOKEN")
+    g.add_argument("--admin-token", default=os.environ.get("FAMILIAL_ADMIN_TOKEN"),
+                   help="Stats lists session ids only to callers presenting this (or the node token); "
+                        "default $FAMILIAL_ADMIN_TOKEN")
     t = parser.add_argument_group("relay TLS")
     t.add_argument("--tls-cert", help="PEM certificate this node serves with (enables TLS)")
     t.add_argument("--tls-key", help="PEM private key for --tls-cert")
@@ -87,20 +106,24 @@ def load_stage(shards: str, tier: str, *, onnx: bool = False, device: str = "cpu
     return load_tier(shards, tier, device=device, dtype=_DTYPES[dtype] if dtype else None, verify=verify)
 
 
-def config_from_args(args, next_tls: TLSConfig | None) -> NodeConfig:
-    return NodeConfig(next=args.next, next_tls=next_tls,
-                      limits=Limits(max_sessions=args.max_sessions, max_tokens=args.max_tokens,
-                                    max_total_bytes=int(args.max_total_mb * 2**20), idle_timeout_s=args.idle_timeout_s),
-                      wire_dtype=args.wire_dtype, max_message_bytes=int(args.max_message_mb * 2**20),
-                      deadline_margin_ms=args.deadline_margin_ms, next_timeout_s=args.next_timeout_s,
-                      inject_delay_ms=args.inject_delay_ms, onnx=args.onnx)
+def config_from_args(args, next_tls: TLSConfig | None, device: str = "cpu") -> NodeConfig:
+    cuda = str(device).startswith("cuda")
+    engine = TierConfig(max_batch_tokens=args.max_batch_tokens or (8192 if cuda else 2048),
+                        max_batch_seqs=args.max_batch_seqs, micro_batches=args.micro_batches,
+                        deadline_margin_ms=args.deadline_margin_ms, step_timeout_s=args.step_timeout_s,
+                        max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout_s)
+    return NodeConfig(next=args.next, next_tls=next_tls, engine=engine, kv_memory_mb=args.kv_memory_mb,
+                      kv_memory_fraction=args.kv_memory_fraction, max_model_len=args.max_model_len,
+                      max_slots=args.max_slots, wire_dtype=args.wire_dtype,
+                      max_message_bytes=int(args.max_message_mb * 2**20), node_token=args.node_token,
+                      admin_token=args.admin_token, onnx=args.onnx)
 
 
 async def start_node(shards: str | None = None, tier: str | None = None, *, stage=None, host: str = "127.0.0.1",
                      port: int = 0, tls: TLSConfig | None = None, require_client_cert: bool = False,
                      onnx: bool = False, verify: bool = True, **config) -> NodeHandle:
     """In-process node (tests). `stage` overrides loading from `shards`; `config` are NodeConfig fields
-    (next=, next_tls=, limits=, wire_dtype=, inject_delay_ms=, ...)."""
+    (next=, next_tls=, engine=TierConfig(...), kv_memory_mb=, wire_dtype=, inject_delay_ms=, ...)."""
     if stage is None:
         stage = load_stage(shards, tier, onnx=onnx, verify=verify)
     return await serve(stage, NodeConfig(onnx=onnx, **config), host=host, port=port, tls=tls,
@@ -111,7 +134,7 @@ async def _serve_until_signal(args) -> None:
     tls, next_tls = tls_from_args(args)
     stage = load_stage(args.shards, args.tier, onnx=args.onnx, device=args.device, dtype=args.dtype,
                        verify=not args.no_verify)
-    handle = await serve(stage, config_from_args(args, next_tls), host=args.host, port=args.port, tls=tls,
+    handle = await serve(stage, config_from_args(args, next_tls, args.device), host=args.host, port=args.port, tls=tls,
                          require_client_cert=args.require_client_cert)
     logging.getLogger("familial.relay").warning(
         "tier %s (layers %d..%d, exits %s) serving on %s:%d%s%s", stage.tier, stage.start_layer, stage.stop_layer,

@@ -1,48 +1,94 @@
-"""A relay tier node: a grpc.aio servicer holding one tier's stage and every session's KV cache.
+"""A relay tier node: a grpc.aio servicer in front of one tier engine (relay/tier.py).
 
-Per Forward call (positions [pos, pos+T) of one session, under that session's lock):
-1. run this tier's layers on the input (token ids at the head, boundary hidden states elsewhere),
-   extending the session's KV cache; exit-branch layers run on every chunk that reaches their exit so
-   their KV covers every position too; append the output to the session's boundary log;
-2. if one of this tier's exits answers (the exit asked for, or the first that passes a confidence
-   policy), sample the token from that exit's logits at the last position and reply;
-3. otherwise send the next tier every pending position [acked, pos+T) in one message (chunked with
-   `fill_only` only when it would exceed the message limit), with the remaining deadline minus a margin.
-   If the next tier is down, too slow, or lost the session and cannot be reopened in time, answer from
-   this tier's deepest exit with degraded=true. NOT_FOUND / FAILED_PRECONDITION from the next tier mean
-   it lost (or has a gap in) the session: reopen it there and resend from position 0.
-A hidden-state input that starts before the session's length is a replay: the cache is cut back to
-`pos` and recomputed, so a tier that saw a request whose reply was lost stays consistent.
-
-The compute of a step runs in a worker thread inside a task the RPC only *awaits* (shielded): a
-cancelled or timed-out call never leaves a cache half-written. Nothing here knows about HTTP or
-tokenizers; sessions and limits live in `relay/session.py`, the wire codec in `relay/codec.py`,
-exit/sampling math in `relay/policy.py`.
-
-Legend: B batch (1), T positions, D d_model, V vocab.
+RPCs (relay/protos/familial/relay/v1/relay.proto):
+- `Generate` (head): one bidirectional stream per router carries many requests; token events of one
+  engine step leave as one message per stream.
+- `Step` / `Release` / `Sync` (tier to tier): the upstream's batched steps, finished sequences, and its
+  live set (sequences it created here and no longer knows, e.g. after it restarted, are released).
+- `OpenSession` / `Forward` / `CloseSession`: one sequence step by step; the reply of OpenSession holds
+  an unguessable capability that Forward and CloseSession must present.
+- `Stats` (session ids only with the admin or node token), `FamilyInfo`, and the gRPC health service.
+Tier-to-tier calls need the node token when one is set (`--node-token`, sent as metadata); mTLS can
+pin the upstream's identity too. Errors map to status codes with a message; nothing a client sends
+crashes the node. Nothing here schedules or computes: the engine does; nothing here knows HTTP.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
+import secrets
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from relay import codec, policy as pol
+from relay import codec, wire
 from relay.client import DEFAULT_MAX_MESSAGE_BYTES, make_channel
 from relay.codec import CodecError
 from relay.pb import SERVICE_NAME, pb, pb_grpc
-from relay.session import Limits, Session, SessionError, SessionTable
-from relay.stage import exit_val_losses, new_cache
+from relay.tier import TierConfig, TierEngine
 from relay.types import TLSConfig
-from trunk.kv_cache import CacheError
+from relay.work import INF, EngineError, Item, StepMessage, StepReply, TokenEvent
+from trunk.kv_pool import KVPool, plan_slots
+from trunk.sampling import SamplingError
 
 log = logging.getLogger("familial.relay")
+
+TOKEN_HEADER = "x-familial-node-token"
+ADMIN_HEADER = "x-familial-admin-token"
+SYNC_PERIOD_S = 0.5     # an upstream tells its live set this often
+SYNC_STALE_S = 1.5      # sequences of an upstream silent this long (and idle) are orphans
+
+
+@dataclass
+class NodeConfig:
+    next: str | None = None                 # HOST:PORT of the next (deeper) tier
+    next_tls: TLSConfig | None = None       # client credentials for dialing `next`
+    engine: TierConfig = field(default_factory=TierConfig)
+    kv_memory_mb: float | None = None       # KV pool budget; None: kv_memory_fraction of free memory
+    kv_memory_fraction: float = 0.5
+    max_model_len: int | None = None        # positions per sequence (default: the model's max_seq_len)
+    max_slots: int | None = None            # pool slots at most (sequences resident at once); None: 256 on CUDA, 64 on CPU
+    wire_dtype: str = "auto"                # hidden states to the next tier: auto (= compute dtype, lossless) | float32 | float16 | bfloat16 | int8
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    node_token: str | None = None           # required from upstream tiers (Step/Release/Sync) and sent to --next
+    admin_token: str | None = None          # Stats lists session ids only for callers presenting it (or the node token)
+    inject_delay_ms: float = 0.0            # TEST ONLY: added to every engine step here
+    onnx: bool = False                      # the stage runs on ONNX Runtime (reported in FamilyInfo)
+    cuda_graphs: bool = True                # CUDA: capture decode steps as graphs at start-up
+
+
+class GrpcDownstream:
+    """The next tier over gRPC: encodes step messages, maps replies back, keeps the orphan sync going."""
+
+    def __init__(self, target: str, tls: TLSConfig | None, conf: NodeConfig, d_model: int, dtype, G: int,
+                 wire_dtype: str, node_id: str):
+        self.target, self.tier, self.conf = target, target, conf
+        self.d_model, self.dtype, self.G, self.wire, self.node_id = d_model, dtype, G, wire_dtype, node_id
+        self.channel = make_channel(target, tls, conf.max_message_bytes)
+        self.stub = pb_grpc.RelayStub(self.channel)
+        self.metadata = ((TOKEN_HEADER, conf.node_token),) if conf.node_token else None
+
+    async def step(self, msg: StepMessage, timeout: float) -> StepReply:
+        req = await asyncio.to_thread(wire.step_to_pb, msg, self.wire)  # device -> host copy off the loop
+        rep = await self.stub.Step(req, timeout=max(0.001, timeout), metadata=self.metadata)
+        out = wire.reply_from_pb(rep, len(msg.seqs))
+        self.tier = out.tier or self.tier
+        return out
+
+    async def release(self, seq_ids: list[str]) -> None:
+        await self.stub.Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5.0, metadata=self.metadata)
+
+    async def sync(self, live: list[str]) -> None:
+        await self.stub.Sync(pb.SyncRequest(src=self.node_id, live=live), timeout=5.0, metadata=self.metadata)
+
+    async def close(self) -> None:
+        await self.channel.close()
 
 
 class Abort(Exception):
@@ -51,47 +97,40 @@ class Abort(Exception):
         self.code = code
 
 
-@dataclass
-class NodeConfig:
-    next: str | None = None                 # HOST:PORT of the next (deeper) tier
-    next_tls: TLSConfig | None = None       # client credentials for dialing `next`
-    limits: Limits = field(default_factory=Limits)
-    wire_dtype: str = "auto"                # hidden states to the next tier: auto (= compute dtype, lossless) | float32 | float16 | bfloat16 | int8
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # both directions, server and client side
-    deadline_margin_ms: float = 25.0        # kept back from the caller's deadline to answer degraded in time
-    next_timeout_s: float = 30.0            # deadline for the next tier when the caller set none
-    inject_delay_ms: float = 0.0            # TEST ONLY: added to this tier's compute per Forward
-    onnx: bool = False                      # the stage runs on ONNX Runtime (reported in FamilyInfo)
-    offload_compute: bool = True            # run the stage in a worker thread so the event loop keeps serving
-                                            # other sessions, health checks and deadlines during a long prefill
-
-
 class RelayNode(pb_grpc.RelayServicer):
-    def __init__(self, stage, config: NodeConfig | None = None):
+    def __init__(self, stage, config: NodeConfig | None = None, *, device=None):
         self.stage, self.conf = stage, config or NodeConfig()
-        self.cfg = stage.cfg
-        self.tier = stage.tier
-        self.dtype = getattr(stage, "dtype", torch.float32)
+        self.cfg, self.tier = stage.cfg, stage.tier
+        self.dtype = stage.dtype
         self.wire = codec.wire_dtype_name(self.dtype) if self.conf.wire_dtype == "auto" else self.conf.wire_dtype
         if self.wire not in codec.WIRE_DTYPES:
             raise ValueError(f"unknown wire dtype {self.wire!r}")
-        self.sessions = SessionTable(self.conf.limits, lambda n: new_cache(stage, n),
-                                     keeps_log=not stage.is_last, model_max_tokens=self.cfg.max_seq_len)
-        self.sessions.on_evict = self._evicted
-        self.served = 0
-        self._channel = self._stub = None
+        self.node_id = f"{self.tier}-{uuid.uuid4().hex[:12]}"
+        self.pool = make_pool(stage, self.conf, device)
+        self.down = None
         if self.conf.next:
-            self._channel = make_channel(self.conf.next, self.conf.next_tls, self.conf.max_message_bytes)
-            self._stub = pb_grpc.RelayStub(self._channel)
-        self._bg: set[asyncio.Task] = set()
+            self.down = GrpcDownstream(self.conf.next, self.conf.next_tls, self.conf, self.cfg.d_model, self.dtype,
+                                       self.cfg.G, self.wire, self.node_id)
+        ec = self.conf.engine
+        ec.max_message_bytes = self.conf.max_message_bytes
+        ec.step_delay_ms = self.conf.inject_delay_ms
+        self.engine = TierEngine(stage, self.pool, self.tier, self.down, ec)
+        self._synced: dict[str, float] = {}     # upstream node id -> last Sync
+        self._bg: list[asyncio.Task] = []
 
-    # ---- RPC entry points: map our exceptions to status codes, never crash ---------------------
+    def start(self) -> None:
+        if self.conf.cuda_graphs:
+            self.engine.capture_graphs()
+        self.engine.start()
+        self._bg.append(asyncio.ensure_future(self._housekeeping()))
+
+    # ---- errors and auth -----------------------------------------------------------------------
     async def _guard(self, ctx, coro):
         try:
             return await coro
-        except (Abort, SessionError) as e:
+        except (Abort, EngineError) as e:
             code, msg = e.code, str(e)
-        except (CodecError, pol.PolicyError) as e:
+        except (CodecError, SamplingError) as e:
             code, msg = "INVALID_ARGUMENT", str(e)
         except asyncio.CancelledError:
             raise
@@ -100,73 +139,173 @@ class RelayNode(pb_grpc.RelayServicer):
             code, msg = "INTERNAL", f"{type(e).__name__}: {e}"
         await ctx.abort(grpc.StatusCode[code], f"[{self.tier}] {msg}")
 
-    async def OpenSession(self, req, ctx):
-        return await self._guard(ctx, self._open(req))
+    def _has(self, ctx, header: str, token: str | None) -> bool:
+        if not token:
+            return False
+        got = dict(ctx.invocation_metadata() or ()).get(header, "")
+        return hmac.compare_digest(got.encode(), token.encode())
 
-    async def Forward(self, req, ctx):
-        remaining = ctx.time_remaining()
-        deadline = time.monotonic() + (self.conf.next_timeout_s if remaining is None else remaining)
-        task = asyncio.ensure_future(self._forward(req, deadline))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if the RPC is gone
-        return await self._guard(ctx, asyncio.shield(task))
+    def _need_node(self, ctx) -> None:
+        if self.conf.node_token and not self._has(ctx, TOKEN_HEADER, self.conf.node_token):
+            raise Abort("PERMISSION_DENIED", "tier-to-tier call without the node token")
 
-    async def CloseSession(self, req, ctx):
-        return await self._guard(ctx, self._close(req))
+    def _admin(self, ctx) -> bool:
+        no_tokens = not self.conf.admin_token and not self.conf.node_token
+        return no_tokens or self._has(ctx, ADMIN_HEADER, self.conf.admin_token) or \
+            self._has(ctx, TOKEN_HEADER, self.conf.node_token)
 
-    async def Stats(self, req, ctx):
-        return self._stats()
+    # ---- Generate (head) -----------------------------------------------------------------------
+    async def Generate(self, request_iterator, ctx):
+        if not self.stage.has_embedding:
+            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, f"[{self.tier}] Generate goes to the head tier")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        pending: list = []
+        live: set[str] = set()
+        state = {"eof": False}
 
-    async def FamilyInfo(self, req, ctx):
-        return await self._guard(ctx, self._family_info())
+        def flush():
+            batch = pending[:]
+            pending.clear()
+            if batch:
+                out.put_nowait(batch)
+
+        def emitter(rid: str):
+            def emit(ev):
+                if not pending:
+                    loop.call_soon(flush)
+                pending.append(wire.event_to_pb(rid, ev))
+                if ev.finish_reason:
+                    live.discard(rid)
+                    if state["eof"] and not live:
+                        loop.call_soon(out.put_nowait, None)
+            return emit
+
+        async def read():
+            try:
+                async for call in request_iterator:
+                    self._call(call, live, emitter)
+            finally:
+                state["eof"] = True
+                if not live:
+                    out.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                batch = await out.get()
+                if batch is None:
+                    break
+                yield pb.TokenEvents(events=batch)
+        finally:
+            reader.cancel()
+            for rid in list(live):  # the router went away: free its requests everywhere
+                self.engine.abort(rid)
+
+    def _call(self, call, live: set[str], emitter) -> None:
+        kind = call.WhichOneof("call")
+        if kind == "submit":
+            rid = call.submit.request_id
+            try:
+                req = wire.gen_from_pb(call.submit, time.monotonic())
+                if rid in live:
+                    raise EngineError("ALREADY_EXISTS", f"request {rid!r} is already running on this stream")
+                live.add(rid)
+                self.engine.generate(req, emitter(rid))
+            except (EngineError, CodecError, SamplingError) as e:
+                live.discard(rid)
+                code = getattr(e, "code", "INVALID_ARGUMENT")
+                emitter(rid)(TokenEvent(-1, -1, self.tier, 0, finish_reason="error", error=f"{code}: {e}"))
+        elif kind == "update" and call.update.request_id in live:
+            try:
+                self.engine.update(call.update.request_id, call.update.exit if call.update.HasField("exit") else None)
+            except EngineError as e:
+                log.info("update refused: %s", e)
+        elif kind == "abort" and call.abort.request_id in live:
+            self.engine.abort(call.abort.request_id)
+
+    # ---- tier to tier --------------------------------------------------------------------------
+    async def Step(self, req, ctx):
+        return await self._guard(ctx, self._step(req, ctx))
+
+    async def _step(self, req, ctx):
+        self._need_node(ctx)
+        if self.stage.has_embedding:
+            raise Abort("FAILED_PRECONDITION", f"tier {self.tier} takes token ids; Step goes to deeper tiers")
+        msg = wire.step_from_pb(req, self.cfg.d_model, self.dtype, self.pool.shape.max_len * 4096, self.cfg.G)
+        if msg.src:
+            self._synced.setdefault(msg.src, time.monotonic())
+        return wire.reply_to_pb(await self.engine.step(msg))
+
+    async def Release(self, req, ctx):
+        async def go():
+            self._need_node(ctx)
+            return pb.ReleaseReply(released=sum(self.engine.close(s) for s in req.seq_ids))
+        return await self._guard(ctx, go())
+
+    async def Sync(self, req, ctx):
+        async def go():
+            self._need_node(ctx)
+            self._synced[req.src] = time.monotonic()
+            return pb.SyncReply(released=self.engine.release_from(req.src, set(req.live)))
+        return await self._guard(ctx, go())
 
     # ---- sessions ------------------------------------------------------------------------------
-    async def _open(self, req):
-        if len(req.session_id) > 256:
-            raise Abort("INVALID_ARGUMENT", "session_id longer than 256 characters")
-        s = self.sessions.open(req.session_id or None, int(req.max_tokens))
-        return pb.OpenSessionReply(session_id=s.id, max_tokens=s.max_tokens)
+    async def OpenSession(self, req, ctx):
+        async def go():
+            if len(req.session_id) > 256:
+                raise Abort("INVALID_ARGUMENT", "session_id longer than 256 characters")
+            if req.max_tokens < 0:
+                raise Abort("INVALID_ARGUMENT", f"max_tokens must be >= 0, got {req.max_tokens}")
+            cap = secrets.token_urlsafe(24)
+            s = self.engine.open(req.session_id or uuid.uuid4().hex, owner=cap, max_tokens=int(req.max_tokens))
+            return pb.OpenSessionReply(session_id=s.id, max_tokens=s.max_tokens, capability=cap)
+        return await self._guard(ctx, go())
 
-    async def _close(self, req):
-        s = self.sessions.close(req.session_id)
-        if s is not None:
-            async with s.lock:  # an in-flight Forward may still open the session on the next tier
-                if s.next_open:
-                    await self._close_next(s.id)
-        return pb.CloseSessionReply(existed=s is not None)
+    async def CloseSession(self, req, ctx):
+        async def go():
+            s = self.engine.seqs.get(req.session_id)
+            if s is None:
+                return pb.CloseSessionReply(existed=False)
+            self.engine.get(req.session_id, owner=req.capability)
+            return pb.CloseSessionReply(existed=self.engine.close(req.session_id))
+        return await self._guard(ctx, go())
 
-    async def _close_next(self, sid: str) -> None:
-        try:
-            await self._stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=5.0)
-        except grpc.aio.AioRpcError as e:
-            log.info("close of %s on %s failed: %s", sid, self.conf.next, e.code().name)
+    async def Forward(self, req, ctx):
+        return await self._guard(ctx, self._forward(req, ctx))
 
-    def _evicted(self, s: Session) -> None:
-        if s.next_open and self._stub is not None:
-            t = asyncio.ensure_future(self._close_next(s.id))
-            self._bg.add(t)
-            t.add_done_callback(self._bg.discard)
-
-    # ---- Forward -------------------------------------------------------------------------------
-    def _validate(self, req) -> int:
-        """Stateless checks; returns the deepest exit wanted."""
+    async def _forward(self, req, ctx):
+        t0 = time.perf_counter()
         if not req.session_id:
             raise Abort("INVALID_ARGUMENT", "session_id is empty")
         if req.pos < 0:
             raise Abort("INVALID_ARGUMENT", f"pos must be >= 0, got {req.pos}")
-        kind = req.WhichOneof("input")
-        want_kind = "tokens" if self.stage.has_embedding else "hidden"
-        if kind != want_kind:
-            raise Abort("INVALID_ARGUMENT", f"tier {self.tier} takes {want_kind} as input, got {kind or 'nothing'}")
-        G = self.cfg.G
-        wanted = req.max_exit if req.HasField("max_exit") else G - 1
-        if not self.stage.exits[0] <= wanted < G:
+        s = self.engine.get(req.session_id, owner=req.capability)
+        want = req.max_exit if req.HasField("max_exit") else self.cfg.G - 1
+        if not self.stage.exits[0] <= want < self.cfg.G:
             raise Abort("INVALID_ARGUMENT",
-                        f"exit {wanted} out of range: this tier serves exits {self.stage.exits[0]}..{G - 1}")
-        pol.validate(req.policy, req.sampling)
-        return wanted
+                        f"exit {want} out of range: this tier serves exits {self.stage.exits[0]}..{self.cfg.G - 1}")
+        x = self._input(req, s.max_tokens)
+        remaining = ctx.time_remaining()
+        deadline = time.monotonic() + (self.conf.engine.step_timeout_s if remaining is None else remaining)
+        item = Item(s.id, int(req.pos), x, None if req.fill_only else want, wire.policy_from_pb(req.policy),
+                    wire.sampling_from_pb(req.sampling), req.fill_only, deadline)
+        res = await self.engine.forward(item)
+        if not res.ok:
+            raise Abort(*res.error)
+        tiers, hops = wire.timings_to_pb(res.timings)
+        return pb.ForwardReply(request_id=req.request_id, token=res.token if not req.fill_only else -1,
+                               exit=res.exit if not req.fill_only else -1, tier=res.tier or self.tier,
+                               confidence=wire.confidence_to_pb(res.confidence), degraded=res.degraded,
+                               reason=res.reason, tiers=tiers, hops=hops, length=s.length,
+                               total_ms=(time.perf_counter() - t0) * 1e3)
 
-    def _decode_input(self, req, max_positions: int) -> torch.Tensor:
-        if req.WhichOneof("input") == "tokens":
+    def _input(self, req, max_positions: int) -> torch.Tensor:
+        kind = req.WhichOneof("input")
+        want = "tokens" if self.stage.has_embedding else "hidden"
+        if kind != want:
+            raise Abort("INVALID_ARGUMENT", f"tier {self.tier} takes {want} as input, got {kind or 'nothing'}")
+        if kind == "tokens":
             ids = list(req.tokens.ids)
             if not ids:
                 raise Abort("INVALID_ARGUMENT", "no token ids")
@@ -175,184 +314,43 @@ class RelayNode(pb_grpc.RelayServicer):
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise Abort("INVALID_ARGUMENT", f"token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
-            return torch.tensor([ids], dtype=torch.long)  # (1, T)
+            return torch.tensor(ids, dtype=torch.long)
         try:
-            return codec.decode(req.hidden, d_model=self.cfg.d_model, out_dtype=self.dtype, max_positions=max_positions)
+            return codec.decode(req.hidden, d_model=self.cfg.d_model, out_dtype=self.dtype,
+                                max_positions=max_positions)[0]
         except codec.CodecLimitError as e:
             raise Abort("RESOURCE_EXHAUSTED", str(e)) from None
 
-    async def _forward(self, req, deadline: float):
-        t0 = time.perf_counter()
-        wanted = self._validate(req)
-        s = self.sessions.get(req.session_id)
-        async with s.lock:
-            if s.closed:
-                raise Abort("NOT_FOUND", f"session {s.id!r} was closed")
-            if time.monotonic() >= deadline:  # queued behind a slow step and the caller is gone: skip it
-                raise Abort("DEADLINE_EXCEEDED", "deadline passed while waiting for the session")
-            x = self._decode_input(req, s.max_tokens)
-            pos, T = int(req.pos), x.shape[1]
-            if pos > s.length:
-                raise Abort("FAILED_PRECONDITION", f"positions out of order: session holds {s.length}, request starts at {pos}")
-            if pos + T > s.max_tokens:
-                raise Abort("RESOURCE_EXHAUSTED", f"positions up to {pos + T} exceed the session limit of {s.max_tokens}")
-            s.truncate(pos)  # no-op unless this is a replay / rewind
-            need = [] if req.fill_only else self._exits_needed(req, wanted)
-            logits = (await asyncio.to_thread(self._compute, s, x, pos, need) if self.conf.offload_compute
-                      else self._compute(s, x, pos, need))
-            if self.conf.inject_delay_ms > 0:
-                await asyncio.sleep(self.conf.inject_delay_ms / 1000.0)
-            try:
-                self.sessions.enforce_bytes(s)
-            except SessionError:
-                s.truncate(pos)  # the step did not happen; the caller may retry at `pos`
-                raise
-            self.served += 1
-            if req.fill_only:
-                return pb.ForwardReply(request_id=req.request_id, token=-1, exit=-1, tier=self.tier, length=s.length,
-                                       total_ms=_ms(t0), tiers=[pb.TierTiming(tier=self.tier, compute_ms=_ms(t0))])
-            return await self._answer(s, req, wanted, logits, t0, deadline)
-
-    def _exits_needed(self, req, wanted: int) -> list[int]:
-        here = [g for g in self.stage.exits if g <= wanted]
-        need = here if req.policy.kind != pb.ExitPolicy.FIXED else [g for g in here if g == wanted]
-        if wanted > self.stage.deepest_exit:  # may have to answer degraded from our deepest exit
-            need = sorted(set(need) | {self.stage.deepest_exit})
-        return need
-
-    def _compute(self, s: Session, x, pos: int, need: list[int]) -> dict[int, torch.Tensor]:
-        """Run the stage on [pos, pos+T); logits (V,) at the last position for the exits in `need`.
-
-        The stage runs every held exit's branch layers on the whole chunk (their KV must cover every
-        position) and unembeds only `need` at the last position."""
-        T = x.shape[1]
-        try:
-            out = self.stage.forward(x, pos, s.cache, logits_for=need, last_only=True)
-            logits = {g: out.exit_logits[g][0, -1].float() for g in need}  # (V,)
-        except CacheError as e:
-            s.truncate(pos)
-            raise Abort("FAILED_PRECONDITION", str(e)) from None
-        except BaseException:
-            s.truncate(pos)
-            raise
-        if s.log is not None:
-            s.log.write(out.h_out_BTD.detach(), pos)
-        s.length = pos + T
-        return logits
-
-    async def _answer(self, s: Session, req, wanted: int, logits: dict, t0: float, deadline: float):
-        confs = []
-        for g in (g for g in self.stage.exits if g <= wanted):
-            if req.policy.kind == pb.ExitPolicy.FIXED and g != wanted:
-                continue
-            stats = pol.confidence(logits[g])
-            confs.append(pb.ExitConfidence(exit=g, max_prob=stats[0], entropy=stats[1], margin=stats[2]))
-            if g == wanted or pol.passes(req.policy, stats):
-                return self._reply(req, g, logits[g], s.length, confs, t0)
-        rep, reason = await self._relay(s, req, deadline)
-        if rep is None:  # degraded: our deepest exit
-            g = self.stage.deepest_exit
-            if not confs or confs[-1].exit != g:
-                stats = pol.confidence(logits[g])
-                confs.append(pb.ExitConfidence(exit=g, max_prob=stats[0], entropy=stats[1], margin=stats[2]))
-            r = self._reply(req, g, logits[g], s.length, confs, t0)
-            r.degraded, r.reason = True, reason
-            log.warning("session %s pos %d degraded at %s: %s", s.id, s.length, self.tier, reason)
-            return r
-        out, rtt_ms, total = pb.ForwardReply(), rep[1], _ms(t0)
-        out.CopyFrom(rep[0])
-        del out.confidence[:], out.tiers[:], out.hops[:]
-        out.confidence.extend(confs + list(rep[0].confidence))
-        out.tiers.extend([pb.TierTiming(tier=self.tier, compute_ms=total - rtt_ms)] + list(rep[0].tiers))
-        nxt = rep[0].tiers[0].tier if rep[0].tiers else "next"
-        out.hops.extend([pb.HopTiming(src=self.tier, dst=nxt, net_ms=max(0.0, rtt_ms - rep[0].total_ms))]
-                        + list(rep[0].hops))
-        out.length, out.total_ms = s.length, total
-        return out
-
-    def _reply(self, req, g: int, logits_V, length: int, confs, t0: float):
-        token = pol.sample(logits_V, req.sampling, length - 1)
-        ms = _ms(t0)
-        return pb.ForwardReply(request_id=req.request_id, token=token, exit=g, tier=self.tier, confidence=confs,
-                               length=length, total_ms=ms, tiers=[pb.TierTiming(tier=self.tier, compute_ms=ms)])
-
-    # ---- relay to the next tier ----------------------------------------------------------------
-    async def _relay(self, s: Session, req, deadline: float):
-        """((reply, round-trip ms), "") from the next tier, or (None, reason) to answer degraded."""
-        if self._stub is None:
-            return None, "no next tier configured"
-        for attempt in range(2):
-            try:
-                t = time.perf_counter()
-                if not s.next_open:
-                    await self._open_next(s, deadline)
-                rep = await self._send_pending(s, req, deadline)
-                return (rep, _ms(t)), ""
-            except _NoTime as e:
-                return None, str(e)
-            except grpc.aio.AioRpcError as e:
-                code = e.code()
-                if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) and attempt == 0:
-                    s.next_open, s.acked = False, 0  # it lost the session (or has a gap): resend from 0
-                    continue
-                return None, f"next tier {self.conf.next} {code.name}: {e.details()}"
-        return None, "next tier lost the session twice"
-
-    def _timeout(self, deadline: float) -> float:
-        left = deadline - time.monotonic() - self.conf.deadline_margin_ms / 1000.0
-        if left <= 0:
-            raise _NoTime("deadline: no time left for the next tier")
-        return left
-
-    async def _open_next(self, s: Session, deadline: float) -> None:
-        try:
-            await self._stub.OpenSession(pb.OpenSessionRequest(session_id=s.id, max_tokens=s.max_tokens),
-                                         timeout=self._timeout(deadline))
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.ALREADY_EXISTS:  # a stale copy is fine: we resend from 0
-                raise
-        s.next_open, s.acked = True, 0
-
-    async def _send_pending(self, s: Session, req, deadline: float):
-        start, stop = s.acked, s.length
-        per = max(1, (self.conf.max_message_bytes - (64 << 10)) // codec.bytes_per_position(self.cfg.d_model, self.wire))
-        rep = None
-        for c0 in range(start, stop, per):
-            c1 = min(c0 + per, stop)
-            msg = pb.ForwardRequest(session_id=s.id, request_id=req.request_id, pos=c0,
-                                    hidden=codec.encode(s.log.read(c0, c1), self.wire),
-                                    pending=max(0, min(c1, req.pos) - c0), policy=req.policy,
-                                    sampling=req.sampling, fill_only=c1 < stop)
-            if req.HasField("max_exit"):
-                msg.max_exit = req.max_exit
-            rep = await self._stub.Forward(msg, timeout=self._timeout(deadline))
-            s.acked = c1
-        return rep
-
     # ---- introspection -------------------------------------------------------------------------
-    def _stats(self):
-        now, L = time.monotonic(), self.conf.limits
-        infos = [pb.SessionInfo(session_id=s.id, length=s.length, kv_bytes=s.kv_bytes(), log_bytes=s.log_bytes(),
-                                acked=s.acked, idle_s=now - s.last_used) for s in self.sessions.sessions.values()]
+    async def Stats(self, req, ctx):
+        st = self.engine.stats()
+        infos = []
+        if self._admin(ctx):
+            infos = [pb.SessionInfo(session_id=k, length=v["length"], kv_bytes=v["kv_bytes"], acked=v["acked"],
+                                    idle_s=v["idle_s"]) for k, v in st["seqs"].items()]
+        p = st["pool"]
         return pb.StatsReply(tier=self.tier, exits=self.stage.exits, start_layer=self.stage.start_layer,
-                             stop_layer=self.stage.stop_layer, sessions=infos, total_bytes=self.sessions.total_bytes(),
-                             max_sessions=L.max_sessions, max_tokens=self.sessions.max_tokens,
-                             max_total_bytes=L.max_total_bytes, evicted=self.sessions.evicted, served=self.served,
-                             next=self.conf.next or "")
+                             stop_layer=self.stage.stop_layer, sessions=infos, total_bytes=p["bytes"],
+                             max_sessions=self.conf.engine.max_sessions, max_tokens=p["max_len"],
+                             max_total_bytes=p["bytes"], evicted=st["evicted"], served=st["items"],
+                             next=self.conf.next or "", live_sessions=st["sequences"], pool_slots=p["slots"],
+                             pool_free_slots=p["free_slots"], pool_bytes_per_token=p["bytes_per_token"],
+                             pool_max_len=p["max_len"], steps=st["steps"], rows=st["rows"],
+                             degraded=st["degraded"], replays=st["replays"], running=st["running"])
 
     def tier_info(self) -> "pb.TierInfo":
-        vl = exit_val_losses(self.stage)
+        vl = getattr(self.stage, "val_loss", {}) or {}
         return pb.TierInfo(tier=self.tier, start_layer=self.stage.start_layer, stop_layer=self.stage.stop_layer,
                            onnx=self.conf.onnx, wire_dtype=self.wire,
                            exits=[pb.ExitInfo(index=g, layer=self.cfg.exits[g],
                                               val_loss=math.nan if vl.get(g) is None else float(vl[g]))
                                   for g in self.stage.exits])
 
-    async def _family_info(self):
+    async def FamilyInfo(self, req, ctx):
         out = pb.FamilyInfoReply(tiers=[self.tier_info()], n_exits=self.cfg.G, complete=self.stage.is_last)
-        if self._stub is not None:
+        if self.down is not None:
             try:
-                rest = await self._stub.FamilyInfo(pb.FamilyInfoRequest(), timeout=5.0)
+                rest = await self.down.stub.FamilyInfo(pb.FamilyInfoRequest(), timeout=5.0)
                 if rest.tiers:
                     rest.tiers[0].address = self.conf.next
                 out.tiers.extend(rest.tiers)
@@ -361,25 +359,44 @@ class RelayNode(pb_grpc.RelayServicer):
                 log.info("FamilyInfo: next tier %s: %s", self.conf.next, e.code().name)
         return out
 
-    async def sweep_forever(self) -> None:
-        period = max(0.05, min(5.0, self.conf.limits.idle_timeout_s / 4))
+    # ---- housekeeping --------------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        """Idle sessions out, orphans of silent upstreams out, our live set to the next tier."""
         while True:
-            await asyncio.sleep(period)
-            self.sessions.sweep_idle()
+            await asyncio.sleep(SYNC_PERIOD_S)
+            try:
+                self.engine.sweep_idle()
+                now = time.monotonic()
+                for src, t in list(self._synced.items()):
+                    if now - t > SYNC_STALE_S:
+                        self.engine.release_from(src)
+                        if not any(s.src == src for s in self.engine.seqs.values()):
+                            del self._synced[src]
+                if self.down is not None:
+                    live = [s.id for s in self.engine.seqs.values() if s.epoch > 0]
+                    await self.down.sync(live)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the next tier may be down; try again next period
+                log.debug("housekeeping: %s", e)
 
     async def close(self) -> None:
-        for t in list(self._bg):
+        for t in self._bg:
             t.cancel()
-        if self._channel is not None:
-            await self._channel.close()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        await self.engine.stop()
+        if self.down is not None:
+            await self.down.close()
 
 
-class _NoTime(Exception):
-    pass
-
-
-def _ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0
+def make_pool(stage, conf: NodeConfig, device=None) -> KVPool:
+    """The tier's KV pool, sized from the byte budget (or the free-memory fraction)."""
+    shape = stage.pool_shape(conf.max_model_len)
+    dev = device if device is not None else stage.device
+    budget = None if conf.kv_memory_mb is None else int(conf.kv_memory_mb * 2**20)
+    cap = conf.max_slots or (256 if torch.device(dev).type == "cuda" else 64)
+    n = plan_slots(shape, dev, memory_bytes=budget, memory_fraction=conf.kv_memory_fraction, max_slots=cap)
+    return KVPool(shape, n, dev, scratch=torch.device(dev).type == "cuda")
 
 
 # ---- server --------------------------------------------------------------------------------------
@@ -388,10 +405,8 @@ class NodeHandle:
     server: grpc.aio.Server
     node: RelayNode
     port: int
-    sweeper: asyncio.Task
 
     async def stop(self, grace: float | None = None) -> None:
-        self.sweeper.cancel()
         await self.server.stop(grace)
         await self.node.close()
 
@@ -429,6 +444,11 @@ def _add_relay_service(node: RelayNode, server) -> None:
     handlers = {}
     for m in pb.DESCRIPTOR.services_by_name["Relay"].methods:
         req_cls, rep_cls = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        if m.client_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(node, m.name), request_deserializer=req_cls.FromString,
+                response_serializer=rep_cls.SerializeToString)
+            continue
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
             checked(getattr(node, m.name)), request_deserializer=tolerant(req_cls),
             response_serializer=rep_cls.SerializeToString)
@@ -436,9 +456,9 @@ def _add_relay_service(node: RelayNode, server) -> None:
 
 
 async def serve(stage, config: NodeConfig | None = None, *, host: str = "127.0.0.1", port: int = 0,
-                tls: TLSConfig | None = None, require_client_cert: bool = False) -> NodeHandle:
+                tls: TLSConfig | None = None, require_client_cert: bool = False, device=None) -> NodeHandle:
     """Start a node on host:port (0 = any free port) and return once it is serving."""
-    node = RelayNode(stage, config)
+    node = RelayNode(stage, config, device=device)
     mb = node.conf.max_message_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", mb),
                                       ("grpc.max_send_message_length", mb),
@@ -451,7 +471,11 @@ async def serve(stage, config: NodeConfig | None = None, *, host: str = "127.0.0
              else server.add_insecure_port(addr))
     if bound == 0:
         raise OSError(f"could not bind {addr}")
+    node.start()
     await server.start()
     for svc in ("", SERVICE_NAME):
         await hs.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    return NodeHandle(server, node, bound, asyncio.ensure_future(node.sweep_forever()))
+    return NodeHandle(server, node, bound)
+
+
+__all__ = ["NodeConfig", "RelayNode", "NodeHandle", "serve", "make_pool", "INF"]

@@ -1,61 +1,10 @@
-"""Plain dataclasses shared by the relay client, node and CLI: exit policy, sampling, step result, TLS.
-
-They convert to and from the wire messages here so that callers (the HTTP router) never touch
-protobuf. No networking, no model code.
+"""TLS settings shared by the relay client, node and CLI (PEM bytes or paths). Sampling parameters and
+exit policies live in trunk/sampling.py, what crosses the engine in relay/work.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-from relay.pb import pb
-
-POLICY_KINDS = {"fixed": pb.ExitPolicy.FIXED, "max_prob": pb.ExitPolicy.MAX_PROB,
-                "entropy": pb.ExitPolicy.ENTROPY, "margin": pb.ExitPolicy.MARGIN}
-
-
-@dataclass
-class ExitPolicy:
-    kind: str = "fixed"      # "fixed" (answer from the exit asked for) | "max_prob" | "entropy" | "margin"
-    threshold: float = 0.0   # max_prob/margin: exit when >= threshold; entropy (nats): exit when <= threshold
-
-    def to_pb(self) -> "pb.ExitPolicy":
-        if self.kind not in POLICY_KINDS:
-            raise ValueError(f"unknown exit policy {self.kind!r}; known: {', '.join(POLICY_KINDS)}")
-        return pb.ExitPolicy(kind=POLICY_KINDS[self.kind], threshold=float(self.threshold))
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0        # nucleus mass kept; 1 = all
-    seed: int = 0             # the draw at position p depends only on (seed, p) and the logits
-
-    def to_pb(self) -> "pb.Sampling":
-        return pb.Sampling(temperature=float(self.temperature), top_p=float(self.top_p), seed=int(self.seed))
-
-
-@dataclass
-class StepResult:
-    token: int                 # sampled token id (for the position after the last one sent)
-    exit: int                  # exit index that produced it
-    tier: str                  # tier that holds that exit
-    degraded: bool = False     # a deeper tier failed; answered from a shallower exit
-    reason: str = ""           # why degraded ("" otherwise)
-    timings: dict[str, float] = field(default_factory=dict)  # ms: "device", "edge", "net:device->edge", "total"
-    confidence: dict = field(default_factory=dict)  # {"max_prob", "entropy", "margin", "exit", "checked": [...]}
-
-    @classmethod
-    def from_pb(cls, r: "pb.ForwardReply") -> "StepResult":
-        timings = {t.tier: t.compute_ms for t in r.tiers}
-        timings.update({f"net:{h.src}->{h.dst}": h.net_ms for h in r.hops})
-        timings["total"] = r.total_ms
-        checked = [{"exit": c.exit, "max_prob": c.max_prob, "entropy": c.entropy, "margin": c.margin}
-                   for c in r.confidence]
-        conf = dict(checked[-1]) if checked else {}
-        conf["checked"] = checked
-        return cls(token=int(r.token), exit=int(r.exit), tier=r.tier, degraded=r.degraded, reason=r.reason,
-                   timings=timings, confidence=conf)
 
 
 def _read(x) -> bytes | None:

@@ -1,29 +1,30 @@
-"""Exit choice by latency budget: per-tier latency models and the planner that reads them.
+"""Exit choice by latency budget: a latency model per exit, and the planner that reads it.
 
-Latency model. A step sends n_t new positions to each tier t on the exit's path (the prompt on the first
-step; one token later; more when a deeper tier catches up on pending positions). Its predicted time is
+Latency model. A request at exit g costs its first token (prefill of the prompt, queueing and
+batching included) and then one inter-token interval per further token:
 
-    step_ms(g) = sum_{t in path(g)} [decode_ms_t + prefill_ms_per_token_t * (n_t - 1)]
-               + sum_{links on path(g)} rtt_ms_link + overhead_ms
+    request_ms(g, P, n) = first_ms(g, P) + (n - 1) * token_ms(g),
+    first_ms(g, P)      = token_ms(g) + prefill_ms_per_token(g) * (P - 1)
 
-where `overhead_ms` is what the tiers do not report (router <-> head round trip, serialisation, event
-loop). Each term is an EWMA (weight `alpha` on the newest sample) fed by the per-tier timings of every
-step; `calibrate` seeds them from a few warm-up forwards per exit at start-up.
+Every term is learned from what requests at exit g actually saw through the tier engines (which batch
+many requests per step), as an EWMA with weight `alpha` on the newest sample; `calibrate` seeds them at
+start-up with a few unloaded requests per exit. An estimate that has not been refreshed for a while
+decays back toward that unloaded floor (time constant `stale_s`): after a burst has passed, a deep
+exit that looked slow is tried again instead of being shunned for as long as nobody picks it.
 
-Quality. Each exit's measured validation loss (family.json, lower is better); exits without one rank
-by depth. The planner picks the best-quality exit whose predicted request time, times a safety factor,
-fits the remaining budget; when none fits it answers from the shallowest exit and flags the request
-infeasible. The safety factor starts at 1/margin and then tracks the 90th percentile of recent
-(actual / predicted) request times (`score`), so it reflects how wrong the model has been lately (load
-swings, other tenants). During generation `replan` steps down to a shallower exit when the rest of the
-request, at the current exit, no longer fits the remaining budget. It never steps up: deeper tiers would
-have to catch up on every position they skipped.
+Quality: each exit's measured validation loss (lower is better); exits without one rank by depth. The
+planner picks the best-quality exit whose predicted request time, times a safety factor, fits the
+remaining budget; when none fits it answers from the shallowest exit and flags the request infeasible.
+The safety factor starts at 1/margin, then tracks the 90th percentile of recent (actual / predicted)
+request times (`score`). During generation `replan` steps down to a shallower exit when the rest of
+the request no longer fits at the current one.
 
 This file does no I/O and knows nothing of HTTP or gRPC.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,17 +37,6 @@ class ExitInfo:
     val_loss: float | None = None    # measured validation loss (lower is better)
 
 
-@dataclass
-class TierCost:
-    decode_ms: float = 1.0               # one new position
-    prefill_ms_per_token: float = 0.05   # each further position in the same step
-    samples: int = 0                     # decode observations
-    prefill_samples: int = 0
-
-    def step_ms(self, n: int) -> float:
-        return self.decode_ms + self.prefill_ms_per_token * max(0, n - 1)
-
-
 def _ewma(old: float, new: float, alpha: float, n: int) -> float:
     """EWMA after n earlier samples; the first samples are averaged plainly (weight 1/(n+1)) so a
     start-up guess does not linger."""
@@ -55,56 +45,59 @@ def _ewma(old: float, new: float, alpha: float, n: int) -> float:
 
 
 @dataclass
+class Estimate:
+    """One learned cost (ms): EWMA, its unloaded floor, and when it was last refreshed."""
+    value: float
+    floor: float = math.inf
+    samples: int = 0
+    t_last: float = field(default_factory=time.monotonic)
+
+    def observe(self, ms: float, alpha: float, now: float) -> None:
+        self.value = _ewma(self.value, ms, alpha, self.samples)
+        self.floor = min(self.floor, ms)
+        self.samples += 1
+        self.t_last = now
+
+    def predict(self, now: float, stale_s: float) -> float:
+        if not math.isfinite(self.floor) or self.value <= self.floor:
+            return self.value
+        return self.floor + (self.value - self.floor) * math.exp(-max(0.0, now - self.t_last) / stale_s)
+
+
+@dataclass
+class ExitCost:
+    token_ms: Estimate = field(default_factory=lambda: Estimate(5.0))
+    prefill_ms_per_token: Estimate = field(default_factory=lambda: Estimate(0.05))
+
+
+@dataclass
 class LatencyModel:
-    """Per-tier compute costs, per-link round trips and the router-side overhead, all EWMAs (ms)."""
-    tiers: list[str]                                   # chain order, head first
+    n_exits: int
     alpha: float = 0.2
-    cost: dict[tuple[str, int], TierCost] = field(default_factory=dict)  # (tier, deepest exit used there)
-    links: dict[str, float] = field(default_factory=dict)                # "device->edge" -> ms
-    link_samples: dict[str, int] = field(default_factory=dict)
-    overhead_ms: float = 0.5
-    overhead_samples: int = 0
+    stale_s: float = 2.0
+    cost: list[ExitCost] = field(default_factory=list)
 
-    def _cost(self, tier: str, g: int) -> TierCost:
-        return self.cost.setdefault((tier, g), TierCost())
+    def __post_init__(self):
+        if not self.cost:
+            self.cost = [ExitCost() for _ in range(self.n_exits)]
 
-    def observe(self, work: dict[str, tuple[int, int]], timings: dict[str, float], wall_ms: float) -> None:
-        """Fold one step in. work: tier -> (deepest exit run there, positions it processed)."""
-        reported = 0.0
-        for tier, (g, n) in work.items():
-            ms = timings.get(tier)
-            if ms is None or n <= 0:
-                continue
-            reported += ms
-            c = self._cost(tier, g)
-            if n == 1:
-                c.decode_ms = _ewma(c.decode_ms, ms, self.alpha, c.samples)
-                c.samples += 1
-            elif c.samples:  # the per-token part is only known once the fixed part is
-                per = max(0.0, ms - c.decode_ms) / (n - 1)
-                c.prefill_ms_per_token = _ewma(c.prefill_ms_per_token, per, self.alpha, c.prefill_samples)
-                c.prefill_samples += 1
-        for key, ms in timings.items():
-            if key.startswith("net:"):
-                link = key[4:]
-                self.link_samples[link] = k = self.link_samples.get(link, 0)
-                self.links[link] = _ewma(self.links.get(link, 0.0), ms, self.alpha, k)
-                self.link_samples[link] = k + 1
-                reported += ms
-        over = max(0.0, wall_ms - reported)
-        self.overhead_ms = _ewma(self.overhead_ms, over, self.alpha, self.overhead_samples)
-        self.overhead_samples += 1
+    def observe_token(self, g: int, ms: float, now: float | None = None) -> None:
+        self.cost[g].token_ms.observe(ms, self.alpha, time.monotonic() if now is None else now)
 
-    def step_ms(self, exit: ExitInfo, work: dict[str, int], exits_by_tier: dict[str, int]) -> float:
-        """Predicted wall time of one step to `exit`; work: tier -> positions it must process."""
-        path = self.tiers[: self.tiers.index(exit.tier) + 1]
-        ms = self.overhead_ms
-        for i, tier in enumerate(path):
-            g = exit.index if tier == exit.tier else exits_by_tier[tier]
-            ms += self._cost(tier, g).step_ms(work.get(tier, 1))
-            if i:
-                ms += self.links.get(f"{path[i - 1]}->{tier}", 0.0)
-        return ms
+    def observe_first(self, g: int, prompt_tokens: int, ms: float, now: float | None = None) -> None:
+        c, now = self.cost[g], time.monotonic() if now is None else now
+        if prompt_tokens > 1 and c.token_ms.samples:  # the per-token part only once the fixed part is known
+            per = max(0.0, ms - c.token_ms.predict(now, self.stale_s)) / (prompt_tokens - 1)
+            c.prefill_ms_per_token.observe(per, self.alpha, now)
+
+    def token_ms(self, g: int, now: float | None = None) -> float:
+        return self.cost[g].token_ms.predict(time.monotonic() if now is None else now, self.stale_s)
+
+    def first_ms(self, g: int, prompt_tokens: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        c = self.cost[g]
+        return c.token_ms.predict(now, self.stale_s) + c.prefill_ms_per_token.predict(now, self.stale_s) * max(
+            0, prompt_tokens - 1)
 
 
 @dataclass
@@ -112,50 +105,30 @@ class Plan:
     exit: int
     predicted_ms: float
     infeasible: bool = False
-    first_ms: float = 0.0     # predicted first step (prefill) and each later step, to score the plan after
+    first_ms: float = 0.0     # predicted first token (prefill) and each later one, to score the plan after
     step_ms: float = 0.0
 
 
 class ExitPlanner:
     """Chooses exits. `margin` is the fraction of the budget a prediction may use until enough requests
-    have finished; from then on the planner uses the 90th percentile of recent (actual / predicted)
-    request times instead, so predictions that run late under load make it more careful, and accurate
-    ones let it use more of the budget."""
+    have finished; from then on the 90th percentile of recent (actual / predicted) request times."""
 
-    def __init__(self, exits: list[ExitInfo], tiers: list[str], *, margin: float = 0.85, alpha: float = 0.2,
+    def __init__(self, exits: list[ExitInfo], *, margin: float = 0.85, alpha: float = 0.2, stale_s: float = 2.0,
                  window: int = 64, min_requests: int = 8):
         self.exits = sorted(exits, key=lambda e: e.index)
-        self.tiers = tiers
         self.margin = margin
-        self.model = LatencyModel(tiers, alpha=alpha)
+        self.model = LatencyModel(len(self.exits), alpha=alpha, stale_s=stale_s)
         self.ratios: deque[float] = deque(maxlen=window)
         self.min_requests = min_requests
         self.safety = 1.0 / margin   # predictions are multiplied by this before they are compared
         # best quality first: lowest val loss; unknown losses rank by depth, deepest first
         self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
-        self.deepest_on = {t: max(e.index for e in self.exits if e.tier == t) for t in {e.tier for e in self.exits}}
-
-    # ---- prediction ----------------------------------------------------------------------------
-    def predict_ms(self, g: int, prompt_tokens: int, new_tokens: int) -> float:
-        """Whole request at exit g: prefill + first token, then new_tokens - 1 decode steps."""
-        e = self.exits[g]
-        path = self.tiers[: self.tiers.index(e.tier) + 1]
-        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self.deepest_on)
-        rest = self.model.step_ms(e, {}, self.deepest_on) * max(0, new_tokens - 1)
-        return first + rest
 
     def plan_for(self, g: int, prompt_tokens: int, new_tokens: int, infeasible: bool = False) -> Plan:
         """The plan (with its predictions) of running the whole request at exit g."""
-        e = self.exits[g]
-        path = self.tiers[: self.tiers.index(e.tier) + 1]
-        first = self.model.step_ms(e, {t: prompt_tokens for t in path}, self.deepest_on)
-        step = self.model.step_ms(e, {}, self.deepest_on)
+        first, step = self.model.first_ms(g, prompt_tokens), self.model.token_ms(g)
         return Plan(g, first + step * max(0, new_tokens - 1), infeasible, first, step)
 
-    def decode_ms(self, g: int) -> float:
-        return self.model.step_ms(self.exits[g], {}, self.deepest_on)
-
-    # ---- decisions -----------------------------------------------------------------------------
     def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> Plan:
         """Best exit for a whole request given the budget left (None = no budget: best quality)."""
         if budget_ms is None:
@@ -168,21 +141,18 @@ class ExitPlanner:
 
     def replan(self, current: int, remaining_ms: float, tokens_left: int) -> Plan | None:
         """A shallower exit if the rest of the request no longer fits at `current`; else None."""
-        if tokens_left <= 0 or self.decode_ms(current) * tokens_left * self.safety <= remaining_ms:
+        if tokens_left <= 0 or self.model.token_ms(current) * tokens_left * self.safety <= remaining_ms:
             return None
         for e in self.by_quality:
             if e.index >= current:
                 continue
-            ms = self.decode_ms(e.index) * tokens_left
+            ms = self.model.token_ms(e.index) * tokens_left
             if ms * self.safety <= remaining_ms:
                 return Plan(e.index, ms)
         g = self.exits[0].index
         if g == current:
             return None
-        return Plan(g, self.decode_ms(g) * tokens_left, infeasible=True)
-
-    def observe(self, work: dict[str, tuple[int, int]], timings: dict[str, float], wall_ms: float) -> None:
-        self.model.observe(work, timings, wall_ms)
+        return Plan(g, self.model.token_ms(g) * tokens_left, infeasible=True)
 
     def score(self, plan: Plan, tokens: int, actual_ms: float) -> None:
         """A finished request: compare its time with what its admission plan predicted for `tokens`."""
@@ -195,21 +165,13 @@ class ExitPlanner:
 
     def snapshot(self) -> dict:
         """The current model, for /v1/models and logs."""
-        return {
-            "tiers": {f"{t}@exit{g}": {"decode_ms": round(c.decode_ms, 3),
-                                       "prefill_ms_per_token": round(c.prefill_ms_per_token, 4),
-                                       "samples": c.samples} for (t, g), c in self.model.cost.items()},
-            "links_ms": {k: round(v, 3) for k, v in self.model.links.items()},
-            "overhead_ms": round(self.model.overhead_ms, 3),
-            "safety": round(self.safety, 3),
-        }
-
-
-def work_for_step(exit: ExitInfo, tiers: list[str], deepest_on: dict[str, int], seen: dict[str, int],
-                  end_pos: int) -> dict[str, tuple[int, int]]:
-    """tier -> (deepest exit run there, positions it processes) for a step ending at end_pos."""
-    path = tiers[: tiers.index(exit.tier) + 1]
-    return {t: (exit.index if t == exit.tier else deepest_on[t], end_pos - seen.get(t, 0)) for t in path}
+        now = time.monotonic()
+        return {"exits": {str(e.index): {"token_ms": round(self.model.token_ms(e.index, now), 3),
+                                         "prefill_ms_per_token": round(self.model.cost[e.index].prefill_ms_per_token
+                                                                       .predict(now, self.model.stale_s), 4),
+                                         "samples": self.model.cost[e.index].token_ms.samples}
+                          for e in self.exits},
+                "safety": round(self.safety, 3)}
 
 
 def percentile(xs: list[float], q: float) -> float:

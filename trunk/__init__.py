@@ -1,7 +1,18 @@
-"""trunk: the familial model, its FLOP count, data, training and checkpoint format."""
-from trunk.config import FamilyConfig, PRESETS, get_preset, ConfigError
-from trunk.model import FamilyModel
-from trunk.kv_cache import KVCache
-from trunk.builtin import builtin_path
+"""trunk: the familial model, its FLOP count, data, training and checkpoint format.
 
-__all__ = ["FamilyConfig", "PRESETS", "get_preset", "ConfigError", "FamilyModel", "KVCache", "builtin_path"]
+Names are resolved lazily, so `import trunk.flops` (the fitting package's only dependency on us) does
+not load torch modules, kernels or the model.
+"""
+import importlib
+
+_EXPORTS = {"FamilyConfig": "trunk.config", "PRESETS": "trunk.config", "get_preset": "trunk.config",
+            "ConfigError": "trunk.config", "FamilyModel": "trunk.model", "Stage": "trunk.stage",
+            "builtin_path": "trunk.builtin"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trunk' has no attribute {name!r}")

@@ -52,6 +52,15 @@ class FamilyConfig:
     def head_dim(self) -> int:
         return self.head_dim_override or self.d_model // self.n_heads
 
+    def layer_id(self, g: int, j: int) -> int:
+        """Integer id of branch layer j of shallow exit g (trunk layer i is id i); caches index by it."""
+        return self.n_layers + g * self.branch_layers + j
+
+    @property
+    def n_layer_ids(self) -> int:
+        """Decoder layers with a KV cache: the trunk's and every shallow exit's branch layers."""
+        return self.n_layers + (self.G - 1) * self.branch_layers
+
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:

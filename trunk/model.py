@@ -1,28 +1,32 @@
 """The familial model: a Llama/Qwen2-style decoder trunk with G exit heads.
 
-This file holds only the math. Splitting into stage shards, ONNX export and serving transform a built
-model from outside (`deploy/`, `relay/`); Hugging Face name mapping lives in `trunk/hf.py`, the loss
-in `trunk/loss.py`, attention dispatch in `trunk/attention.py`.
+This file holds only the math. How attention reaches its keys and values is the caller's business:
+every block takes an `attend(q, k, v)` callable. Training passes causal SDPA over the whole sequence
+(`causal_attend`); serving passes attention over a KV pool (`trunk/stage.py`); ONNX export passes
+explicit attention over past/present tensors (`deploy/onnx_export.py`). Splitting into stage shards,
+export and serving transform a built model from outside; Hugging Face names live in `trunk/hf.py`,
+the loss in `trunk/loss.py`.
 
-Two ways in:
-- training: `forward(tokens_BT)` -> one logits tensor per exit, or `exit_features` for a fused loss;
-- serving a stage: `embed`, `run_layers(h, start, stop, pos, cache)` and `exit_features(g, h, pos,
-  cache)` run any layer range from a hidden state with a KV cache.
+Layer ids: trunk layer i is id i; branch layer j of exit head g is id L + g * branch_layers + j
+(`FamilyConfig.layer_id`). Caches index layers by these integers, never by names.
 
-Legend: B batch, T positions, D d_model, H query heads, K kv heads, E head dim, F d_ff, V vocab,
-R adapter rank.
+Legend: B batch, T positions, N packed rows, D d_model, H query heads, K kv heads, E head dim,
+F d_ff, V vocab, R adapter rank. Blocks accept any leading shape (..., D): (B, T, D) in training,
+(N, D) when serving packed rows.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trunk.attention import attend
 from trunk.config import FamilyConfig
-from trunk.kv_cache import KVCache
+
+# attend(q (..., H, E), k (..., K, E), v (..., K, E)) -> (..., H, E): the only way a block reaches keys
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -47,11 +51,19 @@ def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x_BHTE: torch.Tensor, cos_TE: torch.Tensor, sin_TE: torch.Tensor) -> torch.Tensor:
-    # rotate_half: (x1, x2) -> (-x2, x1) over the two halves of E
-    x1, x2 = x_BHTE.chunk(2, dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., E) rotated by cos/sin broadcast against it; rotate_half: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
     rot = torch.cat((-x2, x1), dim=-1)
-    return x_BHTE * cos_TE + rot * sin_TE
+    return x * cos + rot * sin
+
+
+def causal_attend(q_BTHE: torch.Tensor, k_BTKE: torch.Tensor, v_BTKE: torch.Tensor) -> torch.Tensor:
+    """Causal GQA self-attention over whole sequences (training, reference runs): SDPA."""
+    y_BHTE = F.scaled_dot_product_attention(q_BTHE.transpose(1, 2), k_BTKE.transpose(1, 2),
+                                            v_BTKE.transpose(1, 2), is_causal=True,
+                                            enable_gqa=q_BTHE.shape[2] != k_BTKE.shape[2])
+    return y_BHTE.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -63,19 +75,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD, cos_TE, sin_TE, start: int, kv=None) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        q_BHTE = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BKTE = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v_BKTE = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q_BHTE = apply_rope(q_BHTE, cos_TE, sin_TE)
-        k_BKTE = apply_rope(k_BKTE, cos_TE, sin_TE)
-        if kv is not None:
-            k_BKSE, v_BKSE = kv.append(k_BKTE, v_BKTE, start)
-        else:
-            k_BKSE, v_BKSE = k_BKTE, v_BKTE
-        y_BHTE = attend(q_BHTE, k_BKSE, v_BKSE, start)
-        return self.o_proj(y_BHTE.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+    def forward(self, x, cos, sin, attend: Attend) -> torch.Tensor:
+        """x (..., D); cos/sin broadcast against (..., 1, E) (e.g. (T, 1, E) or (N, 1, E))."""
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin)  # (..., H, E)
+        k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv, self.head_dim)), cos, sin)    # (..., K, E)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv, self.head_dim))                           # (..., K, E)
+        return self.o_proj(attend(q, k, v).flatten(-2))
 
 
 class MLP(nn.Module):
@@ -85,8 +90,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
-    def forward(self, x_BTD):
-        return self.down_proj(F.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))  # SwiGLU
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
 class Block(nn.Module):
@@ -97,9 +102,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h_BTD, cos_TE, sin_TE, start: int, kv=None):
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), cos_TE, sin_TE, start, kv)
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+    def forward(self, h, cos, sin, attend: Attend):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attend)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Adapter(nn.Module):
@@ -110,8 +115,8 @@ class Adapter(nn.Module):
         self.down = nn.Linear(d, rank, bias=False)  # (R, D)
         self.up = nn.Linear(rank, d, bias=False)    # (D, R)
 
-    def forward(self, x_BTD):
-        return x_BTD + self.up(self.down(x_BTD))
+    def forward(self, x):
+        return x + self.up(self.down(x))
 
 
 class ExitHead(nn.Module):
@@ -161,59 +166,40 @@ class FamilyModel(nn.Module):
             return final
         return self.heads[g].unembed.weight
 
-    def _rope(self, start: int, T: int):
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start + T} exceed max_seq_len {self.cfg.max_seq_len}")
-        return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-
-    # ---- stage pieces (serving) ----------------------------------------------------------------
-    def embed_tokens(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens_BT)
-
-    def run_layers(self, h_BTD, start_layer: int, stop_layer: int, pos: int = 0,
-                   cache: KVCache | None = None) -> torch.Tensor:
-        """Trunk layers [start_layer, stop_layer) on hidden states at positions [pos, pos+T)."""
-        cos, sin = self._rope(pos, h_BTD.shape[1])
-        for i in range(start_layer, stop_layer):
-            kv = cache.layer(f"layers.{i}") if cache is not None else None
-            h_BTD = self.layers[i](h_BTD, cos, sin, pos, kv)
-        return h_BTD
-
-    def exit_features(self, g: int, h_BTD, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Exit g's input to the unembedding: branch layers, norm, adapter. h is the trunk state at exits[g].
-
-        With a cache, call this for every chunk of positions that reaches exits[g] (not only for
-        positions that exit there): the branch layers' KV must cover every earlier position.
-        """
+    def branch_blocks(self, g: int) -> list[tuple[int, Block]]:
+        """(layer id, block) of exit g's branch layers; none for the final exit."""
         if g == self.cfg.G - 1:
-            return self.norm(h_BTD)
-        head = self.heads[g]
-        if len(head.branch):
-            cos, sin = self._rope(pos, h_BTD.shape[1])
-            for j, blk in enumerate(head.branch):
-                kv = cache.layer(f"heads.{g}.branch.{j}") if cache is not None else None
-                h_BTD = blk(h_BTD, cos, sin, pos, kv)
-        x_BTD = head.norm(h_BTD)
-        return head.adapter(x_BTD) if head.adapter is not None else x_BTD
+            return []
+        return [(self.cfg.layer_id(g, j), blk) for j, blk in enumerate(self.heads[g].branch)]
 
-    def exit_logits(self, g: int, h_BTD, pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        return F.linear(self.exit_features(g, h_BTD, pos, cache), self.unembed_weight(g))  # (B, T, V)
+    def head_features(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        """Exit g's input to the unembedding from the (branch-layer) output x: norm, adapter."""
+        if g == self.cfg.G - 1:
+            return self.norm(x)
+        head = self.heads[g]
+        x = head.norm(x)
+        return head.adapter(x) if head.adapter is not None else x
 
     # ---- training ------------------------------------------------------------------------------
     def features(self, tokens_BT: torch.Tensor, exits=None) -> list[torch.Tensor]:
-        """Pre-unembedding features for the requested exits (default all), shallow to deep."""
+        """Pre-unembedding features (B, T, D) for the requested exits (default all), shallow to deep."""
         want = sorted(range(self.cfg.G) if exits is None else set(exits))
         if not want or want[0] < 0 or want[-1] >= self.cfg.G:
             raise ValueError(f"exits {want} out of range for G={self.cfg.G}")
-        cos, sin = self._rope(0, tokens_BT.shape[1])
+        T = tokens_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {T} exceed max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, E)
         h_BTD = self.embed(tokens_BT)
         out, layer = [], 0
         for g in want:
-            depth = self.cfg.exits[g]
-            for i in range(layer, depth):
-                h_BTD = self.layers[i](h_BTD, cos, sin, 0)
-            layer = depth
-            out.append(self.exit_features(g, h_BTD))
+            for i in range(layer, self.cfg.exits[g]):
+                h_BTD = self.layers[i](h_BTD, cos, sin, causal_attend)
+            layer = self.cfg.exits[g]
+            x_BTD = h_BTD
+            for _, blk in self.branch_blocks(g):
+                x_BTD = blk(x_BTD, cos, sin, causal_attend)
+            out.append(self.head_features(g, x_BTD))
         return out
 
     def forward(self, tokens_BT: torch.Tensor, exits=None) -> list[torch.Tensor]:
@@ -221,6 +207,3 @@ class FamilyModel(nn.Module):
         want = sorted(range(self.cfg.G) if exits is None else set(exits))
         feats = self.features(tokens_BT, want)
         return [F.linear(x, self.unembed_weight(g)) for g, x in zip(want, feats)]
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REQUIRED = ("step", "model", "optimizer", "data", "rng", "model_config")
+REQUIRED = ("step", "data", "rng", "model_config")  # plus model+optimizer, or "sharded" (an fsdp run)
 
 
 def _numpy_globals() -> list:
@@ -76,9 +76,11 @@ def read_trainer_state(path: str | os.PathLike, error: type[Exception]) -> dict:
         raise error(f"{path}: not a readable trainer state ({_reason(e)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise error(f"{path}: not a readable trainer state ({_reason(e)})") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED) or \
+            ("sharded" not in state and not {"model", "optimizer"} <= set(state)):
         have = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise error(f"{path}: not a trainer state (expected keys {', '.join(REQUIRED)}; found {have})")
+        raise error(f"{path}: not a trainer state (expected keys {', '.join(REQUIRED)} and model+optimizer or "
+                    f"sharded; found {have})")
     return state
 
 

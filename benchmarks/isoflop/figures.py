@@ -29,7 +29,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fitting.laws import PAPER, LawParams, efficiency_leverage, family_loss  # noqa: E402
+from fitting.laws import PAPER, LawParams, family_loss  # noqa: E402
+from fitting.leverage import efficiency_leverage  # noqa: E402
 
 _STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
           "axes.spines.right": False, "font.size": 9, "legend.fontsize": 7, "legend.frameon": False}

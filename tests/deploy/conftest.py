@@ -41,17 +41,30 @@ def make_ckpt(tmp_path_factory):
     return make
 
 
-def _run_chain(stages, caches, tokens_BT, chunks):
-    """Feed tokens through every stage chunk by chunk (KV caches, advancing positions); per-exit
-    logits (B, T, V) concatenated over chunks."""
+def _run_chain(stages, tokens_BT, chunks):
+    """Feed tokens through every stage chunk by chunk (each stage over its own KV pool, one slot per
+    batch row, advancing positions), evaluating every held exit at every row; per-exit logits (B, T, V)
+    concatenated over chunks. The rows a stage hands on are read from its pool's output log."""
+    from trunk.kv_pool import KVPool
+    from trunk.sampling import ExitPolicy
+    from trunk.stage import SeqRun
+
+    B = tokens_BT.shape[0]
+    G = stages[0].cfg.G
+    pools = [KVPool(st.pool_shape(64), B, "cpu") for st in stages]
+    never = ExitPolicy("max_prob", 2.0)  # a confidence policy that never passes: every held exit is evaluated
     out = {}
     for a, b in chunks:
-        x = tokens_BT[:, a:b]
-        for stage, cache in zip(stages, caches):
-            o = stage.forward(x, a, cache)
-            for g, logits in o.exit_logits.items():
-                out.setdefault(g, []).append(torch.as_tensor(logits))
-            x = o.h_out_BTD
+        x = tokens_BT[:, a:b].reshape(-1)
+        for st, pool in zip(stages, pools):
+            n_seg = len(st.segments)
+            runs = [SeqRun(r, a, b - a, [a] * n_seg, want=G - 1, policy=never, keep_logits=True) for r in range(B)]
+            o = st.forward(x, runs, pool)
+            for g in st.exits:
+                out.setdefault(g, []).append(torch.stack([torch.as_tensor(so.logits[g]) for so in o.seqs]))
+            li = st.log_index(n_seg - 1)
+            if li is not None:
+                x = pool.logs[li, :, a:b].reshape(B * (b - a), -1)
     return {g: torch.cat(v, dim=1) for g, v in out.items()}
 
 

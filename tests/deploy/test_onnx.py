@@ -14,7 +14,8 @@ from deploy.cli import main
 from deploy.manifest import MANIFEST, ShardError
 from deploy.onnx_export import OnnxTierStage, check_tier, export_tier
 from deploy.shards import load_chain, load_tier, split_checkpoint, verify_dir
-from trunk.kv_cache import CacheError
+from trunk.kv_pool import KVPool
+from trunk.stage import SeqRun, StageError
 
 TOL = 1e-4
 
@@ -58,7 +59,7 @@ def test_chain_with_onnx_device_equals_full_model(exported, run_chain, chunks, v
     tokens = torch.randint(0, 259, (2, chunks[-1][1]), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(tokens)
-    got = run_chain(stages, [s.new_cache(64) for s in stages], tokens, chunks)
+    got = run_chain(stages, tokens, chunks)
     for g in range(model.cfg.G):
         torch.testing.assert_close(got[g], want[g], rtol=0, atol=TOL)
         assert torch.equal(got[g].argmax(-1), want[g].argmax(-1))
@@ -72,22 +73,26 @@ def test_onnx_edge_tier_takes_hidden_states(exported):
 
 
 def test_onnx_stage_interface(exported):
-    d, _ = exported("tied")
+    d, model = exported("tied")
     st, ref = OnnxTierStage(d, "device"), load_tier(d, "device")
     assert (st.start_layer, st.stop_layer, st.exits, st.deepest_exit, st.is_last) == \
         (ref.start_layer, ref.stop_layer, ref.exits, ref.deepest_exit, ref.is_last)
-    cache = st.new_cache(8)
-    tokens = torch.tensor([[5, 6, 7]])
-    out = st.forward(tokens, 0, cache, logits_for=[0], last_only=True)
-    assert out.exit_logits[0].shape == (1, 1, 259) and out.h_out_BTD.shape == (1, 3, 64)
-    assert st.exit_logits(0, out.exit_hidden[0], 0, cache).shape == (1, 3, 259)
-    assert cache.length == 3 and cache.nbytes() > 0
-    with pytest.raises(CacheError):
-        st.forward(tokens[:, :1], 5, cache)  # a gap in positions
-    with pytest.raises(CacheError):
-        st.forward(torch.zeros(1, 6, dtype=torch.long), 3, cache)  # past max_tokens
-    cache.truncate(1)
-    assert cache.length == 1 and st.forward(tokens[:, 1:], 1, cache).h_out_BTD.shape == (1, 2, 64)
+    pool = KVPool(st.pool_shape(8), 2, "cpu")
+    assert pool.k.numel() == 0 and pool.logs.shape == (1, 2, 8, 64)   # KV lives in the graph's arrays
+    tokens = torch.tensor([5, 6, 7])
+    out = st.forward(tokens, [SeqRun(1, 0, 3, [0], want=0)], pool)
+    assert out.seqs[0].exit == 0
+    with torch.no_grad():
+        assert out.seqs[0].token == int(model(tokens[None], exits=[0])[0][0, -1].argmax())
+        h = model.layers[0](model.embed(tokens[None]), model.rope_cos[:3, None], model.rope_sin[:3, None],
+                            __import__("trunk.model", fromlist=["causal_attend"]).causal_attend)
+    torch.testing.assert_close(pool.logs[0, 1, :3], h[0], rtol=0, atol=TOL)   # the boundary log for the edge
+    fwd = st.forward(torch.tensor([8]), [SeqRun(1, 3, 1, [3], want=2)], pool)  # deeper: not answered here
+    assert fwd.seqs[0].exit is None and fwd.fallback_rows == [0]
+    runs = [SeqRun(1, 4, 1, [4], want=2)]
+    assert st.fallback_tokens(fwd, [0], runs)[0].exit == 0
+    with pytest.raises(StageError):
+        st.forward(torch.tensor([9]), [SeqRun(0, 5, 1, [5], want=0)], pool)  # a slot that holds nothing
 
 
 def test_onnx_file_tamper_refused(exported, tmp_path):

@@ -120,7 +120,8 @@ def test_two_hundred_malformed_requests_then_still_serves(family):
             r0 = await c.forward(sid, prompt, 0, exit=0)  # the edge has not seen these yet
             ch_dev, ch_edge = grpc.aio.insecure_channel(f"127.0.0.1:{dev.port}"), grpc.aio.insecure_channel(f"127.0.0.1:{edge.port}")
             stubs = {"dev": pb_grpc.RelayStub(ch_dev), "edge": pb_grpc.RelayStub(ch_edge)}
-            await stubs["edge"].OpenSession(pb.OpenSessionRequest(session_id="e1"))
+            opened = await stubs["edge"].OpenSession(pb.OpenSessionRequest(session_id="e1"))
+            caps = {sid: c.capabilities[sid], "e1": opened.capability}  # the sessions' owner sends junk
             garbage = ch_dev.unary_unary("/familial.relay.v1.Relay/Forward", request_serializer=None,
                                          response_deserializer=None)
             seen, failures = {}, []
@@ -135,6 +136,8 @@ def test_two_hundred_malformed_requests_then_still_serves(family):
                     method = stubs["dev"].OpenSession
                 else:
                     method, req, want = garbage, b"\xff\xff\xff" + rng.randbytes(rng.randint(0, 64)), {S.INVALID_ARGUMENT}
+                if isinstance(req, pb.ForwardRequest):
+                    req.capability = caps.get(req.session_id, "")
                 try:
                     await method(req, timeout=10)
                     failures.append((i, kind, "no error", req if not isinstance(req, bytes) else req[:8]))

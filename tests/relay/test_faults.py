@@ -9,6 +9,7 @@ import time
 
 from relay.cli import start_node
 from relay.client import RelayClient
+from relay.tier import TierConfig
 from tests.relay.conftest import chain, run, stage
 
 DEADLINE_S = 2.0
@@ -73,7 +74,7 @@ def test_slow_cloud_misses_deadline_then_catches_up(family):
 
     async def go():
         # margins wide enough for a loaded 2-core CI box; what is checked is "no hang past the deadline"
-        margin = {"deadline_margin_ms": 60}
+        margin = {"engine": TierConfig(deadline_margin_ms=60)}
         async with chain(family, device_kw=margin, edge_kw=margin, cloud_kw={"inject_delay_ms": 800}) as hs:
             c = RelayClient(f"127.0.0.1:{hs[0].port}")
             g = Gen(c, family, await c.open_session(), [1, 2, 3])
@@ -81,7 +82,8 @@ def test_slow_cloud_misses_deadline_then_catches_up(family):
                 r, wall = await g.step(G - 1, deadline_s=0.4)  # a reply, not DEADLINE_EXCEEDED
                 assert r.degraded and r.exit == 1 and "DEADLINE_EXCEEDED" in r.reason, r
                 assert wall < 0.4 + 0.05, wall
-            hs[2].node.conf.inject_delay_ms = 0
+            hs[2].node.engine.conf.step_delay_ms = 0
+            await asyncio.sleep(1.1)  # the edge leaves a failed cloud alone for down_cooldown_s (1 s)
             for _ in range(4):
                 r, _ = await g.step(G - 1, deadline_s=5.0)
                 assert r.tier == "cloud" and not r.degraded, r

@@ -200,7 +200,7 @@ def test_replan_steps_down_when_running_late(tiny_ckpt, serve):
     s = serve(build_app(eng))
     httpx.get(s.url + "/health")
     n = 30
-    budget = eng.planner.predict_ms(2, 2, n) / 0.7
+    budget = eng.planner.plan_for(2, 2, n).predicted_ms / 0.7
     import json
     with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
                       json={"prompt": "ab", "max_tokens": n, "stream": True, "latency_budget_ms": budget,
@@ -209,7 +209,7 @@ def test_replan_steps_down_when_running_late(tiny_ckpt, serve):
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 chunks.append(json.loads(line[6:]))
-                eng.delays_ms["cloud"] = 150.0
+                eng.set_delay("cloud", 150.0)
     fam = chunks[-1]["choices"][0]["familial"]
     exits = [e for ch in chunks for e in ch["choices"][0]["familial"]["exits"]]
     assert exits[0] == 2 and fam["replans"], fam

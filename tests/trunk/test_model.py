@@ -1,37 +1,15 @@
-"""The model: stage forward with a KV cache equals the full forward; configs and checkpoints fail clearly."""
+"""The model: exits, configs and checkpoints fail clearly (the stage loop over a KV pool: test_stage.py)."""
 import pytest
 import torch
 
-from trunk import ConfigError, FamilyConfig, FamilyModel, KVCache, get_preset
+from trunk import ConfigError, FamilyConfig, FamilyModel, get_preset
 from trunk.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trunk.kv_cache import CacheError
 from trunk.tokenizer import ByteTokenizer
 
 
 def _model(**kw):
     torch.manual_seed(0)
     return FamilyModel(get_preset("tiny").replace(**kw)).eval()
-
-
-@pytest.mark.parametrize("kw", [{}, {"branch_layers": 1, "adapter_rank": 4, "exit_unembed": "own"},
-                                {"qkv_bias": True, "tie_embeddings": False, "n_kv_heads": 4}])
-def test_staged_chunks_equal_full_forward(kw):
-    model = _model(**kw)
-    cfg = model.cfg
-    tokens = torch.randint(0, cfg.vocab_size, (2, 23))
-    with torch.no_grad():
-        full = model(tokens)
-        cache = KVCache()
-        got = [[] for _ in range(cfg.G)]
-        for a, b in [(0, 9), (9, 10), (10, 17), (17, 23)]:  # prompt, one token, chunks
-            h = model.embed_tokens(tokens[:, a:b])
-            layer = 0
-            for g, depth in enumerate(cfg.exits):
-                h = model.run_layers(h, layer, depth, a, cache)
-                layer = depth
-                got[g].append(model.exit_logits(g, h, a, cache))
-    for g in range(cfg.G):
-        assert (torch.cat(got[g], 1) - full[g]).abs().max() < 1e-5
 
 
 def test_exit_subset_and_shapes():
@@ -42,17 +20,6 @@ def test_exit_subset_and_shapes():
     assert torch.allclose(out[1], model(x)[2])
     with pytest.raises(ValueError):
         model(x, exits=[3])
-
-
-def test_cache_rejects_gaps_and_limits():
-    model = _model()
-    cache = KVCache(max_tokens=8)
-    h = model.embed_tokens(torch.zeros(1, 4, dtype=torch.long))
-    model.run_layers(h, 0, 1, 0, cache)
-    with pytest.raises(CacheError, match="position 6"):
-        model.run_layers(h, 0, 1, 6, cache)
-    with pytest.raises(CacheError, match="limit"):
-        model.run_layers(model.embed_tokens(torch.zeros(1, 5, dtype=torch.long)), 0, 1, 4, cache)
 
 
 @pytest.mark.parametrize("bad,msg", [({"exit_layers": (4,)}, "exit layers"), ({"exit_layers": (2, 1)}, "increasing"),

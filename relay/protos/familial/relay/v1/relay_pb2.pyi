@@ -87,15 +87,17 @@ class OpenSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("session_id", "max_tokens")
+    __slots__ = ("session_id", "max_tokens", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     max_tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., max_tokens: _Optional[int] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "request_id", "pos", "tokens", "hidden", "pending", "max_exit", "policy", "sampling", "fill_only")
+    __slots__ = ("session_id", "request_id", "pos", "tokens", "hidden", "pending", "max_exit", "policy", "sampling", "fill_only", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class ForwardRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     pos: int
@@ -116,7 +119,8 @@ class ForwardRequest(_message.Message):
     policy: ExitPolicy
     sampling: Sampling
     fill_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pending: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., pos: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pending: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class TierTiming(_message.Message):
     __slots__ = ("tier", "compute_ms")
@@ -163,10 +167,12 @@ class ForwardReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "capability")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    capability: str
+    def __init__(self, session_id: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class CloseSessionReply(_message.Message):
     __slots__ = ("existed",)
@@ -195,7 +201,7 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., log_bytes: _Optional[int] = ..., acked: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tier", "exits", "start_layer", "stop_layer", "sessions", "total_bytes", "max_sessions", "max_tokens", "max_total_bytes", "evicted", "served", "next")
+    __slots__ = ("tier", "exits", "start_layer", "stop_layer", "sessions", "total_bytes", "max_sessions", "max_tokens", "max_total_bytes", "evicted", "served", "next", "live_sessions", "pool_slots", "pool_free_slots", "pool_bytes_per_token", "pool_max_len", "steps", "rows", "degraded", "replays", "running")
     TIER_FIELD_NUMBER: _ClassVar[int]
     EXITS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +214,16 @@ class StatsReply(_message.Message):
     EVICTED_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    POOL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    POOL_MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     tier: str
     exits: _containers.RepeatedScalarFieldContainer[int]
     start_layer: int
@@ -220,7 +236,17 @@ class StatsReply(_message.Message):
     evicted: int
     served: int
     next: str
-    def __init__(self, tier: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., evicted: _Optional[int] = ..., served: _Optional[int] = ..., next: _Optional[str] = ...) -> None: ...
+    live_sessions: int
+    pool_slots: int
+    pool_free_slots: int
+    pool_bytes_per_token: int
+    pool_max_len: int
+    steps: int
+    rows: int
+    degraded: int
+    replays: int
+    running: int
+    def __init__(self, tier: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., evicted: _Optional[int] = ..., served: _Optional[int] = ..., next: _Optional[str] = ..., live_sessions: _Optional[int] = ..., pool_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_bytes_per_token: _Optional[int] = ..., pool_max_len: _Optional[int] = ..., steps: _Optional[int] = ..., rows: _Optional[int] = ..., degraded: _Optional[int] = ..., replays: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
 
 class FamilyInfoRequest(_message.Message):
     __slots__ = ()
@@ -263,3 +289,177 @@ class FamilyInfoReply(_message.Message):
     n_exits: int
     complete: bool
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ..., n_exits: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_ids", "max_tokens", "sampling", "exit", "policy", "ignore_eos", "eos_ids", "deadline_ms", "step_timeout_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    EOS_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: Sampling
+    exit: int
+    policy: ExitPolicy
+    ignore_eos: bool
+    eos_ids: _containers.RepeatedScalarFieldContainer[int]
+    deadline_ms: float
+    step_timeout_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., eos_ids: _Optional[_Iterable[int]] = ..., deadline_ms: _Optional[float] = ..., step_timeout_ms: _Optional[float] = ...) -> None: ...
+
+class UpdateRequest(_message.Message):
+    __slots__ = ("request_id", "exit")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    exit: int
+    def __init__(self, request_id: _Optional[str] = ..., exit: _Optional[int] = ...) -> None: ...
+
+class AbortRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class GenerateCall(_message.Message):
+    __slots__ = ("submit", "update", "abort")
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    submit: GenerateRequest
+    update: UpdateRequest
+    abort: AbortRequest
+    def __init__(self, submit: _Optional[_Union[GenerateRequest, _Mapping]] = ..., update: _Optional[_Union[UpdateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("request_id", "token", "exit", "tier", "index", "degraded", "reason", "tiers", "hops", "confidence", "finish_reason", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: int
+    exit: int
+    tier: str
+    index: int
+    degraded: bool
+    reason: str
+    tiers: _containers.RepeatedCompositeFieldContainer[TierTiming]
+    hops: _containers.RepeatedCompositeFieldContainer[HopTiming]
+    confidence: _containers.RepeatedCompositeFieldContainer[ExitConfidence]
+    finish_reason: str
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., index: _Optional[int] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class TokenEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TokenEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ...) -> None: ...
+
+class SeqStep(_message.Message):
+    __slots__ = ("seq_id", "pos", "count", "max_exit", "policy", "sampling", "fill_only", "deadline_ms")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXIT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    pos: int
+    count: int
+    max_exit: int
+    policy: ExitPolicy
+    sampling: Sampling
+    fill_only: bool
+    deadline_ms: float
+    def __init__(self, seq_id: _Optional[str] = ..., pos: _Optional[int] = ..., count: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., deadline_ms: _Optional[float] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("seqs", "hidden", "src")
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    seqs: _containers.RepeatedCompositeFieldContainer[SeqStep]
+    hidden: Tensor
+    src: str
+    def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ...) -> None: ...
+
+class SeqResult(_message.Message):
+    __slots__ = ("token", "exit", "tier", "degraded", "reason", "confidence", "tiers", "hops", "length", "total_ms", "error_code", "error")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    exit: int
+    tier: str
+    degraded: bool
+    reason: str
+    confidence: _containers.RepeatedCompositeFieldContainer[ExitConfidence]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierTiming]
+    hops: _containers.RepeatedCompositeFieldContainer[HopTiming]
+    length: int
+    total_ms: float
+    error_code: str
+    error: str
+    def __init__(self, token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StepReply(_message.Message):
+    __slots__ = ("results", "tier")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SeqResult]
+    tier: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("seq_ids",)
+    SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("src", "live")
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    live: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, src: _Optional[str] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SyncReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...

@@ -34,6 +34,26 @@ class RelayStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Generate = channel.stream_stream(
+                '/familial.relay.v1.Relay/Generate',
+                request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.GenerateCall.SerializeToString,
+                response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.TokenEvents.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/familial.relay.v1.Relay/Step',
+                request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
+                response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/familial.relay.v1.Relay/Release',
+                request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseReply.FromString,
+                _registered_method=True)
+        self.Sync = channel.unary_unary(
+                '/familial.relay.v1.Relay/Sync',
+                request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.SyncRequest.SerializeToString,
+                response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.SyncReply.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/familial.relay.v1.Relay/OpenSession',
                 request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.OpenSessionRequest.SerializeToString,
@@ -64,15 +84,43 @@ class RelayStub:
 class RelayServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Generate(self, request_iterator, context):
+        """Head only: whole requests in, token events out (one stream multiplexes many requests).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """Tier to tier: one engine step's sequences that go deeper, in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Tier to tier: these sequences are finished; free them here and deeper.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sync(self, request, context):
+        """Tier to tier: the upstream's live sequences; others it created and that are idle are orphans.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenSession(self, request, context):
-        """Create a session (per-session KV cache). Nodes open the session on the next tier lazily.
+        """Create a session (one sequence). The reply's capability must accompany its Forward/CloseSession.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """Process positions [pos, pos+T) and answer one token (or, with fill_only, only extend caches).
+        """Process positions [pos, pos+T) of a session and answer one token (fill_only: only extend caches).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +150,26 @@ class RelayServicer:
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Generate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.GenerateCall.FromString,
+                    response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.TokenEvents.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.FromString,
+                    response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseRequest.FromString,
+                    response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Sync': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.SyncRequest.FromString,
+                    response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.SyncReply.SerializeToString,
+            ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
                     request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.OpenSessionRequest.FromString,
@@ -137,6 +205,114 @@ def add_RelayServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Relay:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Generate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/familial.relay.v1.Relay/Generate',
+            familial_dot_relay_dot_v1_dot_relay__pb2.GenerateCall.SerializeToString,
+            familial_dot_relay_dot_v1_dot_relay__pb2.TokenEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/familial.relay.v1.Relay/Step',
+            familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
+            familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/familial.relay.v1.Relay/Release',
+            familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseRequest.SerializeToString,
+            familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/familial.relay.v1.Relay/Sync',
+            familial_dot_relay_dot_v1_dot_relay__pb2.SyncRequest.SerializeToString,
+            familial_dot_relay_dot_v1_dot_relay__pb2.SyncReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def OpenSession(request,

@@ -1,0 +1,557 @@
+"""Tier-engine throughput on the `1b` preset shape (random bf16 weights, vocab 2048), in one run:
+
+  roofline      HBM copy bandwidth and the batch-1 decode roofline (weight bytes / bandwidth)
+  b1            batch-1 decode, final exit, in-process (tokens/s and ms/token)
+  nano          nano-vllm's workload: 256 requests, prompt and output lengths uniform in 100..1024,
+                ignore_eos, all submitted at once, in-process (output tokens/s)
+  mixed         the same workload with a third of the requests at exit 0, 1 and the final exit
+  clients       1 vs 16 concurrent streams of 64-token requests, in-process (the 16x/1x ratio)
+  overload      1,000 requests queued at once on a 16-slot pool: all complete, none lost
+  relay         nano's workload and batch-1 decode through device, edge and cloud processes on one GPU
+                over gRPC loopback (`python -m relay.cli` nodes)
+  http          64 streaming HTTP clients through `familial-serve --tier router --checkpoint` (TTFT,
+                per-token p50/p99, tokens/s)
+  hf            transformers `generate` on the same shape: eager, and static cache + torch.compile
+
+Writes engine_throughput.json (+ .png) under --out ($OUT on the GPU machine) after every section, so a
+run cut short still reports what it measured. `--quick` runs every section on CPU at the `builtin` shape
+with small workloads (a smoke test of this script, not a measurement).
+
+    python3 benchmarks/engine_throughput.py --out "$OUT"                 # the H200 run
+    python3 benchmarks/engine_throughput.py --quick --out /tmp/et        # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"b1_fraction_of_roofline": 0.5, "nano_tok_s": 20000, "relay_over_inproc": 0.5,
+           "relay_b1_latency_ratio": 1.6, "http64_tok_s": 5000, "clients16_over_1": 8.0, "mixed_over_final": 1.0}
+
+
+def pct(xs, q):
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.quick = args, args.quick
+        self.dev = torch.device("cpu" if args.quick else "cuda")
+        self.dtype = torch.float32 if args.quick else torch.bfloat16
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.R: dict = {"device": self._device(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                        "python": platform.python_version(), "preset": "builtin" if args.quick else "1b",
+                        "vocab": 2048, "dtype": str(self.dtype), "targets": TARGETS, "sections": {}}
+        try:
+            import triton
+            self.R["triton"] = triton.__version__
+        except ImportError:
+            pass
+        self.t0 = time.time()
+
+    def _device(self) -> str:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() and not self.quick else platform.processor() or "cpu"
+
+    def save(self) -> None:
+        self.R["wall_s"] = round(time.time() - self.t0, 1)
+        (self.out / "engine_throughput.json").write_text(json.dumps(self.R, indent=1))
+
+    def section(self, name: str, fn) -> None:
+        if self.args.only and name not in self.args.only.split(","):
+            return
+        if time.time() - self.t0 > self.args.budget_s:
+            self.R["sections"][name] = {"skipped": "time budget spent"}
+            return
+        t = time.time()
+        print(f"== {name}", flush=True)
+        try:
+            self.R["sections"][name] = fn() | {"section_s": round(time.time() - t, 1)}
+        except Exception as e:  # noqa: BLE001 - report and go on to the next section
+            import traceback
+            traceback.print_exc()
+            self.R["sections"][name] = {"error": f"{type(e).__name__}: {e}"[:800]}
+        print(json.dumps(self.R["sections"][name])[:1500], flush=True)
+        self.save()
+
+    # ---- the model and the in-process engine ---------------------------------------------------
+    def config(self):
+        from trunk.config import get_preset
+        return get_preset("builtin" if self.quick else "1b").replace(vocab_size=2048)
+
+    def model(self):
+        from trunk.model import FamilyModel
+        torch.manual_seed(0)
+        with torch.device(self.dev):
+            m = FamilyModel(self.config())
+        return m.to(self.dtype).eval()
+
+    def engine(self, model, *, slots: int, max_len: int | None = None, exits=None):
+        from relay.node import NodeConfig, make_pool
+        from relay.tier import TierConfig, TierEngine
+        from trunk.stage import Stage
+
+        stage = Stage(model, exits or list(range(model.cfg.G)))
+        pool = make_pool(stage, NodeConfig(max_slots=slots, max_model_len=max_len, kv_memory_fraction=0.6), self.dev)
+        conf = TierConfig(max_batch_tokens=8192 if not self.quick else 2048, max_batch_seqs=slots, offload=False)
+        eng = TierEngine(stage, pool, "local", None, conf)
+        cap = eng.capture_graphs()
+        return eng, cap
+
+    async def offline(self, eng, reqs) -> dict:
+        """Submit every request at once; collect tokens via callbacks (no per-token task wake-ups)."""
+        done = asyncio.get_running_loop().create_future()
+        left = [len(reqs)]
+        stats = {r.request_id: {"n": 0, "t_first": None, "t_last": None, "exits": set()} for r in reqs}
+
+        def emitter(rid):
+            st = stats[rid]
+
+            def emit(ev):
+                now = time.perf_counter()
+                if ev.token >= 0:
+                    st["n"] += 1
+                    st["t_first"] = st["t_first"] or now
+                    st["t_last"] = now
+                    st["exits"].add(ev.exit)
+                if ev.finish_reason:
+                    st["finish"] = ev.finish_reason
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set_result(None)
+            return emit
+
+        eng.start()
+        t0 = time.perf_counter()
+        for r in reqs:
+            eng.generate(r, emitter(r.request_id))
+        await done
+        wall = time.perf_counter() - t0
+        n = sum(s["n"] for s in stats.values())
+        ttft = [(s["t_first"] - t0) * 1e3 for s in stats.values() if s["t_first"]]
+        return {"requests": len(reqs), "output_tokens": n, "wall_s": round(wall, 3), "tok_s": round(n / wall, 1),
+                "finished": sum(1 for s in stats.values() if s.get("finish") in ("length", "stop")),
+                "ttft_ms_p50": round(pct(ttft, 50), 1), "ttft_ms_p99": round(pct(ttft, 99), 1)}
+
+    def nano_requests(self, n: int, lo: int, hi: int, exits=None, seed: int = 0):
+        from relay.work import GenRequest
+        rng = random.Random(seed)
+        V = 2048
+        out = []
+        for i in range(n):
+            P, O = rng.randint(lo, hi), rng.randint(lo, hi)
+            g = None if exits is None else exits[i % len(exits)]
+            out.append(GenRequest(f"n{i}", [rng.randrange(V) for _ in range(P)], O, exit=g, ignore_eos=True))
+        return out
+
+    # ---- sections ------------------------------------------------------------------------------
+    def roofline(self) -> dict:
+        m = self.model()
+        param_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+        out = {"param_bytes": param_bytes}
+        if self.dev.type == "cuda":
+            from triton.testing import do_bench
+            x = torch.empty(1 << 28, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty_like(x)
+            ms = do_bench(lambda: y.copy_(x), quantiles=[0.5])
+            out["copy_TBps"] = round(2 * x.numel() * 2 / ms / 1e9, 3)
+            out["roofline_b1_tok_s"] = round(out["copy_TBps"] * 1e12 / param_bytes, 1)
+            del x, y
+        self.R["roofline"] = out
+        return out
+
+    def b1(self) -> dict:
+        from relay.work import GenRequest
+        m = self.model()
+        eng, cap = self.engine(m, slots=4)
+        n = 64 if self.quick else 512
+        res = {}
+
+        async def go():
+            for g in sorted({0, m.cfg.G - 1}):
+                await self.offline(eng, [GenRequest(f"b1-{g}-warm", list(range(16)), 32, exit=g, ignore_eos=True)])
+                r = await self.offline(eng, [GenRequest(f"b1-{g}", list(range(16)), n, exit=g, ignore_eos=True)])
+                st = r["wall_s"] * 1e3 - r["ttft_ms_p50"]
+                res[f"exit{g}"] = {"tokens": n, "decode_tok_s": round((n - 1) / (st / 1e3), 1),
+                                   "ms_per_token": round(st / (n - 1), 3)}
+            await eng.stop()
+        asyncio.run(go())
+        final = res[f"exit{m.cfg.G - 1}"]
+        roof = self.R.get("roofline", {}).get("roofline_b1_tok_s")
+        if roof:
+            final["fraction_of_roofline"] = round(final["decode_tok_s"] / roof, 3)
+        return res | {"graph_capture_s": round(cap, 1), "graphs": len(eng.stage.graphs.graphs) if eng.stage.graphs else 0}
+
+    def nano(self, exits=None, name="nano") -> dict:
+        m = self.model()
+        slots = 64 if self.quick else 256
+        eng, cap = self.engine(m, slots=slots)
+        n, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
+        async def go():
+            await self.offline(eng, self.nano_requests(min(n, 32), 16, 32, exits, seed=1))   # warm-up
+            eng.counters["steps"] = 0
+            out = await self.offline(eng, self.nano_requests(n, lo, hi, exits))
+            await eng.stop()
+            return out
+        r = asyncio.run(go())
+        r |= {"engine_steps": eng.counters["steps"], "graph_capture_s": round(cap, 1), "slots": slots,
+              "pool": eng.pool.describe()}
+        self.R[f"{name}_tok_s"] = r["tok_s"]
+        return r
+
+    def mixed(self) -> dict:
+        G = self.config().G
+        r = self.nano(exits=[0, 1, G - 1], name="mixed")
+        base = self.R.get("nano_tok_s")
+        if base:
+            r["over_all_final"] = round(r["tok_s"] / base, 3)
+        return r
+
+    def clients(self) -> dict:
+        """1 vs 16 concurrent streams (async iterators, as a server's handlers consume them)."""
+        from relay.work import GenRequest
+        m = self.model()
+        eng, _ = self.engine(m, slots=32)
+        n_tok = 32 if self.quick else 64
+
+        async def run(k: int, rounds: int):
+            eng.start()
+            toks = 0
+
+            async def client(c):
+                nonlocal toks
+                for r in range(rounds):
+                    req = GenRequest(f"c{k}-{c}-{r}-{time.perf_counter_ns()}", list(range(1, 17)), n_tok, ignore_eos=True)
+                    async for ev in eng.stream(req):
+                        toks += ev.token >= 0
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client(c) for c in range(k)))
+            return toks / (time.perf_counter() - t0)
+        async def go():
+            await run(2, 1)
+            a, b = await run(1, 4), await run(16, 4)
+            await eng.stop()
+            return a, b
+        one, sixteen = asyncio.run(go())
+        return {"tok_s_1": round(one, 1), "tok_s_16": round(sixteen, 1), "ratio": round(sixteen / one, 2)}
+
+    def overload(self) -> dict:
+        from relay.work import GenRequest
+        m = self.model()
+        eng, _ = self.engine(m, slots=16, max_len=512)
+        rng = random.Random(3)
+        reqs = [GenRequest(f"o{i}", [rng.randrange(2048) for _ in range(rng.randint(8, 64))], rng.randint(4, 32),
+                           ignore_eos=True) for i in range(1000)]
+        async def go():
+            out = await self.offline(eng, reqs)
+            await eng.stop()
+            return out
+        r = asyncio.run(go())
+        shape = eng.pool.shape
+        full = self.config()
+        from trunk.kv_pool import PoolShape
+        s2k = PoolShape(shape.n_layers, shape.n_kv_heads, shape.head_dim, shape.n_logs, shape.d_model, 2048,
+                        shape.dtype)
+        free = torch.cuda.mem_get_info()[0] if self.dev.type == "cuda" else None
+        r |= {"lost": 1000 - r["finished"], "pool_slots": 16, "bytes_per_token": shape.bytes_per_token(),
+              "bytes_per_2k_sequence": s2k.bytes_per_slot(),
+              "2k_sequences_per_GiB": round(2**30 / s2k.bytes_per_slot(), 2),
+              "2k_sequences_in_free_memory_at_0.9": None if free is None else int(0.9 * free // s2k.bytes_per_slot()),
+              "model_max_seq_len": full.max_seq_len}
+        return r
+
+    # ---- processes -----------------------------------------------------------------------------
+    def _checkpoint(self, tmp: Path) -> Path:
+        from trunk.checkpoint import save_checkpoint
+        from trunk.tokenizer import ByteTokenizer
+        m = self.model()
+        ckpt = tmp / "ckpt"
+        save_checkpoint(ckpt, m.float() if self.quick else m, ByteTokenizer(), exit_val_loss=None,
+                        dtype="float32" if self.quick else "bfloat16")
+        return ckpt
+
+    @staticmethod
+    def _port() -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        return p
+
+    def relay(self) -> dict:
+        from deploy.shards import split_checkpoint
+        tmp = Path(tempfile.mkdtemp(prefix="et-relay-"))
+        ckpt = self._checkpoint(tmp)
+        split_checkpoint(ckpt, tmp / "shards", "device=0,edge=1,cloud=2..")
+        ports = {t: self._port() for t in ("device", "edge", "cloud")}
+        procs, nxt = [], None
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+        dev = "cpu" if self.quick else "cuda"
+        frac = {"device": 0.1, "edge": 0.1, "cloud": 0.3}
+        for t in ("cloud", "edge", "device"):
+            cmd = [sys.executable, "-m", "relay.cli", "--tier", t, "--shards", str(tmp / "shards"), "--port",
+                   str(ports[t]), "--device", dev, "--max-slots", "64" if self.quick else "256",
+                   "--kv-memory-fraction", str(frac[t]), "--no-verify"]
+            if not self.quick:
+                cmd += ["--dtype", "bfloat16"]
+            if nxt:
+                cmd += ["--next", nxt]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=open(tmp / f"{t}.log", "w"), stderr=subprocess.STDOUT))
+            nxt = f"127.0.0.1:{ports[t]}"
+        try:
+            return asyncio.run(self._relay_client(f"127.0.0.1:{ports['device']}", tmp))
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            for t in ("device", "edge", "cloud"):
+                log = (tmp / f"{t}.log").read_text()[-3000:]
+                self.R.setdefault("relay_logs", {})[t] = log
+
+    async def _relay_client(self, head: str, tmp: Path) -> dict:
+        from relay.client import RelayClient
+        from relay.work import GenRequest
+
+        c = RelayClient(head, timeout_s=600)
+        t0 = time.time()
+        while not await c.health():
+            if time.time() - t0 > 300:
+                raise RuntimeError("relay nodes did not come up")
+            await asyncio.sleep(1)
+        while True:  # every tier up (FamilyInfo complete)
+            try:
+                if (await c.family_info())["complete"]:
+                    break
+            except Exception:  # noqa: BLE001
+                pass
+            await asyncio.sleep(1)
+        stream = c.generate_stream()
+
+        async def one(req):
+            first = last = None
+            n = 0
+            async for ev in stream.submit(req):
+                if ev.token >= 0:
+                    now = time.perf_counter()
+                    first, last, n = first or now, now, n + 1
+                if ev.error:
+                    raise RuntimeError(ev.error)
+            return n, first, last
+        await one(GenRequest("warm", list(range(16)), 16, ignore_eos=True))
+        n_b1 = 64 if self.quick else 256
+        n, first, last = await one(GenRequest("b1", list(range(16)), n_b1, ignore_eos=True))
+        b1_ms = (last - first) * 1e3 / (n - 1)
+        n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
+        reqs = self.nano_requests(n_req, lo, hi)
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(one(r) for r in reqs))
+        wall = time.perf_counter() - t0
+        toks = sum(o[0] for o in outs)
+        stats = [await RelayClient(a).stats() for a in [head]]
+        await stream.close()
+        await c.close()
+        r = {"b1_ms_per_token": round(b1_ms, 3), "b1_tok_s": round(1e3 / b1_ms, 1), "nano_output_tokens": toks,
+             "nano_wall_s": round(wall, 2), "nano_tok_s": round(toks / wall, 1), "head_stats": stats[0]["engine"]}
+        if self.R.get("nano_tok_s"):
+            r["over_inproc"] = round(r["nano_tok_s"] / self.R["nano_tok_s"], 3)
+        b1 = self.R["sections"].get("b1", {}).get(f"exit{self.config().G - 1}", {})
+        if b1.get("ms_per_token"):
+            r["b1_latency_over_inproc"] = round(b1_ms / b1["ms_per_token"], 3)
+        return r
+
+    def http(self) -> dict:
+        tmp = Path(tempfile.mkdtemp(prefix="et-http-"))
+        ckpt = self._checkpoint(tmp)
+        port = self._port()
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+        cmd = [sys.executable, "-m", "serving.cli", "--tier", "router", "--checkpoint", str(ckpt), "--port", str(port),
+               "--max-concurrency", "256", "--max-queue", "1024", "--calibrate-rounds", "1"]
+        proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "router.log", "w"), stderr=subprocess.STDOUT)
+        try:
+            return asyncio.run(self._http_clients(f"http://127.0.0.1:{port}"))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            self.R.setdefault("http_log", (tmp / "router.log").read_text()[-3000:])
+
+    async def _http_clients(self, url: str) -> dict:
+        import httpx
+        t0 = time.time()
+        async with httpx.AsyncClient(timeout=600) as cl:
+            while True:
+                try:
+                    if (await cl.get(url + "/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() - t0 > 400:
+                    raise RuntimeError("router did not come up")
+                await asyncio.sleep(1)
+        n_tok = 32 if self.quick else 128
+        ttft, itl, toks = [], [], [0]
+
+        async def client(cl, k: int, rounds: int):
+            for r in range(rounds):
+                body = {"prompt": f"client {k} round {r}: once upon a time", "max_tokens": n_tok, "stream": True,
+                        "ignore_eos": True, "temperature": 0}
+                t_req = time.perf_counter()
+                last = None
+                async with cl.stream("POST", url + "/v1/completions", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: {"):
+                            continue
+                        now = time.perf_counter()
+                        ch = json.loads(line[6:])
+                        n = len(ch["choices"][0].get("familial", {}).get("exits", [])) if ch.get("choices") else 0
+                        if n:
+                            if last is None:
+                                ttft.append((now - t_req) * 1e3)
+                            else:
+                                itl.append((now - last) * 1e3 / n)
+                            last = now
+                            toks[0] += n
+
+        out = {}
+        for k in (1, 16, 64):
+            ttft.clear()
+            itl.clear()
+            toks[0] = 0
+            limits = httpx.Limits(max_connections=k + 8, max_keepalive_connections=k + 8)
+            async with httpx.AsyncClient(timeout=600, limits=limits) as cl:
+                await client(cl, -1, 1)
+                ttft.clear(), itl.clear()
+                toks[0] = 0
+                t0 = time.perf_counter()
+                await asyncio.gather(*(client(cl, i, 2) for i in range(k)))
+                wall = time.perf_counter() - t0
+            out[f"clients_{k}"] = {"tok_s": round(toks[0] / wall, 1), "ttft_ms_p50": round(pct(ttft, 50), 1),
+                                   "ttft_ms_p99": round(pct(ttft, 99), 1), "tpot_ms_p50": round(pct(itl, 50), 2),
+                                   "tpot_ms_p99": round(pct(itl, 99), 2), "tokens": toks[0]}
+        out["ratio_16_over_1"] = round(out["clients_16"]["tok_s"] / out["clients_1"]["tok_s"], 2)
+        return out
+
+    def hf(self) -> dict:
+        """transformers' generate on the same shape (LlamaForCausalLM = our trunk's final exit)."""
+        from transformers import LlamaConfig, LlamaForCausalLM
+        c = self.config()
+        hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+                         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                         max_position_embeddings=c.max_seq_len, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
+                         tie_word_embeddings=c.tie_embeddings)
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(hc).to(self.dev, self.dtype).eval()
+        n = 16 if self.quick else 64
+        out = {}
+        for mode in ("eager", "static+compile"):
+            for B in (1, 16):
+                if mode != "eager" and self.quick:
+                    continue
+                ids = torch.randint(0, c.vocab_size, (B, 16), device=self.dev)
+                kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                if mode != "eager":
+                    kw["cache_implementation"] = "static"
+                    m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+                try:
+                    with torch.inference_mode():
+                        m.generate(ids, **kw)
+                        m.generate(ids, **kw)
+                        if self.dev.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        m.generate(ids, **kw)
+                        if self.dev.type == "cuda":
+                            torch.cuda.synchronize()
+                        out[f"{mode}_b{B}_tok_s"] = round(B * n / (time.perf_counter() - t0), 1)
+                except Exception as e:  # noqa: BLE001
+                    out[f"{mode}_b{B}_error"] = f"{type(e).__name__}: {e}"[:300]
+        return out
+
+
+def plot(R: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    S = R["sections"]
+    bars = []
+    b1 = S.get("b1", {})
+    final = max((k for k in b1 if k.startswith("exit")), default=None)
+    if final:
+        bars.append(("b1 in-process", b1[final]["decode_tok_s"]))
+    if R.get("roofline", {}).get("roofline_b1_tok_s"):
+        bars.append(("b1 HBM roofline", R["roofline"]["roofline_b1_tok_s"]))
+    if S.get("relay", {}).get("b1_tok_s"):
+        bars.append(("b1 relay 3 procs", S["relay"]["b1_tok_s"]))
+    for k, lab in (("nano", "nano 256 req in-proc"), ("mixed", "nano mixed exits"), ("relay", "nano relay 3 procs")):
+        v = S.get(k, {}).get("tok_s" if k != "relay" else "nano_tok_s")
+        if v:
+            bars.append((lab, v))
+    h = S.get("http", {})
+    for k in (1, 16, 64):
+        if f"clients_{k}" in h:
+            bars.append((f"HTTP {k} clients", h[f"clients_{k}"]["tok_s"]))
+    for k, v in S.get("hf", {}).items():
+        if k.endswith("tok_s"):
+            bars.append((f"HF {k[:-6]}", v))
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.5))
+    ax.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+    for i, (_, v) in enumerate(bars[::-1]):
+        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens / s")
+    ax.set_title(f"Familial tier engine, {R['preset']} shape, {R['device']} ({R['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for JSON + PNG")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run at the builtin shape, small workloads")
+    p.add_argument("--only", default="", help="comma-separated sections (default: all)")
+    p.add_argument("--budget-s", type=float, default=540, help="skip sections once this much wall time is spent")
+    args = p.parse_args(argv)
+    b = Bench(args)
+    b.section("roofline", b.roofline)
+    b.section("b1", b.b1)
+    b.section("nano", b.nano)
+    b.section("mixed", b.mixed)
+    b.section("clients", b.clients)
+    b.section("overload", b.overload)
+    b.section("relay", b.relay)
+    b.section("http", b.http)
+    b.section("hf", b.hf)
+    b.save()
+    plot(b.R, b.out / "engine_throughput.png")
+    print(json.dumps({k: v for k, v in b.R.items() if k not in ("relay_logs", "http_log")}, indent=1)[:6000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,717 @@
+"""The tier engine: one tier's scheduler over its stage and KV pool, transport-free.
+
+Work arrives as `Item`s (rows of one sequence: a prompt chunk, a decode token, or the pending + new
+boundary states an upstream tier sends) and, at the head tier, as whole requests (`generate`), whose
+decode loop lives here. Every engine step takes all ready work -- decode rows of running sequences,
+chunks of prefills under a token budget, pending catch-up -- into ONE batched `Stage.forward`.
+Sequences that exit at this tier are sampled there in one batched call; the rest go to the next tier
+together, as one `StepMessage` per step, while this tier goes on with other sequences (micro-batches:
+at most 1/`micro_batches` of the runnable sequences per step when a deeper tier exists, so the tiers
+work on different groups at the same time instead of idling in turn).
+
+KV-consistency invariant (one implementation, here): a tier's cache covers every position of a
+sequence up to its length; `acked` is what the next tier holds. A message to the next tier carries
+every position in [acked, end) -- the positions that exited shallower earlier and the new ones -- read
+from the pool's output log. A message that starts past what the receiver holds is refused with its
+length (`FAILED_PRECONDITION`), and the sender resends from there (replay after a restart or an
+eviction); one that starts before it is a rewind (the receiver truncates and recomputes).
+
+Slots: a sequence takes a pool slot on its first item. With no free slot, the least recently used
+sequence with no work at this tier is evicted (preempted): its KV is dropped here and recomputed from
+the upstream's log (or, at the head, from the request's tokens) when it comes back. Nothing is lost
+and nothing runs out of memory; the client only sees latency.
+
+Faults: every item carries a deadline. A deeper tier that errs, is unreachable or misses the deadline
+(minus a margin) makes this tier answer from its own deepest exit, marked degraded; after a failure the
+next tier is left alone for `down_cooldown_s` (answers degrade at once instead of each waiting out its
+deadline), then tried again. Pending positions stay pending, so exactness returns with the tier.
+
+This file knows nothing of gRPC, HTTP or tokenizers: relay/node.py drives it over gRPC, serving's
+in-process engine drives a chain of these directly. Legend: n rows, N packed rows, D d_model.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
+
+import torch
+
+from relay.work import EngineError, GenRequest, Item, Result, SeqStep, StepMessage, StepReply, TokenEvent
+from trunk.kv_pool import KVPool
+from trunk.sampling import SamplingError
+from trunk.stage import SeqRun, Stage, StageError, StageOut
+
+log = logging.getLogger("familial.tier")
+
+
+class Downstream(Protocol):
+    """The next (deeper) tier, however it is reached."""
+    tier: str
+
+    async def step(self, msg: StepMessage, timeout: float) -> StepReply: ...
+
+    async def release(self, seq_ids: list[str]) -> None: ...
+
+
+@dataclass
+class TierConfig:
+    max_batch_tokens: int = 2048        # rows per engine step (decode rows count one each)
+    max_batch_seqs: int = 256           # sequences per engine step
+    micro_batches: int = 2              # with a deeper tier: split runnable sequences into this many groups
+    deadline_margin_ms: float = 25.0    # kept back from a deadline to answer degraded in time
+    step_timeout_s: float = 30.0        # deadline of a step whose request set none
+    down_cooldown_s: float = 1.0        # after the next tier failed, degrade at once for this long
+    max_sessions: int = 4096            # sequences tracked (resident or not)
+    idle_timeout_s: float = 600.0       # a sequence with no work this long is released
+    max_message_bytes: int = 64 << 20   # hidden states per message to the next tier (split above)
+    offload: bool = True                # run the stage in a worker thread (the event loop keeps serving)
+    step_delay_ms: float = 0.0          # TEST ONLY: added after every step (stands in for a slow tier)
+
+
+@dataclass
+class SeqState:
+    id: str
+    n_seg: int
+    slot: int | None = None
+    seg_lens: list[int] = field(default_factory=list)   # positions held by each local segment
+    acked: int = 0                                      # positions the next tier holds
+    active: int = 0                                     # unresolved items of this sequence here
+    running: bool = False                               # in this step's batch or in flight deeper
+    epoch: int = 0                                      # forwards sent (a late reply of an old one is ignored)
+    last_used: float = field(default_factory=time.monotonic)
+    owner: str = ""                                     # capability that must accompany its requests
+    max_tokens: int = 0
+    closing: bool = False
+    src: str = ""                                       # upstream that created it ("" = this tier's clients)
+
+    def __post_init__(self):
+        if not self.seg_lens:
+            self.seg_lens = [0] * self.n_seg
+
+    @property
+    def length(self) -> int:
+        return self.seg_lens[0]
+
+    def truncate(self, pos: int) -> None:
+        self.seg_lens = [min(x, pos) for x in self.seg_lens]
+        self.acked = min(self.acked, pos)
+
+
+@dataclass
+class _Chunk:
+    item: Item
+    seq: SeqState
+    take: int
+    run: SeqRun | None = None
+    epoch: int = 0          # the sequence's forward count when this chunk went deeper
+
+
+@dataclass
+class GenSeq:
+    req: GenRequest
+    tokens: list[int]
+    emit: Callable[[TokenEvent], None]
+    produced: int = 0
+    finished: bool = False
+    exit: int | None = None
+
+
+class LocalDownstream:
+    """The next tier in the same process: a direct call (the in-process chain; tests)."""
+
+    def __init__(self, engine: "TierEngine"):
+        self.engine, self.tier = engine, engine.tier
+
+    async def step(self, msg: StepMessage, timeout: float) -> StepReply:
+        return await asyncio.wait_for(self.engine.step(msg), timeout)
+
+    async def release(self, seq_ids: list[str]) -> None:
+        for sid in seq_ids:
+            self.engine.close(sid)
+
+
+class TierEngine:
+    def __init__(self, stage: Stage, pool: KVPool, tier: str, down: Downstream | None = None,
+                 config: TierConfig | None = None):
+        self.stage, self.pool, self.tier, self.down = stage, pool, tier, down
+        self.conf = config or TierConfig()
+        self.seqs: OrderedDict[str, SeqState] = OrderedDict()  # least recently used first
+        self.queue: deque[Item] = deque()
+        self.gens: dict[str, GenSeq] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()
+        self._down_bad_until = 0.0
+        self._down_error = ""
+        self._releases: list[str] = []
+        self.counters = {"steps": 0, "rows": 0, "items": 0, "evicted": 0, "degraded": 0, "replays": 0}
+        self.n_seg = len(stage.segments)
+        self.out_log = stage.log_index(self.n_seg - 1)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def capture_graphs(self) -> float:
+        """CUDA: capture the stage's decode steps as graphs (trunk/cuda_graphs.py); seconds it took."""
+        if self.pool.device.type != "cuda" or not hasattr(self.stage, "segment_math") or self.pool.scratch_slot is None:
+            return 0.0
+        from trunk.cuda_graphs import DecodeGraphs
+
+        self.stage.graphs = DecodeGraphs(self.stage, self.pool, max_batch=min(self.conf.max_batch_seqs, self.pool.n_slots))
+        secs = self.stage.graphs.capture()
+        log.info("tier %s: %d CUDA graphs captured in %.1f s", self.tier, len(self.stage.graphs.graphs), secs)
+        return secs
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        for t in [self._task, *self._bg]:
+            if t is not None:
+                t.cancel()
+        for t in [self._task, *self._bg]:
+            if t is not None:
+                await asyncio.gather(t, return_exceptions=True)
+        self._task = None
+        for gs in list(self.gens.values()):
+            self._finish_gen(gs, "abort", "engine stopped")
+
+    # ---- sequences -----------------------------------------------------------------------------
+    def open(self, seq_id: str, *, owner: str = "", max_tokens: int = 0, src: str = "") -> SeqState:
+        if seq_id in self.seqs:
+            raise EngineError("ALREADY_EXISTS", f"sequence {seq_id!r} already exists")
+        while len(self.seqs) >= self.conf.max_sessions:
+            if not self._evict_idle(release=True):
+                raise EngineError("RESOURCE_EXHAUSTED", f"all {self.conf.max_sessions} sequences are busy; try again later")
+        cap = min(max_tokens or self.pool.shape.max_len, self.pool.shape.max_len)
+        s = SeqState(seq_id, self.n_seg, owner=owner, max_tokens=cap, src=src)
+        self.seqs[seq_id] = s
+        return s
+
+    def get(self, seq_id: str, owner: str | None = None) -> SeqState:
+        s = self.seqs.get(seq_id)
+        if s is None or s.closing:
+            raise EngineError("NOT_FOUND", f"unknown sequence {seq_id!r} (never opened, closed or released)")
+        if owner is not None and s.owner and owner != s.owner:
+            raise EngineError("PERMISSION_DENIED", f"sequence {seq_id!r} belongs to another client")
+        return s
+
+    def close(self, seq_id: str) -> bool:
+        """Release a sequence here and on every deeper tier (after its work in flight, if any)."""
+        s = self.seqs.get(seq_id)
+        if s is None:
+            return False
+        s.closing = True
+        gs = self.gens.get(seq_id)
+        if gs is not None and not gs.finished:
+            self._finish_gen(gs, "abort", "aborted")
+        if s.active == 0:
+            self._drop(s)
+        return True
+
+    def release_from(self, src: str, keep: set[str] | None = None) -> int:
+        """Release the idle sequences an upstream created that it no longer knows (orphans after a crash)."""
+        n = 0
+        for s in list(self.seqs.values()):
+            if s.src == src and s.active == 0 and (keep is None or s.id not in keep):
+                self.close(s.id)
+                n += 1
+        return n
+
+    def _drop(self, s: SeqState) -> None:
+        self.seqs.pop(s.id, None)
+        self.gens.pop(s.id, None)
+        if s.slot is not None:
+            self.pool.free(s.slot)
+            s.slot = None
+            self._wake.set()
+        if self.down is not None and (s.acked > 0 or s.epoch > 0):
+            self._releases.append(s.id)
+            self._spawn(self._flush_releases())
+
+    async def _flush_releases(self) -> None:
+        await asyncio.sleep(0)  # gather the releases of one step into one call
+        ids, self._releases = self._releases, []
+        if ids and self.down is not None:
+            try:
+                await self.down.release(ids)
+            except Exception as e:  # noqa: BLE001 - a tier that is gone has nothing to release
+                log.info("release on %s failed: %s", self.down.tier, e)
+
+    def _evict_idle(self, release: bool = False) -> bool:
+        """Free the least recently used idle resident sequence's slot (or forget the entry)."""
+        for s in self.seqs.values():
+            if s.active == 0 and not s.running and not s.closing and (s.slot is not None or release):
+                if release:
+                    self.close(s.id)
+                else:
+                    self.pool.free(s.slot)
+                    s.slot, s.seg_lens = None, [0] * self.n_seg
+                self.counters["evicted"] += 1
+                return True
+        return False
+
+    def sweep_idle(self) -> int:
+        now, n = time.monotonic(), 0
+        for s in list(self.seqs.values()):
+            if s.active == 0 and not s.running and now - s.last_used > self.conf.idle_timeout_s:
+                self.close(s.id)
+                n += 1
+        return n
+
+    # ---- submitting work -----------------------------------------------------------------------
+    def submit(self, item: Item, seq: SeqState | None = None) -> None:
+        s = seq or self.get(item.seq_id)
+        s.active += 1
+        s.last_used = time.monotonic()
+        self.seqs.move_to_end(s.id)
+        item.arrival = time.perf_counter()
+        sink = item.sink
+
+        def done(it: Item, res: Result, s=s, sink=sink):
+            s.active -= 1
+            s.last_used = time.monotonic()
+            if sink is not None:
+                sink(it, res)
+            if s.closing and s.active == 0:
+                self._drop(s)
+
+        item.sink = done
+        self.queue.append(item)
+        self.counters["items"] += 1
+        self._wake.set()
+
+    async def forward(self, item: Item) -> Result:
+        """One item, awaited (the per-session Forward API)."""
+        fut = asyncio.get_running_loop().create_future()
+        item.sink = lambda it, res: fut.done() or fut.set_result(res)
+        self.submit(item)
+        return await fut
+
+    async def step(self, msg: StepMessage) -> StepReply:
+        """A batch from the upstream tier: every sequence's rows at once; one result each."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        results: list[Result | None] = [None] * len(msg.seqs)
+        left = [len(msg.seqs)]
+
+        def sink(it: Item, res: Result):
+            results[it.tag] = res
+            left[0] -= 1
+            if left[0] == 0 and not fut.done():
+                fut.set_result(None)
+
+        now, row = time.monotonic(), 0
+        for k, sq in enumerate(msg.seqs):
+            x = msg.hidden[row:row + sq.count]
+            row += sq.count
+            try:
+                s = self.seqs.get(sq.seq_id) or self.open(sq.seq_id, src=msg.src)
+                item = Item(sq.seq_id, sq.pos, x, sq.want, sq.policy, sq.sampling, sq.fill_only,
+                            now + sq.deadline_ms / 1e3, sink, tag=k)
+                self.submit(item, s)
+            except EngineError as e:
+                sink(Item(sq.seq_id, sq.pos, x, None, tag=k), Result(error=(e.code, str(e)), tier=self.tier))
+        if msg.seqs:
+            await fut
+        return StepReply(results, self.tier)
+
+    # ---- head: the decode loop -----------------------------------------------------------------
+    def generate(self, req: GenRequest, emit: Callable[[TokenEvent], None]) -> None:
+        """Start a request; `emit` gets one TokenEvent per token (the last one has finish_reason)."""
+        if not self.stage.has_embedding:
+            raise EngineError("FAILED_PRECONDITION", f"tier {self.tier} takes hidden states; generate at the head")
+        if not req.prompt_ids:
+            raise EngineError("INVALID_ARGUMENT", "empty prompt")
+        V = self.stage.cfg.vocab_size
+        if any(not 0 <= t < V for t in req.prompt_ids):
+            raise EngineError("INVALID_ARGUMENT", f"token ids must lie in [0, {V})")
+        if len(req.prompt_ids) + req.max_tokens > self.pool.shape.max_len:
+            raise EngineError("INVALID_ARGUMENT", f"prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) "
+                                                  f"exceeds the context length {self.pool.shape.max_len}")
+        if req.max_tokens < 1:
+            raise EngineError("INVALID_ARGUMENT", "max_tokens must be >= 1")
+        self._check_exit(req.exit)
+        try:
+            req.sampling.validate()
+            req.policy.validate()
+        except SamplingError as e:
+            raise EngineError("INVALID_ARGUMENT", str(e)) from None
+        s = self.open(req.request_id)
+        gs = GenSeq(req, list(req.prompt_ids), emit, exit=req.exit)
+        self.gens[req.request_id] = gs
+        self._submit_gen(gs, s, 0)
+
+    async def stream(self, req: GenRequest) -> AsyncIterator[TokenEvent]:
+        """`generate` as an async iterator; leaving it early aborts the request and frees its KV."""
+        q: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.generate(req, q.put_nowait)
+        done = False
+        try:
+            while not done:
+                ev = await q.get()
+                done = ev.finish_reason is not None
+                yield ev
+        finally:
+            if not done:
+                self.abort(req.request_id)
+
+    def update(self, request_id: str, exit: int | None) -> bool:
+        """Change a running request's exit from its next token on (a replan by budget)."""
+        gs = self.gens.get(request_id)
+        if gs is None or gs.finished:
+            return False
+        self._check_exit(exit)
+        gs.exit = exit
+        s = self.seqs.get(request_id)
+        for it in self.queue:  # its next step may already wait here: it takes the new exit too
+            if it.seq_id == request_id and it.done == 0 and s is not None and not s.running:
+                it.want = self.stage.cfg.G - 1 if exit is None else exit
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        return self.close(request_id)
+
+    def _check_exit(self, exit: int | None) -> None:
+        if exit is not None and not self.stage.exits[0] <= exit < self.stage.cfg.G:
+            raise EngineError("INVALID_ARGUMENT", f"exit {exit} out of range: this chain serves exits "
+                                                  f"{self.stage.exits[0]}..{self.stage.cfg.G - 1}")
+
+    def _step_deadline(self, req: GenRequest) -> float:
+        timeout = req.step_timeout_s if req.step_timeout_s is not None else self.conf.step_timeout_s
+        return min(req.deadline, time.monotonic() + timeout)
+
+    def _submit_gen(self, gs: GenSeq, s: SeqState, pos: int) -> None:
+        x = torch.tensor(gs.tokens[pos:], dtype=torch.long)
+        want = self.stage.cfg.G - 1 if gs.exit is None else gs.exit
+        self.submit(Item(s.id, pos, x, want, gs.req.policy, gs.req.sampling, deadline=self._step_deadline(gs.req),
+                         sink=self._gen_result, tag=gs, must_answer=True), s)
+
+    def _gen_result(self, item: Item, res: Result) -> None:
+        gs: GenSeq = item.tag
+        if gs.finished:
+            return
+        if not res.ok:
+            self._finish_gen(gs, "error", f"{res.error[0]}: {res.error[1]}")
+            self.close(gs.req.request_id)
+            return
+        gs.tokens.append(res.token)
+        gs.produced += 1
+        eos = res.token in gs.req.eos_ids and not gs.req.ignore_eos
+        finish = "stop" if eos else ("length" if gs.produced >= gs.req.max_tokens else None)
+        gs.emit(TokenEvent(res.token, res.exit, res.tier, gs.produced - 1, res.degraded, res.reason, res.timings,
+                           res.confidence, finish))
+        if finish:
+            gs.finished = True
+            self.close(gs.req.request_id)
+            return
+        s = self.seqs.get(gs.req.request_id)
+        if s is not None:
+            self._submit_gen(gs, s, len(gs.tokens) - 1)
+
+    def _finish_gen(self, gs: GenSeq, reason: str, msg: str) -> None:
+        if gs.finished:
+            return
+        gs.finished = True
+        gs.emit(TokenEvent(-1, -1, self.tier, gs.produced, finish_reason=reason, error=msg))
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            chunks = self._schedule()
+            if not chunks:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            x, runs = self._inputs(chunks)
+            t0 = time.perf_counter()
+            try:
+                if self.conf.offload:
+                    out = await asyncio.to_thread(self.stage.forward, x, runs, self.pool)
+                else:
+                    out = self.stage.forward(x, runs, self.pool)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+                self._fail(chunks, e)
+                continue
+            if self.conf.step_delay_ms > 0:
+                await asyncio.sleep(self.conf.step_delay_ms / 1e3)
+            self.counters["steps"] += 1
+            self.counters["rows"] += int(x.shape[0])
+            self._post(chunks, out, t0)
+
+    def _schedule(self) -> list[_Chunk]:
+        """All ready work within the step's budgets: decodes first, then prefill chunks, FIFO."""
+        budget, chosen, seen, no_slot = self.conf.max_batch_tokens, [], set(), False
+        cap = self.conf.max_batch_seqs
+        if self.down is not None and self.conf.micro_batches > 1:
+            runnable = sum(1 for it in self.queue if not getattr(self.seqs.get(it.seq_id), 'running', True))
+            in_flight = sum(1 for s in self.seqs.values() if s.running)
+            cap = min(cap, max(1, math.ceil((runnable + in_flight) / self.conf.micro_batches)))
+        for item in list(self.queue):
+            if budget <= 0 or len(chosen) >= cap:
+                break
+            s = self.seqs.get(item.seq_id)
+            if s is None or s.running or s.id in seen:
+                continue
+            if item.done == 0 and not self._admit(item, s):
+                continue
+            if s.slot is None:
+                if no_slot:
+                    continue
+                s.slot = self.pool.alloc()
+                if s.slot is None and self._evict_idle():
+                    s.slot = self.pool.alloc()
+                if s.slot is None:
+                    no_slot = True
+                    continue
+            left = item.n - item.done
+            take = min(left, budget)
+            chosen.append(_Chunk(item, s, take))
+            seen.add(s.id)
+            budget -= take
+        for c in chosen:
+            c.seq.running = True
+        chosen.sort(key=lambda c: c.take != 1)  # one-row sequences first (the decode kernel's part)
+        return chosen
+
+    def _admit(self, item: Item, s: SeqState) -> bool:
+        """Check an item's positions when it starts; refuse it (resolved with an error) or rewind."""
+        err = None
+        if s.closing:
+            err = ("NOT_FOUND", f"sequence {s.id!r} was closed")
+        elif item.pos > s.length:
+            err = ("FAILED_PRECONDITION", f"positions out of order: tier {self.tier} holds {s.length} positions "
+                                          f"of {s.id!r}, got a request starting at {item.pos}; resend from {s.length}")
+        elif item.pos + item.n > s.max_tokens:
+            err = ("RESOURCE_EXHAUSTED", f"positions up to {item.pos + item.n} exceed the limit of {s.max_tokens}")
+        elif time.monotonic() >= item.deadline and not item.must_answer:
+            err = ("DEADLINE_EXCEEDED", "deadline passed while queued")
+        if err is not None:
+            self.queue.remove(item)
+            item.resolve(Result(error=err, tier=self.tier, length=s.length))
+            return False
+        if item.pos < s.length:  # replay / rewind: recompute from there
+            s.truncate(item.pos)
+            self.counters["replays"] += 1
+        return True
+
+    def _inputs(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, list[SeqRun]]:
+        xs, runs = [], []
+        for c in chunks:
+            it, s = c.item, c.seq
+            last = it.done + c.take == it.n
+            xs.append(it.x[it.done:it.done + c.take])
+            c.run = SeqRun(s.slot, it.pos + it.done, c.take, list(s.seg_lens), want=it.want,
+                           policy=it.policy, sampling=it.sampling, evaluate=last and not it.fill_only)
+            runs.append(c.run)
+        return torch.cat(xs) if len(xs) > 1 else xs[0], runs
+
+    def _fail(self, chunks: list[_Chunk], e: Exception) -> None:
+        code = "INVALID_ARGUMENT" if isinstance(e, StageError) else "INTERNAL"
+        if code == "INTERNAL":
+            log.exception("stage failed at %s", self.tier)
+        for c in chunks:
+            c.seq.running = False
+            c.seq.truncate(c.item.pos)  # the step did not happen; the caller may retry
+            if c.item in self.queue:
+                self.queue.remove(c.item)
+            c.item.resolve(Result(error=(code, f"{type(e).__name__}: {e}"), tier=self.tier, length=c.seq.length))
+
+    def _post(self, chunks: list[_Chunk], out: StageOut, t0: float) -> None:
+        now = time.perf_counter()
+        deeper: list[tuple[_Chunk, int]] = []
+        for k, (c, o) in enumerate(zip(chunks, out.seqs)):
+            it, s = c.item, c.seq
+            s.seg_lens = c.run.seg_lens
+            it.done += c.take
+            s.running = False
+            if it.done < it.n:
+                continue  # more of a long prefill next step (it stays at its place in the queue)
+            self.queue.remove(it)
+            ms = (now - it.arrival) * 1e3
+            if it.fill_only or it.want is None:
+                it.resolve(Result(tier=self.tier, length=s.length, timings={self.tier: ms}, total_ms=ms))
+            elif o.exit is not None:
+                it.resolve(Result(o.token, o.exit, self.tier, confidence=o.confidence, length=s.length,
+                                  timings={self.tier: ms}, total_ms=ms))
+            else:
+                deeper.append((c, k))
+        if deeper:
+            self._forward(deeper, out)
+
+    # ---- deeper --------------------------------------------------------------------------------
+    def _degrade(self, group: list[tuple[_Chunk, int]], out: StageOut, reason: str) -> None:
+        todo = [(c, k) for c, k in group if not c.item.resolved]
+        if not todo:
+            return
+        runs = [c.run for c, _ in group]
+        ks = [k for _, k in todo]
+        by_k = dict(zip([k for _, k in group], runs))
+        answers = self.stage.fallback_tokens(out, ks, _RunsByIndex(by_k))
+        now = time.perf_counter()
+        self.counters["degraded"] += len(todo)
+        for c, k in todo:
+            o = answers[k]
+            ms = (now - c.item.arrival) * 1e3
+            c.item.resolve(Result(o.token, o.exit, self.tier, True, reason, o.confidence, {self.tier: ms},
+                                  c.seq.length, total_ms=ms))
+
+    def _forward(self, group: list[tuple[_Chunk, int]], out: StageOut) -> None:
+        if self.down is None:
+            self._degrade(group, out, "no next tier configured")
+            return
+        if time.monotonic() < self._down_bad_until:
+            self._degrade(group, out, f"next tier {self.down.tier}: {self._down_error} (retrying in "
+                                      f"{self._down_bad_until - time.monotonic():.2f} s)")
+            return
+        margin = self.conf.deadline_margin_ms / 1e3
+        loop = asyncio.get_running_loop()
+        live = []
+        for c, k in group:
+            c.seq.epoch += 1
+            c.seq.running = True
+            c.epoch = c.seq.epoch
+            left = c.item.deadline - time.monotonic() - margin
+            if left <= 0:
+                c.seq.running = False
+                self._degrade([(c, k)], out, "DEADLINE_EXCEEDED: no time left for the next tier")
+                continue
+            live.append((c, k))
+            if math.isfinite(left):
+                loop.call_later(left, self._on_deadline, c, k, out)
+        if live:
+            self._spawn(self._send(live, out))
+
+    def _on_deadline(self, c: _Chunk, k: int, out: StageOut) -> None:
+        if not c.item.resolved:
+            c.seq.running = False
+            self._degrade([(c, k)], out, f"next tier {self.down.tier}: DEADLINE_EXCEEDED (no answer in time)")
+            self._wake.set()
+
+    async def _send(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool = True) -> None:
+        t_send = time.perf_counter()
+        try:
+            pieces = self._pieces(group)
+            left = max(c.item.deadline for c, _ in group) - time.monotonic() - self.conf.deadline_margin_ms / 1e3
+            replies = []
+            for msg, final in pieces:
+                reply = await self.down.step(msg, timeout=min(left, self.conf.step_timeout_s * 4))
+                replies.append((msg, final, reply))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - unreachable, timed out, refused: answer from here
+            self._down_bad_until = time.monotonic() + self.conf.down_cooldown_s
+            self._down_error = _short(e)
+            for c, _ in group:
+                if c.epoch == c.seq.epoch:
+                    c.seq.running = False
+            self._degrade(group, out, f"next tier {self.down.tier}: {_short(e)}")
+            self._wake.set()
+            return
+        rtt = (time.perf_counter() - t_send) * 1e3
+        resend = []
+        for msg, final, reply in replies:
+            for sq, res, ck in zip(msg.seqs, reply.results, final):
+                c, k = ck
+                current = c.epoch == c.seq.epoch
+                if res.ok:
+                    if current:
+                        c.seq.acked = max(c.seq.acked, sq.pos + sq.count) if sq.fill_only else res.length
+                    if sq.fill_only:
+                        continue
+                elif res.error[0] == "FAILED_PRECONDITION" and retry and current:
+                    c.seq.acked = min(res.length, c.seq.acked)   # it lost (some of) the sequence: resend
+                    resend.append((c, k))
+                    self.counters["replays"] += 1
+                    continue
+                if current:
+                    c.seq.running = False
+                if c.item.resolved or sq.fill_only:
+                    continue
+                if not res.ok:
+                    self._degrade([(c, k)], out, f"next tier {reply.tier}: {res.error[0]}: {res.error[1]}")
+                    continue
+                ms = (time.perf_counter() - c.item.arrival) * 1e3
+                timings = {self.tier: max(0.0, ms - rtt), f"net:{self.tier}->{reply.tier}": max(0.0, rtt - res.total_ms),
+                           **res.timings}
+                c.item.resolve(Result(res.token, res.exit, res.tier, res.degraded, res.reason,
+                                      out.seqs[k].confidence + res.confidence,
+                                      timings, c.seq.length, total_ms=ms))
+        if resend:
+            await self._send(resend, out, retry=False)
+        self._wake.set()
+
+    def _pieces(self, group: list[tuple[_Chunk, int]]) -> list[tuple[StepMessage, list]]:
+        """Messages carrying every forwarded sequence's positions [acked, end), under the size limit;
+        a sequence too long for one message goes as fill-only parts before its final part."""
+        D = self.stage.cfg.d_model
+        per_row = D * self.pool.logs.element_size()
+        max_rows = max(1, (self.conf.max_message_bytes - (64 << 10)) // per_row)
+        logs = self.pool.logs[self.out_log].view(-1, D)
+        S = self.pool.shape.max_len
+        now = time.monotonic()
+        parts: list[tuple[SeqStep, tuple, list[int]]] = []
+        for c, k in group:
+            s, it = c.seq, c.item
+            start, end = s.acked, s.length
+            for a in range(start, end, max_rows):
+                b = min(end, a + max_rows)
+                fill = b < end
+                rows = [s.slot * S + p for p in range(a, b)]
+                parts.append((SeqStep(s.id, a, b - a, it.want, it.policy, it.sampling, fill,
+                                      max(0.0, (it.deadline - now) * 1e3 - self.conf.deadline_margin_ms)), (c, k), rows))
+        msgs, cur, cur_rows = [], [], 0
+        for p in parts:
+            if cur and cur_rows + p[0].count > max_rows:
+                msgs.append(cur)
+                cur, cur_rows = [], 0
+            cur.append(p)
+            cur_rows += p[0].count
+        if cur:
+            msgs.append(cur)
+        out = []
+        for m in msgs:
+            idx = torch.tensor([r for p in m for r in p[2]], device=logs.device)
+            hidden = logs.index_select(0, idx)
+            out.append((StepMessage([p[0] for p in m], hidden, self.tier), [p[1] for p in m]))
+        return out
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.ensure_future(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    # ---- introspection -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        now = time.monotonic()
+        return {"tier": self.tier, "exits": self.stage.exits, "pool": self.pool.describe(),
+                "sequences": len(self.seqs), "resident": sum(1 for s in self.seqs.values() if s.slot is not None),
+                "running": len(self.gens), "queued": len(self.queue), **self.counters,
+                "seqs": {s.id: {"length": s.length, "acked": s.acked, "resident": s.slot is not None,
+                                "kv_bytes": s.length * self.pool.shape.bytes_per_token(), "idle_s": now - s.last_used}
+                         for s in self.seqs.values()}}
+
+
+class _RunsByIndex:
+    """Index -> SeqRun for fallback_tokens, which indexes runs by the stage batch's sequence index."""
+
+    def __init__(self, by_k: dict[int, SeqRun]):
+        self.by_k = by_k
+
+    def __getitem__(self, k: int) -> SeqRun:
+        return self.by_k[k]
+
+
+def _short(e: Exception) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return "DEADLINE_EXCEEDED (no answer in time)"
+    if callable(getattr(e, "code", None)) and callable(getattr(e, "details", None)):  # grpc.aio.AioRpcError
+        return f"{e.code().name}: {e.details()}"[:300]
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:300]

@@ -1,0 +1,106 @@
+"""CUDA graphs of a stage's decode steps: one graph per (segment, batch-size bucket, with/without head).
+
+A decode step (every sequence brings one row) is hundreds of small kernels; replaying a captured graph
+launches them all at once. Graphs need static shapes and addresses, which the pool's slot layout gives:
+inputs are copied into static buffers (rows, positions, slots), a batch of B rows runs the graph of the
+smallest bucket >= B, and the padding rows write to the pool's scratch slot (never handed out) at
+position 0, so they disturb nothing. Everything the step reads per sequence (positions, slots, cache
+lengths) is read on the device, so one capture serves every later step (nano-vllm's model runner and
+vLLM's piecewise graphs do the same).
+
+What a graph holds: `Stage.segment_math` for that segment -- the fused blocks, the boundary-log write,
+the exit's branch layers and (head variant) the exit's logits. Eager code before and after it does the
+bookkeeping and sampling. Capture happens once at start-up (warm-up run first, so Triton autotuning
+and cuBLAS handle creation stay out of the capture). Not here: prefill or mixed steps (eager).
+Legend: B rows (sequences), nb bucket, D d_model, V vocab.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trunk.kv_pool import KVPool
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, stage, pool: KVPool, max_batch: int = 256, buckets=DEFAULT_BUCKETS):
+        if pool.scratch_slot is None:
+            raise ValueError("CUDA graphs need a pool with a scratch slot (KVPool(..., scratch=True))")
+        self.stage, self.pool = stage, pool
+        self.buckets = sorted({b for b in buckets if b <= max_batch} | {max_batch})
+        n, dev = self.buckets[-1], stage.device
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.h = torch.zeros(n, stage.cfg.d_model, dtype=stage.dtype, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), pool.scratch_slot, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        # pinned host staging per segment: a segment's copies are still in flight while the next fills its own
+        self.host_pos = [torch.zeros(n, dtype=torch.long).pin_memory() for _ in stage.segments]
+        self.host_slots = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in stage.segments]
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.mempool = None
+        self.capture_s = 0.0
+        self.replays = 0
+
+    def bucket(self, B: int) -> int | None:
+        for b in self.buckets:
+            if b >= B:
+                return b
+        return None
+
+    def _body(self, s: int, nb: int, head: bool):
+        """The segment on the static buffers. Everything derived from them (int32 offsets, cache
+        lengths) is computed here, inside the capture: a tensor made outside it and read by the graph
+        would be freed and its memory reused under the graph's feet."""
+        from trunk.stage import AttnMeta
+
+        st = self.stage
+        meta = AttnMeta.static(self.pos[:nb], self.slots[:nb], self.cu[:nb + 1])
+        x = st.model.embed(self.ids[:nb]) if s == 0 and st.has_embedding else self.h[:nb]
+        return st.segment_math(s, x, meta, self.pool, head)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every (segment, bucket, head) graph, largest first (smaller ones reuse its memory)."""
+        t0 = time.perf_counter()
+        self.mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for s in range(len(self.stage.segments)):
+            for nb in reversed(self.buckets):
+                for head in (True, False):
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        self._body(s, nb, head)       # warm-up: autotuning, handles, lazy init
+                    torch.cuda.current_stream().wait_stream(stream)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.mempool):
+                        out = self._body(s, nb, head)
+                    self.graphs[(s, nb, head)] = (g, out)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        return self.capture_s
+
+    def run(self, s: int, x, meta, head: bool):
+        # The staging buffers of segment s are rewritten each step: the previous step's copies from them
+        # have completed, since every step ends with a host sync (its sampled tokens).
+        """Replay for rows x (B,) ids or (B, D) states of `meta`'s sequences; None if no bucket fits."""
+        B = len(meta.counts)
+        nb = self.bucket(B)
+        if nb is None or (s, nb, head) not in self.graphs:
+            return None
+        hp, hs = self.host_pos[s], self.host_slots[s]
+        hp[:B] = torch.as_tensor(meta.offs)
+        hs[:B] = torch.as_tensor(meta.slots)
+        hp[B:nb] = 0
+        hs[B:nb] = self.pool.scratch_slot
+        self.pos[:nb].copy_(hp[:nb], non_blocking=True)
+        self.slots[:nb].copy_(hs[:nb], non_blocking=True)
+        dst = self.ids if s == 0 and self.stage.has_embedding else self.h
+        dst[:B].copy_(x)
+        g, (h, xb, logits) = self.graphs[(s, nb, head)]
+        g.replay()
+        self.replays += 1
+        return h[:B], xb[:B], (logits[:B] if logits is not None else None)
