@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -76,8 +77,8 @@ class Bench:
         self.R["wall_s"] = round(time.time() - self.t0, 1)
         (self.out / "engine_throughput.json").write_text(json.dumps(self.R, indent=1))
 
-    def section(self, name: str, fn) -> None:
-        if self.args.only and name not in self.args.only.split(","):
+    def section(self, name: str, fn, default: bool = True) -> None:
+        if (self.args.only and name not in self.args.only.split(",")) or (not self.args.only and not default):
             return
         if time.time() - self.t0 > self.args.budget_s:
             self.R["sections"][name] = {"skipped": "time budget spent"}
@@ -201,6 +202,35 @@ class Bench:
             final["fraction_of_roofline"] = round(final["decode_tok_s"] / roof, 3)
         return res | {"graph_capture_s": round(cap, 1), "graphs": len(eng.stage.graphs.graphs) if eng.stage.graphs else 0}
 
+    def profile(self) -> dict:
+        """Where a batch-1 and a batch-64 decode step spend their time: CUDA kernel time per step
+        (torch.profiler) against the step's wall time; the top kernels."""
+        from relay.work import GenRequest
+        from torch.profiler import ProfilerActivity, profile
+        m = self.model()
+        eng, _ = self.engine(m, slots=64)
+        out = {}
+
+        async def go(B: int):
+            await self.offline(eng, [GenRequest(f"pw{B}-{i}", list(range(16)), 8, ignore_eos=True) for i in range(B)])
+            reqs = [GenRequest(f"p{B}-{i}", list(range(16)), 40, ignore_eos=True) for i in range(B)]
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                r = await self.offline(eng, reqs)
+            return r, prof
+        for B in (1, 64):
+            r, prof = asyncio.run(go(B))
+            ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+            rows = sorted(((e.key, getattr(e, "self_device_time_total", 0), e.count) for e in prof.key_averages()),
+                          key=lambda t: -t[1])
+            total_us = sum(t[1] for t in rows)
+            steps = 40
+            out[f"b{B}"] = {"wall_ms_per_step": round(r["wall_s"] * 1e3 / steps, 3),
+                            "gpu_ms_per_step": round(total_us / 1e3 / steps, 3),
+                            "top": [(k[:60], round(us / 1e3 / steps, 4), c // steps) for k, us, c in rows[:18]]}
+            del ev
+        asyncio.run(eng.stop())
+        return out
+
     def nano(self, exits=None, name="nano") -> dict:
         m = self.model()
         slots = 64 if self.quick else 256
@@ -318,7 +348,16 @@ class Bench:
             procs.append(subprocess.Popen(cmd, env=env, stdout=open(tmp / f"{t}.log", "w"), stderr=subprocess.STDOUT))
             nxt = f"127.0.0.1:{ports[t]}"
         try:
-            return asyncio.run(self._relay_client(f"127.0.0.1:{ports['device']}", tmp))
+            return asyncio.run(asyncio.wait_for(
+                self._relay_client(f"127.0.0.1:{ports['device']}", dict(zip(("cloud", "edge", "device"), procs))),
+                self.args.section_timeout_s))
+        except BaseException:
+            self.R["relay_stats_at_failure"] = asyncio.run(self._tier_stats(ports))
+            for p in procs:  # relay.cli prints every thread's stack on SIGUSR1: the logs then say where each was
+                if p.poll() is None:
+                    p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            raise
         finally:
             for p in procs:
                 p.terminate()
@@ -328,26 +367,50 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     p.kill()
             for t in ("device", "edge", "cloud"):
-                log = (tmp / f"{t}.log").read_text()[-3000:]
+                log = (tmp / f"{t}.log").read_text()[-12000:]
                 self.R.setdefault("relay_logs", {})[t] = log
 
-    async def _relay_client(self, head: str, tmp: Path) -> dict:
+    @staticmethod
+    async def _tier_stats(ports: dict) -> dict:
+        """Each tier's engine stats (queue, running, steps), to say where a stalled relay stopped."""
+        from relay.client import RelayClient
+        out = {}
+        for t, port in ports.items():
+            try:
+                c = RelayClient(f"127.0.0.1:{port}", timeout_s=5)
+                st = await asyncio.wait_for(c.stats(), 5)
+                out[t] = {k: v for k, v in st.items() if k != "sessions"} | {"n_sessions": len(st["sessions"])}
+                await c.close()
+            except Exception as e:  # noqa: BLE001
+                out[t] = f"{type(e).__name__}: {e}"[:200]
+        return out
+
+    @staticmethod
+    def _check_alive(procs: dict, t0: float, limit_s: float, what: str) -> None:
+        """Raise (so the section reports it and the tier logs are kept) when a process died or start-up is late."""
+        dead = {t: p.returncode for t, p in procs.items() if p.poll() is not None}
+        if dead:
+            raise RuntimeError(f"{what}: process exited during start-up: {dead}")
+        if time.time() - t0 > limit_s:
+            raise RuntimeError(f"{what}: not up after {limit_s:.0f} s")
+
+    async def _relay_client(self, head: str, procs: dict) -> dict:
         from relay.client import RelayClient
         from relay.work import GenRequest
 
         c = RelayClient(head, timeout_s=600)
         t0 = time.time()
-        while not await c.health():
-            if time.time() - t0 > 300:
-                raise RuntimeError("relay nodes did not come up")
-            await asyncio.sleep(1)
         while True:  # every tier up (FamilyInfo complete)
+            self._check_alive(procs, t0, 300, "relay nodes")
             try:
-                if (await c.family_info())["complete"]:
+                if await c.health() and (await c.family_info())["complete"]:
                     break
             except Exception:  # noqa: BLE001
                 pass
             await asyncio.sleep(1)
+        self.R.setdefault("startup_s", {})["relay"] = round(time.time() - t0, 1)
+        prog = self.R.setdefault("relay_progress", {})   # kept when a phase times out: says where it stopped
+        t_start = time.perf_counter()
         stream = c.generate_stream()
 
         async def one(req):
@@ -357,18 +420,27 @@ class Bench:
                 if ev.token >= 0:
                     now = time.perf_counter()
                     first, last, n = first or now, now, n + 1
+                    prog["tokens"] = prog.get("tokens", 0) + 1
                 if ev.error:
                     raise RuntimeError(ev.error)
+            prog["finished"] = prog.get("finished", 0) + 1
             return n, first, last
+
+        def phase(name):
+            prog["phase"], prog[f"{name}_at_s"] = name, round(time.perf_counter() - t_start, 2)
+        phase("warm")
         await one(GenRequest("warm", list(range(16)), 16, ignore_eos=True))
         n_b1 = 64 if self.quick else 256
+        phase("b1")
         n, first, last = await one(GenRequest("b1", list(range(16)), n_b1, ignore_eos=True))
         b1_ms = (last - first) * 1e3 / (n - 1)
+        phase("nano")
         n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
         reqs = self.nano_requests(n_req, lo, hi)
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(one(r) for r in reqs))
         wall = time.perf_counter() - t0
+        phase("done")
         toks = sum(o[0] for o in outs)
         stats = [await RelayClient(a).stats() for a in [head]]
         await stream.close()
@@ -391,28 +463,29 @@ class Bench:
                "--max-concurrency", "256", "--max-queue", "1024", "--calibrate-rounds", "1"]
         proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "router.log", "w"), stderr=subprocess.STDOUT)
         try:
-            return asyncio.run(self._http_clients(f"http://127.0.0.1:{port}"))
+            return asyncio.run(asyncio.wait_for(self._http_clients(f"http://127.0.0.1:{port}", {"router": proc}),
+                                               self.args.section_timeout_s))
         finally:
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-            self.R.setdefault("http_log", (tmp / "router.log").read_text()[-3000:])
+            self.R.setdefault("http_log", (tmp / "router.log").read_text()[-12000:])
 
-    async def _http_clients(self, url: str) -> dict:
+    async def _http_clients(self, url: str, procs: dict) -> dict:
         import httpx
         t0 = time.time()
         async with httpx.AsyncClient(timeout=600) as cl:
             while True:
+                self._check_alive(procs, t0, 400, "router")
                 try:
                     if (await cl.get(url + "/health")).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
-                if time.time() - t0 > 400:
-                    raise RuntimeError("router did not come up")
                 await asyncio.sleep(1)
+        self.R.setdefault("startup_s", {})["http"] = round(time.time() - t0, 1)
         n_tok = 32 if self.quick else 128
         ttft, itl, toks = [], [], [0]
 
@@ -537,10 +610,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="CPU smoke run at the builtin shape, small workloads")
     p.add_argument("--only", default="", help="comma-separated sections (default: all)")
     p.add_argument("--budget-s", type=float, default=540, help="skip sections once this much wall time is spent")
+    p.add_argument("--section-timeout-s", type=float, default=300,
+                   help="give up on the relay/http section after this long (tier logs go into the JSON)")
     args = p.parse_args(argv)
     b = Bench(args)
     b.section("roofline", b.roofline)
     b.section("b1", b.b1)
+    b.section("profile", b.profile, default=False)  # opt-in: the CUDA profiler stalled on graph replays (H200, torch 2.11)
     b.section("nano", b.nano)
     b.section("mixed", b.mixed)
     b.section("clients", b.clients)

@@ -186,26 +186,26 @@ def _check(q, k_cache, n_q, hq, hkv, d, kernel=False):
 
 def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
                                cache_slots=None, num_splits=None):
-    """PyTorch reference: per sequence, SDPA over its L cached positions with the causal offset."""
+    """PyTorch reference, batched: gather every sequence's cache rows up to the longest length, mask
+    each row to its own causal window, one SDPA call (GQA by repeating kv heads)."""
     B, n_q, hq, d = q.shape
     hkv = k_cache.shape[1]
     _check(q, k_cache, n_q, hq, hkv, d)
+    if B == 0:
+        return torch.zeros_like(q)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    lens = cache_lens.tolist()
-    slots = list(range(B)) if cache_slots is None else cache_slots.tolist()
-    o = torch.zeros_like(q)
-    for b in range(B):
-        L = int(lens[b])
-        if L <= 0:
-            continue
-        k = k_cache[slots[b], :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=0)  # (Hq, L, D)
-        v = v_cache[slots[b], :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=0)
-        qb = q[b].transpose(0, 1)  # (Hq, n_q, D)
-        i = torch.arange(n_q, device=q.device)[:, None]
-        j = torch.arange(L, device=q.device)[None, :]
-        mask = j <= (L - n_q) + i
-        ob = torch.nn.functional.scaled_dot_product_attention(qb[None], k[None], v[None], attn_mask=mask,
-                                                              scale=scale)[0]
-        ob = torch.where(mask.any(1)[None, :, None], ob, torch.zeros_like(ob))
-        o[b] = ob.transpose(0, 1)
-    return o
+    lens = cache_lens.to(device=q.device, dtype=torch.long)
+    L = int(lens.max())
+    if L <= 0:
+        return torch.zeros_like(q)
+    slots = torch.arange(B, device=q.device) if cache_slots is None else cache_slots.to(q.device).long()
+    k = k_cache[slots, :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, L, D)
+    v = v_cache[slots, :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=1)
+    i = torch.arange(n_q, device=q.device)
+    j = torch.arange(L, device=q.device)
+    # query t of sequence b sits at position lens_b - n_q + t and sees keys j <= that position
+    mask = j[None, None, :] <= (lens[:, None, None] - n_q + i[None, :, None])   # (B, n_q, L)
+    o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
+                                                         scale=scale)  # (B, Hq, n_q, D)
+    o = torch.where(mask.any(-1)[:, None, :, None], o, torch.zeros_like(o))
+    return o.transpose(1, 2)

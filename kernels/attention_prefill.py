@@ -366,16 +366,25 @@ def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=N
 def write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
                              max_seqlen=None):
     start, length, B, _, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
-    offs = cache_offsets.tolist()
-    slots = list(range(B)) if cache_slots is None else cache_slots.tolist()
-    for b in range(B):
-        s, n, o = int(start[b]), int(length[b]), int(offs[b])
-        if o + n > k_cache.shape[2]:
-            raise ValueError(f"sequence {b}: positions up to {o + n} exceed the cache's {k_cache.shape[2]}")
-        kb = k[s:s + n].transpose(0, 1) if varlen else k[b]  # (Hkv, n, D)
-        vb = v[s:s + n].transpose(0, 1) if varlen else v[b]
-        k_cache[slots[b], :, o:o + n] = kb.to(k_cache.dtype)
-        v_cache[slots[b], :, o:o + n] = vb.to(v_cache.dtype)
+    if B == 0:
+        return
+    dev = k_cache.device
+    length, offs = length.to(dev).long(), cache_offsets.to(dev).long()
+    slots = torch.arange(B, device=dev) if cache_slots is None else cache_slots.to(dev).long()
+    over = (offs + length) > k_cache.shape[2]
+    if bool(over.any()):
+        b = int(over.nonzero()[0])
+        raise ValueError(f"sequence {b}: positions up to {int(offs[b] + length[b])} exceed the cache's {k_cache.shape[2]}")
+    # one row per new token: its sequence, its index within the sequence's new rows, its cache position
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), length)
+    within = torch.arange(seq.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+    pos = offs[seq] + within
+    if varlen:
+        kk, vv = k[start.to(dev).long()[seq] + within], v[start.to(dev).long()[seq] + within]   # (N, Hkv, D)
+    else:
+        kk, vv = k.transpose(1, 2)[seq, within], v.transpose(1, 2)[seq, within]               # from (B, Hkv, T, D)
+    k_cache[slots[seq], :, pos] = kk.to(k_cache.dtype)
+    v_cache[slots[seq], :, pos] = vv.to(v_cache.dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

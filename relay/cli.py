@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -148,7 +149,9 @@ async def _serve_until_signal(args) -> None:
 
 
 def run_node(args) -> None:
-    """Blocking: serve until SIGINT/SIGTERM."""
+    """Blocking: serve until SIGINT/SIGTERM. SIGUSR1 prints every thread's Python stack to stderr (a
+    stalled node says where it is without being stopped)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(_serve_until_signal(args))
 

@@ -233,8 +233,8 @@ class RelayNode(pb_grpc.RelayServicer):
         if self.stage.has_embedding:
             raise Abort("FAILED_PRECONDITION", f"tier {self.tier} takes token ids; Step goes to deeper tiers")
         msg = wire.step_from_pb(req, self.cfg.d_model, self.dtype, self.pool.shape.max_len * 4096, self.cfg.G)
-        if msg.src:
-            self._synced.setdefault(msg.src, time.monotonic())
+        if msg.src:  # any message from an upstream says it is alive
+            self._synced[msg.src] = time.monotonic()
         return wire.reply_to_pb(await self.engine.step(msg))
 
     async def Release(self, req, ctx):
@@ -247,7 +247,7 @@ class RelayNode(pb_grpc.RelayServicer):
         async def go():
             self._need_node(ctx)
             self._synced[req.src] = time.monotonic()
-            return pb.SyncReply(released=self.engine.release_from(req.src, set(req.live)))
+            return pb.SyncReply(released=self.engine.release_from(req.src, set(req.live), idle_s=SYNC_STALE_S))
         return await self._guard(ctx, go())
 
     # ---- sessions ------------------------------------------------------------------------------
@@ -362,14 +362,18 @@ class RelayNode(pb_grpc.RelayServicer):
     # ---- housekeeping --------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
         """Idle sessions out, orphans of silent upstreams out, our live set to the next tier."""
+        tick = time.monotonic()
         while True:
             await asyncio.sleep(SYNC_PERIOD_S)
             try:
                 self.engine.sweep_idle()
                 now = time.monotonic()
+                late, tick = now - tick > 2 * SYNC_PERIOD_S, now
                 for src, t in list(self._synced.items()):
-                    if now - t > SYNC_STALE_S:
-                        self.engine.release_from(src)
+                    if late:  # this loop was stalled: Syncs may sit unread behind it, so silence proves nothing
+                        self._synced[src] = max(t, now - SYNC_PERIOD_S)
+                    elif now - t > SYNC_STALE_S:
+                        self.engine.release_from(src, idle_s=SYNC_STALE_S)
                         if not any(s.src == src for s in self.engine.seqs.values()):
                             del self._synced[src]
                 if self.down is not None:

@@ -213,11 +213,14 @@ class TierEngine:
             self._drop(s)
         return True
 
-    def release_from(self, src: str, keep: set[str] | None = None) -> int:
-        """Release the idle sequences an upstream created that it no longer knows (orphans after a crash)."""
-        n = 0
+    def release_from(self, src: str, keep: set[str] | None = None, idle_s: float = 0.0) -> int:
+        """Release the sequences an upstream created that it no longer knows (orphans after a crash), once
+        they have had no work for `idle_s`: a live set is a snapshot, and a Step sent after it may have
+        made a sequence here that the snapshot does not name yet."""
+        n, now = 0, time.monotonic()
         for s in list(self.seqs.values()):
-            if s.src == src and s.active == 0 and (keep is None or s.id not in keep):
+            if (s.src == src and s.active == 0 and now - s.last_used >= idle_s
+                    and (keep is None or s.id not in keep)):
                 self.close(s.id)
                 n += 1
         return n
@@ -270,20 +273,20 @@ class TierEngine:
         s.last_used = time.monotonic()
         self.seqs.move_to_end(s.id)
         item.arrival = time.perf_counter()
-        sink = item.sink
-
-        def done(it: Item, res: Result, s=s, sink=sink):
-            s.active -= 1
-            s.last_used = time.monotonic()
-            if sink is not None:
-                sink(it, res)
-            if s.closing and s.active == 0:
-                self._drop(s)
-
-        item.sink = done
+        item.tag_seq = s
+        item.done_cb = self._item_done
         self.queue.append(item)
         self.counters["items"] += 1
         self._wake.set()
+
+    def _item_done(self, it: Item, res: Result) -> None:
+        s = it.tag_seq
+        s.active -= 1
+        s.last_used = time.monotonic()
+        if it.sink is not None:
+            it.sink(it, res)
+        if s.closing and s.active == 0:
+            self._drop(s)
 
     async def forward(self, item: Item) -> Result:
         """One item, awaited (the per-session Forward API)."""
@@ -386,7 +389,7 @@ class TierEngine:
         return min(req.deadline, time.monotonic() + timeout)
 
     def _submit_gen(self, gs: GenSeq, s: SeqState, pos: int) -> None:
-        x = torch.tensor(gs.tokens[pos:], dtype=torch.long)
+        x = gs.tokens[pos:]
         want = self.stage.cfg.G - 1 if gs.exit is None else gs.exit
         self.submit(Item(s.id, pos, x, want, gs.req.policy, gs.req.sampling, deadline=self._step_deadline(gs.req),
                          sink=self._gen_result, tag=gs, must_answer=True), s)
@@ -510,7 +513,12 @@ class TierEngine:
             c.run = SeqRun(s.slot, it.pos + it.done, c.take, list(s.seg_lens), want=it.want,
                            policy=it.policy, sampling=it.sampling, evaluate=last and not it.fill_only)
             runs.append(c.run)
-        return torch.cat(xs) if len(xs) > 1 else xs[0], runs
+        if self.stage.has_embedding:  # token ids, as lists (the head's own requests) or tensors: one tensor
+            flat = []
+            for x in xs:
+                flat += x if isinstance(x, list) else x.tolist()
+            return torch.tensor(flat, dtype=torch.long), runs
+        return (torch.cat(xs) if len(xs) > 1 else xs[0]), runs
 
     def _fail(self, chunks: list[_Chunk], e: Exception) -> None:
         code = "INVALID_ARGUMENT" if isinstance(e, StageError) else "INTERNAL"
@@ -526,6 +534,7 @@ class TierEngine:
     def _post(self, chunks: list[_Chunk], out: StageOut, t0: float) -> None:
         now = time.perf_counter()
         deeper: list[tuple[_Chunk, int]] = []
+        finished: set[int] = set()
         for k, (c, o) in enumerate(zip(chunks, out.seqs)):
             it, s = c.item, c.seq
             s.seg_lens = c.run.seg_lens
@@ -533,7 +542,7 @@ class TierEngine:
             s.running = False
             if it.done < it.n:
                 continue  # more of a long prefill next step (it stays at its place in the queue)
-            self.queue.remove(it)
+            finished.add(id(it))
             ms = (now - it.arrival) * 1e3
             if it.fill_only or it.want is None:
                 it.resolve(Result(tier=self.tier, length=s.length, timings={self.tier: ms}, total_ms=ms))
@@ -542,6 +551,8 @@ class TierEngine:
                                   timings={self.tier: ms}, total_ms=ms))
             else:
                 deeper.append((c, k))
+        if finished:  # one pass over the queue, not a search per item
+            self.queue = deque(it for it in self.queue if id(it) not in finished)
         if deeper:
             self._forward(deeper, out)
 

@@ -28,7 +28,7 @@ class EngineError(RuntimeError):
         self.code = code
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """What a tier answers for one item: a token from some exit, or an error."""
     token: int = -1
@@ -73,12 +73,12 @@ class StepReply:
     tier: str = ""
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Item:
     """Rows of one sequence to run at this tier, and where its result goes."""
     seq_id: str
     pos: int
-    x: torch.Tensor                   # (n,) token ids at the head, else (n, D) boundary states
+    x: torch.Tensor | list            # (n,) token ids at the head (a tensor or a list), else (n, D) boundary states
     want: int | None                  # global exit asked for; None = no answer wanted (fill)
     policy: ExitPolicy = FIXED_POLICY
     sampling: SamplingParams = GREEDY
@@ -90,16 +90,20 @@ class Item:
     resolved: bool = False
     tag: object = None                # the sink's own bookkeeping
     must_answer: bool = False         # never refused for a passed deadline (the head's own requests)
+    done_cb: Callable | None = None   # the engine's bookkeeping, called before `sink`
+    tag_seq: object = None            # the engine's state of this item's sequence
 
     @property
     def n(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.x) if isinstance(self.x, list) else int(self.x.shape[0])
 
     def resolve(self, result: Result) -> None:
         if self.resolved:
             return
         self.resolved = True
-        if self.sink is not None:
+        if self.done_cb is not None:
+            self.done_cb(self, result)
+        elif self.sink is not None:
             self.sink(self, result)
 
 
@@ -118,7 +122,7 @@ class GenRequest:
     step_timeout_s: float | None = None  # per-step deadline when no budget is given (engine default if None)
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     token: int
     exit: int

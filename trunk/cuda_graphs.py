@@ -51,16 +51,23 @@ class DecodeGraphs:
                 return b
         return None
 
-    def _body(self, s: int, nb: int, head: bool):
-        """The segment on the static buffers. Everything derived from them (int32 offsets, cache
+    def _body(self, s, nb: int, head: bool):
+        """Segment s (or, s == "all", every segment in turn: a decode step of the whole stage) on the
+        static buffers. Everything derived from them (int32 offsets, cache
         lengths) is computed here, inside the capture: a tensor made outside it and read by the graph
         would be freed and its memory reused under the graph's feet."""
         from trunk.stage import AttnMeta
 
         st = self.stage
         meta = AttnMeta.static(self.pos[:nb], self.slots[:nb], self.cu[:nb + 1])
-        x = st.model.embed(self.ids[:nb]) if s == 0 and st.has_embedding else self.h[:nb]
-        return st.segment_math(s, x, meta, self.pool, head)
+        first = 0 if s == "all" else s
+        x = st.model.embed(self.ids[:nb]) if first == 0 and st.has_embedding else self.h[:nb]
+        if s != "all":
+            return st.segment_math(s, x, meta, self.pool, head)
+        last = len(st.segments) - 1
+        for k in range(last + 1):
+            x, xb, logits = st.segment_math(k, x, meta, self.pool, head and k == last)
+        return x, xb, logits
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -68,7 +75,8 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self.mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        for s in range(len(self.stage.segments)):
+        segs = list(range(len(self.stage.segments))) + (["all"] if len(self.stage.segments) > 1 else [])
+        for s in segs:
             for nb in reversed(self.buckets):
                 for head in (True, False):
                     stream.wait_stream(torch.cuda.current_stream())
@@ -91,14 +99,14 @@ class DecodeGraphs:
         nb = self.bucket(B)
         if nb is None or (s, nb, head) not in self.graphs:
             return None
-        hp, hs = self.host_pos[s], self.host_slots[s]
+        hp, hs = self.host_pos[0 if s == "all" else s], self.host_slots[0 if s == "all" else s]
         hp[:B] = torch.as_tensor(meta.offs)
         hs[:B] = torch.as_tensor(meta.slots)
         hp[B:nb] = 0
         hs[B:nb] = self.pool.scratch_slot
         self.pos[:nb].copy_(hp[:nb], non_blocking=True)
         self.slots[:nb].copy_(hs[:nb], non_blocking=True)
-        dst = self.ids if s == 0 and self.stage.has_embedding else self.h
+        dst = self.ids if s in (0, "all") and self.stage.has_embedding else self.h
         dst[:B].copy_(x)
         g, (h, xb, logits) = self.graphs[(s, nb, head)]
         g.replay()

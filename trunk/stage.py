@@ -224,13 +224,24 @@ class Stage:
         """x: token ids (N,) on the first stage, else boundary states (N, D); rows packed by sequence.
         Each run's seg_lens is updated in place to what the segments hold afterwards."""
         self._check(x, runs, pool)
+        h = x.to(self.device) if self.has_embedding else x.to(self.device, self.dtype)
+        whole = self._whole_step(h, runs)
+        if whole is not None:
+            return whole
         ends = [r.start + r.count for r in runs]
         n_seg = len(self.segments)
         depth = [n_seg - 1 if r.want is None or r.want > self.deepest_exit else self.local(r.want) for r in runs]
         outs = [SeqOut(None) for _ in runs]
-        h = x.to(self.device) if self.has_embedding else x.to(self.device, self.dtype)
         active, rows_from = list(range(len(runs))), [r.start for r in runs]
         fallback: tuple[list[int], torch.Tensor] | None = None
+        may_eval = [False] * n_seg  # segments where some sequence is evaluated (one pass over the runs)
+        for r in runs:
+            if r.evaluate and r.want is not None:
+                last = min(self.local(r.want), n_seg - 1) if r.want >= self.exits[0] else -1
+                if r.policy.kind != FIXED:
+                    may_eval[:last + 1] = [True] * (last + 1)
+                elif r.want <= self.deepest_exit:
+                    may_eval[last] = True
         for s, (a, b, g) in enumerate(self.segments):
             if s > 0:
                 keep = [i for i in active if depth[i] >= s and outs[i].exit is None]
@@ -240,7 +251,7 @@ class Stage:
                 active = keep
             meta = AttnMeta([runs[i].slot for i in active], rows_from,
                             [ends[i] - rows_from[j] for j, i in enumerate(active)], self.device)
-            ev = [j for j, i in enumerate(active) if evaluated_at(runs[i], g)]
+            ev = [j for j, i in enumerate(active) if evaluated_at(runs[i], g)] if may_eval[s] else []
             h, xb, logits = self._segment(s, h, meta, pool, head=bool(ev))
             for i in active:
                 runs[i].seg_lens[s] = ends[i]
@@ -253,6 +264,35 @@ class Stage:
         out = StageOut(outs)
         if fallback is not None:
             out.fallback_rows, out.fallback_x = fallback
+        return out
+
+    def _whole_step(self, x, runs: list[SeqRun]) -> StageOut | None:
+        """The common decode step as one CUDA graph over every segment: each sequence brings one row,
+        nothing is pending deeper, and all answer at the deepest exit here (or all go past it)."""
+        g_last, n_seg = self.deepest_exit, len(self.segments)
+        if self.graphs is None or n_seg == 1 or not runs:
+            return None
+        head = runs[0].want == g_last
+        for r in runs:
+            if (r.count != 1 or not r.evaluate or r.policy.kind != FIXED or r.want is None
+                    or (r.want == g_last) != head or r.want < g_last or r.keep_logits):
+                return None
+            lens = r.seg_lens
+            if lens[-1] != r.start or lens[0] != r.start:  # pending positions somewhere: the general path
+                return None
+        meta = AttnMeta([r.slot for r in runs], [r.start for r in runs], [1] * len(runs), self.device)
+        got = self.graphs.run("all", x, meta, head)
+        if got is None:
+            return None
+        _, xb, logits = got
+        for r in runs:
+            r.seg_lens[:] = [r.start + 1] * n_seg
+        outs = [SeqOut(None) for _ in runs]
+        out = StageOut(outs)
+        if head:
+            decide(g_last, logits, list(range(len(runs))), runs, outs)
+        elif self.has_next:
+            out.fallback_rows, out.fallback_x = list(range(len(runs))), self.model.head_features(g_last, xb)
         return out
 
     def _segment(self, s: int, h, meta: AttnMeta, pool: KVPool, head: bool):

@@ -173,15 +173,17 @@ def test_warns_when_the_optimum_is_outside_the_grid_or_a_start_never_moved():
 
 def test_bounds_stop_a_runaway_fit_and_say_so():
     """One budget, three sizes, four G, 2 % noise: the N and D terms are barely told apart. Unbounded, such
-    designs ran to E = 0, A = inf on real runs; bounded, every parameter stays finite and the warning names
-    the bound it sits on (familial-fit warns about this design before fitting, see checks.py)."""
+    designs ran to E = 0, A = inf on real runs; bounded, every parameter stays finite and a warning names
+    the bound it sits on or the grid range it left (familial-fit warns about this design before fitting, see checks.py)."""
     runs = isoflop_sweep(noise=0.02, seed=3, budgets=(1e19,), n_sizes=3, G=(1, 2, 3, 4))
     assert runs.n == 12
     r = fit("family", runs.lawdata(), FitConfig(grid="hoffmann"))
     assert all(np.isfinite(v) for v in r.params.values())
     lo, hi = LAWS["family"].bounds()
     assert np.all(r.x >= np.array(lo)) and np.all(r.x <= np.array(hi))
-    assert any("sits on its bound" in w for w in r.warnings), r.warnings
+    # where the optimum lands depends on the BLAS/numpy build (on a bound, or beyond the grid of starts);
+    # either way the fit says so
+    assert any("sits on its bound" in w or "outside the grid range" in w for w in r.warnings), r.warnings
 
 
 def test_frozen_parameters_stay_put_and_the_rest_is_refit(noisy_runs):
