@@ -197,15 +197,15 @@ def router_decision_us(url: str) -> dict:
 
 def planner_microbench(url: str) -> dict:
     """Time ExitPlanner.plan / replan on the router's calibrated latency model, in this process."""
-    from serving.exit_policy import ExitInfo, ExitPlanner, TierCost
+    from serving.exit_policy import ExitInfo, ExitPlanner
 
     card = httpx.get(url + "/v1/models").json()["data"][0]
     exits = [ExitInfo(e["index"], e["layer"], e["tier"], e["val_loss"]) for e in card["exits"]]
-    p = ExitPlanner(exits, card["tiers"])
-    for key, c in card["latency_model"]["tiers"].items():
-        tier, g = key.split("@exit")
-        p.model.cost[(tier, int(g))] = TierCost(c["decode_ms"], c["prefill_ms_per_token"], c["samples"])
-    p.model.links.update(card["latency_model"]["links_ms"])
+    p = ExitPlanner(exits)
+    for g, c in card["latency_model"]["exits"].items():  # the router's learned costs, as it last saw them
+        for _ in range(max(1, c["samples"])):
+            p.model.observe_token(int(g), c["token_ms"])
+        p.model.cost[int(g)].prefill_ms_per_token.value = c["prefill_ms_per_token"]
     rng = random.Random(0)
     budgets = [rng.uniform(10, 5000) for _ in range(5000)]
     t0 = time.perf_counter()

@@ -57,6 +57,8 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) ->
                    help="deadline of a step whose request set none; then answer from the deepest tier that did")
     e.add_argument("--deadline-margin-ms", type=float, default=25,
                    help="time kept back from a deadline to answer degraded if --next is late")
+    e.add_argument("--inject-delay-ms", type=float, default=0.0,
+                   help="TESTING: sleep this long after every engine step (stands in for a slow tier)")
     g.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
                    help="hidden states sent to --next; auto = compute dtype (lossless, exact)")
     g.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message either way, MiB")
@@ -117,7 +119,7 @@ def config_from_args(args, next_tls: TLSConfig | None, device: str = "cpu") -> N
                       kv_memory_fraction=args.kv_memory_fraction, max_model_len=args.max_model_len,
                       max_slots=args.max_slots, wire_dtype=args.wire_dtype,
                       max_message_bytes=int(args.max_message_mb * 2**20), node_token=args.node_token,
-                      admin_token=args.admin_token, onnx=args.onnx)
+                      admin_token=args.admin_token, onnx=args.onnx, inject_delay_ms=args.inject_delay_ms)
 
 
 async def start_node(shards: str | None = None, tier: str | None = None, *, stage=None, host: str = "127.0.0.1",
