@@ -12,6 +12,8 @@
   http          64 streaming HTTP clients through `familial-serve --tier router --checkpoint` (TTFT,
                 per-token p50/p99, tokens/s)
   hf            transformers `generate` on the same shape: eager, and static cache + torch.compile
+  demo          (only when named in --only) `familial-serve demo`, the README's main job, driven by 1, 16
+                and 64 streaming HTTP clients: on the 2-core CPU, `--quick --only demo`
 
 Writes engine_throughput.json (+ .png) under --out ($OUT on the GPU machine) after every section, so a
 run cut short still reports what it measured. `--quick` runs every section on CPU at the `builtin` shape
@@ -457,16 +459,24 @@ class Bench:
     def http(self) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix="et-http-"))
         ckpt = self._checkpoint(tmp)
+        return self._router(tmp, ["--tier", "router", "--checkpoint", str(ckpt), "--max-concurrency", "256",
+                                  "--max-queue", "1024", "--calibrate-rounds", "1"])
+
+    def demo(self) -> dict:
+        """The README's main job as a user runs it: `familial-serve demo` (the built-in family split into
+        device, edge and cloud nodes on loopback, and the router), driven by 1, 16 and 64 HTTP clients."""
+        return self._router(Path(tempfile.mkdtemp(prefix="et-demo-")), ["demo"])
+
+    def _router(self, tmp: Path, args: list[str]) -> dict:
         port = self._port()
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-        cmd = [sys.executable, "-m", "serving.cli", "--tier", "router", "--checkpoint", str(ckpt), "--port", str(port),
-               "--max-concurrency", "256", "--max-queue", "1024", "--calibrate-rounds", "1"]
+        cmd = [sys.executable, "-m", "serving.cli", *args, "--port", str(port)]
         proc = subprocess.Popen(cmd, env=env, stdout=open(tmp / "router.log", "w"), stderr=subprocess.STDOUT)
         try:
             return asyncio.run(asyncio.wait_for(self._http_clients(f"http://127.0.0.1:{port}", {"router": proc}),
                                                self.args.section_timeout_s))
         finally:
-            proc.terminate()
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the demo stops its nodes and deletes its shards
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -623,6 +633,7 @@ def main(argv=None) -> None:
     b.section("overload", b.overload)
     b.section("relay", b.relay)
     b.section("http", b.http)
+    b.section("demo", b.demo, default=False)  # CPU: `--quick --only demo` (README: 16 clients >= 4x one)
     b.section("hf", b.hf)
     b.save()
     plot(b.R, b.out / "engine_throughput.png")

@@ -76,6 +76,7 @@ class GrpcDownstream:
 
     async def step(self, msg: StepMessage, timeout: float) -> StepReply:
         req = await asyncio.to_thread(wire.step_to_pb, msg, self.wire)  # device -> host copy off the loop
+        req.src = self.node_id  # as in Sync: the next tier keys sequences by node, and heads share a tier name
         rep = await self.stub.Step(req, timeout=max(0.001, timeout), metadata=self.metadata)
         out = wire.reply_from_pb(rep, len(msg.seqs))
         self.tier = out.tier or self.tier
@@ -115,8 +116,9 @@ class RelayNode(pb_grpc.RelayServicer):
         ec.max_message_bytes = self.conf.max_message_bytes
         ec.step_delay_ms = self.conf.inject_delay_ms
         self.engine = TierEngine(stage, self.pool, self.tier, self.down, ec)
-        self._synced: dict[str, float] = {}     # upstream node id -> last Sync
+        self._synced: dict[str, float] = {}     # upstream node id -> last Step or Sync
         self._bg: list[asyncio.Task] = []
+        self._sync: asyncio.Task | None = None  # our Sync to the next tier in flight
 
     def start(self) -> None:
         if self.conf.cuda_graphs:
@@ -376,18 +378,26 @@ class RelayNode(pb_grpc.RelayServicer):
                         self.engine.release_from(src, idle_s=SYNC_STALE_S)
                         if not any(s.src == src for s in self.engine.seqs.values()):
                             del self._synced[src]
-                if self.down is not None:
-                    live = [s.id for s in self.engine.seqs.values() if s.epoch > 0]
-                    await self.down.sync(live)
+                if self.down is not None and (self._sync is None or self._sync.done()):
+                    # not awaited: a hung next tier would hold this loop for the call's timeout, and
+                    # the stall would read as `late` period after period, keeping every orphan here
+                    self._sync = asyncio.ensure_future(self._sync_down())
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the next tier may be down; try again next period
+            except Exception as e:  # noqa: BLE001 - keep housekeeping going; try again next period
                 log.debug("housekeeping: %s", e)
 
+    async def _sync_down(self) -> None:
+        try:
+            await self.down.sync([s.id for s in self.engine.seqs.values() if s.epoch > 0])
+        except Exception as e:  # noqa: BLE001 - the next tier may be down; try again next period
+            log.debug("sync to %s: %s", self.conf.next, e)
+
     async def close(self) -> None:
-        for t in self._bg:
+        tasks = [*self._bg, *([self._sync] if self._sync else [])]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._bg, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.stop()
         if self.down is not None:
             await self.down.close()

@@ -64,7 +64,7 @@ class SeqStep:
 class StepMessage:
     seqs: list[SeqStep]
     hidden: torch.Tensor              # (N, D) rows of every sequence, in order
-    src: str = ""                     # tier that sent it
+    src: str = ""                     # sender: its tier in process; over gRPC its node id (relay/node.py)
 
 
 @dataclass
