@@ -2,6 +2,7 @@
 
   roofline      HBM copy bandwidth and the batch-1 decode roofline (weight bytes / bandwidth)
   b1            batch-1 decode, final exit, in-process (tokens/s and ms/token)
+  profile       (only when named in --only) CUDA kernel time per decode step at batch 1 and 64, top kernels
   nano          nano-vllm's workload: 256 requests, prompt and output lengths uniform in 100..1024,
                 ignore_eos, all submitted at once, in-process (output tokens/s)
   mixed         the same workload with a third of the requests at exit 0, 1 and the final exit
@@ -221,7 +222,6 @@ class Bench:
             return r, prof
         for B in (1, 64):
             r, prof = asyncio.run(go(B))
-            ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
             rows = sorted(((e.key, getattr(e, "self_device_time_total", 0), e.count) for e in prof.key_averages()),
                           key=lambda t: -t[1])
             total_us = sum(t[1] for t in rows)
@@ -229,7 +229,6 @@ class Bench:
             out[f"b{B}"] = {"wall_ms_per_step": round(r["wall_s"] * 1e3 / steps, 3),
                             "gpu_ms_per_step": round(total_us / 1e3 / steps, 3),
                             "top": [(k[:60], round(us / 1e3 / steps, 4), c // steps) for k, us, c in rows[:18]]}
-            del ev
         asyncio.run(eng.stop())
         return out
 
@@ -531,7 +530,7 @@ class Bench:
                 ttft.clear(), itl.clear()
                 toks[0] = 0
                 t0 = time.perf_counter()
-                await asyncio.gather(*(client(cl, i, 2) for i in range(k)))
+                await asyncio.gather(*(client(cl, i, 2 if k > 1 else 8) for i in range(k)))  # 1 client: 8 requests (a few seconds, not one)
                 wall = time.perf_counter() - t0
             out[f"clients_{k}"] = {"tok_s": round(toks[0] / wall, 1), "ttft_ms_p50": round(pct(ttft, 50), 1),
                                    "ttft_ms_p99": round(pct(ttft, 99), 1), "tpot_ms_p50": round(pct(itl, 50), 2),
