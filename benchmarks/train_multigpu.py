@@ -73,7 +73,7 @@ def _worker(args) -> None:
     import torch
 
     from trunk.flops import flops_per_token, param_counts
-    from trunk.train import Plan, TrainConfig, autocast_dtype, setup
+    from trunk.train import TrainConfig, TrainPlan, autocast_dtype, setup
 
     smoke = args.cpu_smoke
     t = TrainConfig(parallel=args.parallel, device="cpu" if smoke else "cuda", batch_size=args.batch,
@@ -87,7 +87,7 @@ def _worker(args) -> None:
     total = args.warmup + args.steps
     gb = args.batch * d.world
     fpt = flops_per_token(cfg, args.seq_len)
-    plan = Plan(steps=total, global_batch=gb, tokens=total * gb * args.seq_len, flops_per_token=fpt)
+    plan = TrainPlan(steps=total, global_batch=gb, tokens=total * gb * args.seq_len, flops_per_token=fpt)
     res = {"case": args.case, "model": args.model, "parallel": args.parallel, "gpus": d.world,
            "batch_per_gpu": args.batch, "seq_len": args.seq_len, "G": cfg.G, "exit_layers": list(cfg.exit_layers),
            "params": param_counts(cfg).total, "activation_checkpointing": args.ac, "flops_per_token": fpt}

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from deploy.manifest import DTYPES
+from trunk.checkpoint import DTYPES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiers", default=None,
                    help="tier=shards, shallow to deep, covering every shard: e.g. device=0,edge=1,cloud=2.. "
                         "(ranges: k, a-b, a..b, a..); default device=0,edge=1,cloud=2..")
-    s.add_argument("--dtype", choices=DTYPES, default=None, help="shard dtype (default: the checkpoint's)")
+    s.add_argument("--dtype", choices=list(DTYPES), default=None, help="shard dtype (default: the checkpoint's)")
 
     e = sub.add_parser("export-onnx", help="export a tier to ONNX with KV-cache inputs/outputs")
     e.add_argument("dir", metavar="DIR", help="shard directory made by `split`")

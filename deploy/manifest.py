@@ -28,11 +28,11 @@ import re
 from pathlib import Path
 
 from trunk.artifacts import confined, read_json_artifact, write_json_atomic
+from trunk.checkpoint import DTYPES
 from trunk.config import ConfigError, FamilyConfig
 
 FORMAT = "familial-shards/v1"
 MANIFEST = "manifest.json"
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ShardError(ValueError):
@@ -67,7 +67,7 @@ def default_tiers(n_shards: int) -> str:
     return {1: "cloud=0", 2: "device=0,cloud=1"}.get(n_shards, "device=0,edge=1,cloud=2..")
 
 
-def parse_tiers(spec: str, n_shards: int) -> list[tuple[str, list[int]]]:
+def parse_tier_spec(spec: str, n_shards: int) -> list[tuple[str, list[int]]]:
     """`device=0,edge=1,cloud=2..` -> [("device", [0]), ("edge", [1]), ("cloud", [2, ...])].
 
     A range is `k`, `a-b` or `a..b` (inclusive) or `a..` (to the last shard). Tiers must be listed
@@ -133,7 +133,7 @@ def _check_structure(m: dict, cfg: FamilyConfig) -> None:
         for key in ("tier", "unembed", "dtype", "bytes", "sha256", "tensors"):
             s[key]  # KeyError names the missing field
     spec = ",".join(f"{t['name']}={t['shards'][0]}-{t['shards'][-1]}" for t in m["tiers"])
-    tiers = parse_tiers(spec, cfg.G)
+    tiers = parse_tier_spec(spec, cfg.G)
     for (name, ks), t in zip(tiers, m["tiers"]):
         if ks != t["shards"] or any(shards[k]["tier"] != name for k in ks):
             raise ValueError(f"tier {name!r}: shards {t['shards']} disagree with the shard entries")

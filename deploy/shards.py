@@ -23,16 +23,15 @@ import torch
 import torch.nn as nn
 
 from deploy.manifest import (FORMAT, MANIFEST, ShardError, check_file, default_tiers, file_record,
-                             parse_tiers, read_manifest, shard_file, tier_entry, write_manifest)
+                             parse_tier_spec, read_manifest, shard_file, tier_entry, write_manifest)
 from trunk.artifacts import confined
-from trunk.checkpoint import META, WEIGHTS, load_checkpoint, read_meta
+from trunk.checkpoint import DTYPES, META, WEIGHTS, load_checkpoint, read_meta
 from trunk.config import FamilyConfig
 from trunk.model import FamilyModel, rope_tables
 from trunk.stage import Stage
 from trunk.tokenizer import TokenizerError, load_tokenizer
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NAMES = {v: k for k, v in _DTYPES.items()}
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 # ---- layout ------------------------------------------------------------------------------------
@@ -81,11 +80,11 @@ def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | N
         confined(ckpt, name, ShardError, what="tokenizer file")
         confined(out, name, ShardError, what="tokenizer file")
     dtype = dtype or meta.get("dtype", "float32")
-    if dtype not in _DTYPES:
-        raise ShardError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    model, tokenizer, meta = load_checkpoint(ckpt, dtype=_DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ShardError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    model, tokenizer, meta = load_checkpoint(ckpt, dtype=DTYPES[dtype])
     cfg = model.cfg
-    tier_list = parse_tiers(tiers or default_tiers(cfg.G), cfg.G)
+    tier_list = parse_tier_spec(tiers or default_tiers(cfg.G), cfg.G)
     tier_of = {k: name for name, ks in tier_list for k in ks}
     sd = model.state_dict()
     if cfg.tie_embeddings:
@@ -233,7 +232,7 @@ def load_tier(shards_dir, tier: str, *, device="cpu", dtype: torch.dtype | None 
     m, cfg = read_manifest(d)
     entries = [m["shards"][k] for k in tier_entry(m, tier)["shards"]]
     _check_tokenizer(d, m, verify)
-    dtype = dtype or _DTYPES[m["dtype"]]
+    dtype = dtype or DTYPES[m["dtype"]]
     tensors: dict[str, torch.Tensor] = {}
     for e in entries:
         check_shard(d, e, cfg, m["dtype"], verify)

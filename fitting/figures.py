@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fitting.data import Runs  # noqa: E402
-from fitting.laws import PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, family_loss, frontier  # noqa: E402
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss,  # noqa: E402
+                          family_law_loss, frontier)
 from fitting.leverage import DENSE_SIDES, efficiency_leverage, efficiency_leverage_compute  # noqa: E402
 
 _STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -61,7 +62,7 @@ def loss_surfaces(p: LawParams, out: Path, runs: Runs | None = None, Gs=(1, 2, 3
         fig = plt.figure(figsize=(4.2 * min(len(Gs), 4), 4.0))
         for k, G in enumerate(Gs[:4]):
             ax = fig.add_subplot(1, min(len(Gs), 4), k + 1, projection="3d")
-            L = family_loss(NN, DD, G, p)
+            L = family_law_loss(NN, DD, G, p)
             ax.plot_surface(np.log10(NN), np.log10(DD), L, cmap="viridis", alpha=0.8, lw=0, antialiased=True)
             if runs is not None:
                 m = runs.G == G
@@ -82,13 +83,13 @@ def _loss_vs_G_panel(ax, p, C, sizes, runs, Gmax):
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(sizes)))
     g = np.linspace(1, Gmax, 100)
     for N, c in zip(sizes, colors):
-        ax.plot(g, family_loss(N, C / (6 * N), g, p), color=c, lw=1.3, label=f"N = {N:.2g}")
+        ax.plot(g, family_law_loss(N, C / (6 * N), g, p), color=c, lw=1.3, label=f"N = {N:.2g}")
         if runs is not None:
             m = (np.abs(np.log10(runs.C / C)) < 0.025) & (np.abs(np.log(runs.N / N)) < 0.02)
             ax.scatter(runs.G[m], runs.loss[m], color=c, edgecolor="k", lw=0.4, s=22, zorder=3)
         else:
             G = np.arange(1, Gmax + 1)
-            ax.scatter(G, family_loss(N, C / (6 * N), G, p), color=c, s=14, zorder=3)
+            ax.scatter(G, family_law_loss(N, C / (6 * N), G, p), color=c, s=14, zorder=3)
     ax.set(xlabel="granularity G (exits)", ylabel="loss", title=f"C = {C:.0e} FLOPs")
     ax.legend(fontsize=7)
 
@@ -118,7 +119,7 @@ def isoloss(p: LawParams, out: Path, G: int = 4, runs: Runs | None = None) -> li
         N = np.logspace(7, 11, 300)
         D = np.logspace(8, 13, 300)
         NN, DD = np.meshgrid(N, D)
-        L = family_loss(NN, DD, G, p)
+        L = family_law_loss(NN, DD, G, p)
         levels = np.geomspace(L.min(), L.max(), 16)
         cs = ax.contourf(NN, DD, L, levels=levels, cmap="viridis")
         ax.contour(NN, DD, L, levels=levels, colors="k", linewidths=0.25, alpha=0.6)
@@ -192,7 +193,7 @@ def _branch_pred_panel(ax, b: BranchParams, runs: Runs):
 def _branch_unit_panel(ax, b: BranchParams, p: LawParams):
     """Penalty of each exit of a G = 4 family on the paper's design (1-4B, 1e19-1e21) under three units."""
     D = np.geomspace(1e19 / (6 * 4e9), 1e21 / (6 * 1e9), 60)            # the design's token range
-    L = family_loss(2e9, D, 1.0, p)
+    L = family_law_loss(2e9, D, 1.0, p)
     for unit, ls in ((1.0, ":"), (1e3, "-"), (1e6, "--")):
         bu = BranchParams(b.alpha_P, b.beta_Q, b.D_d, b.a, D_unit=unit)
         for g, c in zip(range(3), plt.cm.plasma(np.linspace(0, 0.7, 3))):

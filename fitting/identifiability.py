@@ -27,7 +27,7 @@ from scipy.stats import chi2
 from fitting import lbfgs
 from fitting.data import Runs
 from fitting.fitter import FitConfig, _screen_lse, _threads, fit
-from fitting.laws import PAPER, LawParams, family_loss
+from fitting.laws import PAPER, LawParams, family_law_loss
 from fitting.objective import LawData, evaluate, get_law
 
 PAPER_DESIGN = {"budgets": (1e19, 1e20, 1e21), "sizes": (1e9, 2e9, 3e9, 4e9), "G": (1, 2, 3, 4)}
@@ -42,7 +42,7 @@ def paper_design_runs(p: LawParams = PAPER, noise: float = 0.005, seed: int = 0,
                                                    np.asarray(design["sizes"], dtype=np.float64),
                                                    np.asarray(design["G"], dtype=np.float64), indexing="ij"))
     D = C / (6.0 * N)
-    L = family_loss(N, D, G, p) * np.exp(noise * np.random.default_rng(seed).standard_normal(len(N)))
+    L = family_law_loss(N, D, G, p) * np.exp(noise * np.random.default_rng(seed).standard_normal(len(N)))
     return Runs(loss=L, D=D, N=N, G=G, C=C)
 
 

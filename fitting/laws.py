@@ -96,7 +96,7 @@ K_CHINCHILLA = 6.0  # C = 6 N D
 
 
 # ---- the laws ------------------------------------------------------------------------------------
-def family_loss(N, D, G, p: LawParams = PAPER):
+def family_law_loss(N, D, G, p: LawParams = PAPER):
     """L(N, D, G), broadcasting over N, D, G: (E + A N^-alpha + B D^-beta) G^gamma under eq. (1)
     (p.gamma_on == "equation"), E + (A N^-alpha + B D^-beta) G^gamma under the text's reading."""
     N, D, G = (np.asarray(v, dtype=np.float64) for v in (N, D, G))
@@ -108,7 +108,7 @@ def family_loss(N, D, G, p: LawParams = PAPER):
 
 def dense_loss(N, D, p: LawParams = PAPER):
     """The dense law: the family law at G = 1 (gamma plays no part)."""
-    return family_loss(N, D, 1.0, p)
+    return family_law_loss(N, D, 1.0, p)
 
 
 def branch_loss(P, Q, D, L_dense, b: BranchParams = PAPER_BRANCH):
@@ -157,7 +157,7 @@ def frontier_numeric(C, p: LawParams, flops_per_token: Callable[[float], float],
     for i, c in enumerate(Cs):
         def obj(lnN, c=c):
             N = math.exp(lnN)
-            return math.log(float(family_loss(N, c / flops_per_token(N), G, p)))
+            return math.log(float(family_law_loss(N, c / flops_per_token(N), G, p)))
         Ns[i] = math.exp(minimize_scalar(obj, bounds=(lo, hi), method="bounded",
                                          options={"xatol": 1e-10}).x)
     Ds = Cs / np.array([flops_per_token(n) for n in Ns])
@@ -168,4 +168,4 @@ def frontier_numeric(C, p: LawParams, flops_per_token: Callable[[float], float],
 def optimal_loss(C, p: LawParams = PAPER, G=1, k: float = K_CHINCHILLA):
     """Loss of the compute-optimal model (family of G exits) at budget C under C = k N D."""
     N, D = frontier(C, p, k)
-    return family_loss(N, D, G, p)
+    return family_law_loss(N, D, G, p)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import brentq
 
-from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss, family_loss,
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss, family_law_loss,
                           frontier, frontier_numeric)
 from fitting.leverage import DENSE_SIDES, budget_split_loss
 from fitting.tiers import (CostConfig, PlanError, Tier, diagnose, feasible, limits, load_tiers,  # noqa: F401
@@ -309,7 +309,7 @@ def _assemble(C, tiers, pc, p, b, s: _Shape, pl: dict, notes: list[str]) -> dict
         "frontier_full_flops": {"N_opt": float(n_full), "D_opt": float(d_full)},
         "predicted": {"family_loss": fam, "exit_losses": [float(v) for v in pl["losses"]],
                       **predicted_el(C, cfg, cuts, s.D, fam, p, pc),
-                      "family_law_loss": float(family_loss(s.N, s.D, len(tiers), p))},
+                      "family_law_loss": float(family_law_loss(s.N, s.D, len(tiers), p))},
         "tiers": _tier_rows(tiers, cuts, pl["costs"], pl["losses"], pl["gains"]),
         "notes": notes,
         "trainer_config": {"model": cfg.to_dict(), "train": _train_section(C, s.D, pc)},

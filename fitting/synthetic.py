@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from fitting.data import Runs
-from fitting.laws import PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss, family_loss, frontier
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, LawParams, branch_loss, dense_loss, family_law_loss,
+                          frontier)
 
 DEFAULT_BUDGETS = (1e17, 3e17, 1e18, 3e18, 1e19, 3e19, 1e20, 3e20, 1e21)
 
@@ -30,7 +31,7 @@ def isoflop_sweep(p: LawParams = PAPER, budgets=DEFAULT_BUDGETS, n_sizes: int = 
     D = Cb / (6.0 * N)
     keep = (N >= 1e7) & (N <= 1e10) & (D >= 1e8) & (D <= 1e12)
     N, D, Gv, Cb = N[keep], D[keep], Gv[keep], Cb[keep]
-    L = family_loss(N, D, Gv, p) * np.exp(noise * rng.standard_normal(len(N)))
+    L = family_law_loss(N, D, Gv, p) * np.exp(noise * rng.standard_normal(len(N)))
     return Runs(loss=L, D=D, N=N, G=Gv, C=Cb)
 
 

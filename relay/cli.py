@@ -14,13 +14,11 @@ import logging
 import os
 import signal
 
-import torch
-
+from relay.codec import WIRE_DTYPES
 from relay.node import NodeConfig, NodeHandle, serve
 from relay.tier import TierConfig
 from relay.types import TLSConfig
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from trunk.checkpoint import DTYPES
 
 
 def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) -> argparse.ArgumentParser:
@@ -33,7 +31,7 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) ->
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=50051, help="port to listen on (0 = any free port)")
     g.add_argument("--device", default="cpu", help="torch device for the stage")
-    g.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: float32 on CPU, where half-precision matmuls are slow; else the shards')")
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks of the shards (shapes are still checked)")
     g.add_argument("--onnx", action="store_true", help="run this tier on ONNX Runtime (device tier, after `familial-deploy export-onnx`)")
@@ -59,7 +57,7 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True) ->
                    help="time kept back from a deadline to answer degraded if --next is late")
     e.add_argument("--inject-delay-ms", type=float, default=0.0,
                    help="TESTING: sleep this long after every engine step (stands in for a slow tier)")
-    g.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
+    g.add_argument("--wire-dtype", default="auto", choices=["auto", *WIRE_DTYPES],
                    help="hidden states sent to --next; auto = compute dtype (lossless, exact)")
     g.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message either way, MiB")
     g.add_argument("--node-token", default=os.environ.get("FAMILIAL_NODE_TOKEN"),
@@ -106,7 +104,7 @@ def load_stage(shards: str, tier: str, *, onnx: bool = False, device: str = "cpu
     from deploy.shards import load_tier
     if dtype is None and str(device) == "cpu":
         dtype = "float32"
-    return load_tier(shards, tier, device=device, dtype=_DTYPES[dtype] if dtype else None, verify=verify)
+    return load_tier(shards, tier, device=device, dtype=DTYPES[dtype] if dtype else None, verify=verify)
 
 
 def config_from_args(args, next_tls: TLSConfig | None, device: str = "cpu") -> NodeConfig:

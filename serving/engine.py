@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from relay.work import GenRequest, TokenEvent
-from serving.exit_policy import ExitInfo, ExitPlanner, Plan
+from serving.exit_policy import ExitInfo, ExitPlan, ExitPlanner
 from trunk.sampling import SamplingParams  # noqa: F401 - the handlers' import of it
 
 __all__ = ["Engine", "EngineError", "GenerateRequest", "TokenOutput", "SamplingParams", "LocalEngine",
@@ -152,7 +152,7 @@ class PlanningEngine:
         else:
             self.planner.model.observe_token(g, ms)
 
-    def _first_plan(self, req: GenerateRequest) -> Plan:
+    def _first_plan(self, req: GenerateRequest) -> ExitPlan:
         if req.exit is not None:
             return self.planner.plan_for(req.exit, len(req.prompt_ids), req.max_tokens)
         remaining = None
@@ -246,11 +246,11 @@ class LocalEngine(PlanningEngine):
                  kv_memory_mb: float | None = None, max_slots: int | None = None, engine_config=None,
                  step_timeout_s: float | None = None, cuda_graphs: bool = True):
         super().__init__()
-        from deploy.manifest import default_tiers, parse_tiers
+        from deploy.manifest import default_tiers, parse_tier_spec
 
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.cfg
-        self.tier_spec = parse_tiers(tiers or default_tiers(cfg.G), cfg.G)
+        self.tier_spec = parse_tier_spec(tiers or default_tiers(cfg.G), cfg.G)
         self.exit_tiers = {g: t for t, gs in self.tier_spec for g in gs}
         losses = [e.get("val_loss") for e in (meta or {}).get("exits", [])] or [None] * cfg.G
         exits = [ExitInfo(g, layer, self.exit_tiers[g], losses[g]) for g, layer in enumerate(cfg.exits)]

@@ -101,7 +101,7 @@ class LatencyModel:
 
 
 @dataclass
-class Plan:
+class ExitPlan:
     exit: int
     predicted_ms: float
     infeasible: bool = False
@@ -124,12 +124,12 @@ class ExitPlanner:
         # best quality first: lowest val loss; unknown losses rank by depth, deepest first
         self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
 
-    def plan_for(self, g: int, prompt_tokens: int, new_tokens: int, infeasible: bool = False) -> Plan:
+    def plan_for(self, g: int, prompt_tokens: int, new_tokens: int, infeasible: bool = False) -> ExitPlan:
         """The plan (with its predictions) of running the whole request at exit g."""
         first, step = self.model.first_ms(g, prompt_tokens), self.model.token_ms(g)
-        return Plan(g, first + step * max(0, new_tokens - 1), infeasible, first, step)
+        return ExitPlan(g, first + step * max(0, new_tokens - 1), infeasible, first, step)
 
-    def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> Plan:
+    def plan(self, budget_ms: float | None, prompt_tokens: int, new_tokens: int) -> ExitPlan:
         """Best exit for a whole request given the budget left (None = no budget: best quality)."""
         if budget_ms is None:
             return self.plan_for(self.by_quality[0].index, prompt_tokens, new_tokens)
@@ -139,7 +139,7 @@ class ExitPlanner:
                 return p
         return self.plan_for(self.exits[0].index, prompt_tokens, new_tokens, infeasible=True)
 
-    def replan(self, current: int, remaining_ms: float, tokens_left: int) -> Plan | None:
+    def replan(self, current: int, remaining_ms: float, tokens_left: int) -> ExitPlan | None:
         """A shallower exit if the rest of the request no longer fits at `current`; else None."""
         if tokens_left <= 0 or self.model.token_ms(current) * tokens_left * self.safety <= remaining_ms:
             return None
@@ -148,13 +148,13 @@ class ExitPlanner:
                 continue
             ms = self.model.token_ms(e.index) * tokens_left
             if ms * self.safety <= remaining_ms:
-                return Plan(e.index, ms)
+                return ExitPlan(e.index, ms)
         g = self.exits[0].index
         if g == current:
             return None
-        return Plan(g, self.model.token_ms(g) * tokens_left, infeasible=True)
+        return ExitPlan(g, self.model.token_ms(g) * tokens_left, infeasible=True)
 
-    def score(self, plan: Plan, tokens: int, actual_ms: float) -> None:
+    def score(self, plan: ExitPlan, tokens: int, actual_ms: float) -> None:
         """A finished request: compare its time with what its admission plan predicted for `tokens`."""
         predicted = plan.first_ms + plan.step_ms * max(0, tokens - 1)
         if tokens <= 0 or predicted <= 0:

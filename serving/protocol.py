@@ -204,7 +204,9 @@ class LatencySplit(OpenAIModel):
     total: float = 0.0
 
 
-class Replan(OpenAIModel):
+class ReplanInfo(OpenAIModel):
+    """A step-down to a shallower exit mid-request, as the response reports it (built from the engine's
+    `serving.engine.Replan` in `serving_common.RequestRun._record`)."""
     at_token: int          # index of the first completion token produced by the new exit
     from_exit: int
     to_exit: int
@@ -224,7 +226,7 @@ class FamilialInfo(OpenAIModel):
     budget_met: Optional[bool] = None
     predicted_ms: Optional[float] = None  # the router's prediction for the exit it chose at admission
     infeasible: Optional[bool] = None     # no exit was predicted to fit the budget; answered from the shallowest
-    replans: Optional[list[Replan]] = None
+    replans: Optional[list[ReplanInfo]] = None
     degraded: Optional[bool] = None       # a tier failed; some tokens came from a shallower exit than asked
     degraded_reasons: Optional[list[str]] = None
     latency_ms: Optional[LatencySplit] = None

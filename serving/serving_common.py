@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 from serving.engine import Engine, EngineError, GenerateRequest, SamplingParams, TokenOutput
 from serving.metrics import Metrics
-from serving.protocol import ErrorInfo, ErrorResponse, FamilialInfo, LatencySplit, Replan, UsageInfo
+from serving.protocol import ErrorInfo, ErrorResponse, FamilialInfo, LatencySplit, ReplanInfo, UsageInfo
 from serving.settings import ServeSettings
 from trunk.detokenize import StreamDecoder
 
@@ -220,7 +220,7 @@ class RequestRun:
     exits: list[int] = field(default_factory=list)
     tiers: list[str] = field(default_factory=list)
     split: dict[str, float] = field(default_factory=dict)
-    replans: list[Replan] = field(default_factory=list)
+    replans: list[ReplanInfo] = field(default_factory=list)
     degraded: list[str] = field(default_factory=list)
     infeasible: bool = False
     predicted_ms: float | None = None
@@ -293,7 +293,7 @@ class RequestRun:
         if out.predicted_ms is not None:
             self.predicted_ms = round(out.predicted_ms, 3)
         if out.replan:
-            self.replans.append(Replan(**vars(out.replan)))
+            self.replans.append(ReplanInfo.model_validate(out.replan, from_attributes=True))
         return now
 
     def _find_stop(self, text: str, sent: int) -> int | None:

@@ -25,7 +25,8 @@ from trunk.tokenizer import TokenizerError, load_tokenizer
 FORMAT = "familial/v1"
 WEIGHTS = "model.safetensors"
 META = "family.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype name (as family.json, a shard manifest and the --dtype flags write it) -> torch dtype
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -42,7 +43,7 @@ def save_checkpoint(directory, model: FamilyModel, tokenizer, *, exit_val_loss=N
     d.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     tensors = model.state_dict() if state_dict is None else state_dict
-    sd = {k: v.detach().to("cpu", _DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    sd = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     tmp = d / (WEIGHTS + ".tmp")
     save_file(sd, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, d / WEIGHTS)
@@ -84,7 +85,7 @@ def load_checkpoint(directory, device: str | torch.device = "cpu", dtype: torch.
         tokenizer = load_tokenizer(d)
     except TokenizerError as e:
         raise CheckpointError(str(e)) from None
-    stored = _DTYPES.get(meta.get("dtype", "float32"))
+    stored = DTYPES.get(meta.get("dtype", "float32"))
     if stored is None:
         raise CheckpointError(f"{d / META}: unknown dtype {meta.get('dtype')!r}")
     tensors = _read_weights(d / WEIGHTS)

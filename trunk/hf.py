@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from trunk.checkpoint import DTYPES
 from trunk.config import FamilyConfig
 from trunk.model import FamilyModel, rope_tables
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class HFImportError(ValueError):
@@ -238,9 +238,9 @@ def import_hf(hf_dir, out_dir, exit_layers=(), *, fmt: str = "auto", save_dtype:
     _, ruyi_names = family_config(hf, exit_layers, fmt, **family_kw)  # config errors before file errors
     if save_dtype == "auto":
         save_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        save_dtype = save_dtype if save_dtype in _DTYPES else "float32"
-    if save_dtype not in _DTYPES:
-        raise HFImportError(f"dtype must be auto or one of {', '.join(_DTYPES)}, got {save_dtype!r}")
+        save_dtype = save_dtype if save_dtype in DTYPES else "float32"
+    if save_dtype not in DTYPES:
+        raise HFImportError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {save_dtype!r}")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (d / name).is_file():
             raise HFImportError(f"{d / name}: not found (the model's own tokenizer files are imported with it)")
@@ -248,7 +248,7 @@ def import_hf(hf_dir, out_dir, exit_layers=(), *, fmt: str = "auto", save_dtype:
         tok = HFTokenizer.load(d)
     except TokenizerError as e:
         raise HFImportError(str(e)) from None
-    model = load_hf(d, exit_layers, dtype=_DTYPES[save_dtype], fmt=fmt, **family_kw)
+    model = load_hf(d, exit_layers, dtype=DTYPES[save_dtype], fmt=fmt, **family_kw)
     if tok.vocab_size > model.cfg.vocab_size:
         raise HFImportError(f"{d}: tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
                             f"{model.cfg.vocab_size}")
@@ -357,7 +357,7 @@ def export_family(family_dir, out_dir, arch: str = "auto") -> list[dict]:
 
     from trunk.checkpoint import read_meta
 
-    model, tok, _ = load_checkpoint(family_dir, dtype=_DTYPES.get(read_meta(family_dir).get("dtype"), torch.float32))
+    model, tok, _ = load_checkpoint(family_dir, dtype=DTYPES.get(read_meta(family_dir).get("dtype"), torch.float32))
     cfg = model.cfg
     _check_arch(cfg, arch)
     out = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from trunk.checkpoint import DTYPES
+
 COMMANDS = ("import-hf", "export-hf")
 
 
@@ -35,7 +37,7 @@ def add_parsers(sub) -> dict[str, argparse.ArgumentParser]:
                      help="new exits share the final LM head (tied, default) or start from a copy (own)")
     imp.add_argument("--format", choices=("auto", "hf", "ruyi"), default="auto",
                      help="checkpoint layout; auto detects Ruyi from config.json (model_type ruyi_qwen2)")
-    imp.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+    imp.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                      help="dtype of the family's weights (auto = the model's own dtype)")
     exp = sub.add_parser("export-hf", help="write a family's trunk and exits as Hugging Face models",
                          description="Write DIR/final (the trunk) and DIR/exit-G for each shallow exit without an "

@@ -332,7 +332,7 @@ class RunSpec:
 
 
 @dataclass
-class Plan:
+class SweepPlan:
     config: SweepConfig
     runs: list                  # RunSpec, in run order
     data: dict                  # {"fingerprint", "train_tokens", "val_tokens", "vocab_size"}
@@ -469,7 +469,7 @@ def _baselines(pl: _Planner, fam: RunSpec, shape: FamilyConfig, C: float, seed: 
     return keys
 
 
-def plan_sweep(cfg: SweepConfig, data: dict | None = None, world: int = 1) -> Plan:
+def plan_sweep(cfg: SweepConfig, data: dict | None = None, world: int = 1) -> SweepPlan:
     """Every run of the sweep, budgets ascending; within a budget dense runs first, then families."""
     if data is None:
         try:
@@ -505,4 +505,4 @@ def plan_sweep(cfg: SweepConfig, data: dict | None = None, world: int = 1) -> Pl
     if data.get("val_tokens") and cfg.train.eval_sequences * (cfg.train.seq_len + 1) > data["val_tokens"]:
         notes.append(f"the validation split holds {data['val_tokens']} tokens, fewer than eval_sequences x "
                      f"(seq_len+1) = {cfg.train.eval_sequences * (cfg.train.seq_len + 1)}: windows repeat")
-    return Plan(cfg, runs, {**data, "vocab_size": vocab}, n_opt, notes, world)
+    return SweepPlan(cfg, runs, {**data, "vocab_size": vocab}, n_opt, notes, world)

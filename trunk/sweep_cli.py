@@ -10,7 +10,7 @@ import argparse
 import math
 from pathlib import Path
 
-from trunk.sweep import Plan, SweepError, load_sweep, plan_sweep
+from trunk.sweep import SweepError, SweepPlan, load_sweep, plan_sweep
 
 # Every key of a sweep file, for --help (a test checks that each dataclass field is listed).
 SWEEP_KEYS = """\
@@ -73,7 +73,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}" if x < 1e4 else f"{x:.2e}".replace("e+0", "e").replace("e+", "e")
 
 
-def describe_plan(plan: Plan, done: set, est, jobs: int) -> str:
+def describe_plan(plan: SweepPlan, done: set, est, jobs: int) -> str:
     cfg, d = plan.config, plan.data
     todo = [r for r in plan.runs if r.key not in done]
     lines = [f"sweep {cfg.source}: {len(plan.runs)} runs over {len(cfg.budgets)} budget(s), {len(plan.runs) - len(todo)} "
@@ -99,7 +99,7 @@ def describe_plan(plan: Plan, done: set, est, jobs: int) -> str:
     return "\n".join(lines)
 
 
-def describe_outcome(res, plan: Plan) -> str:
+def describe_outcome(res, plan: SweepPlan) -> str:
     lines = [f"  {'run':40} {'G':>2} {'N':>10} {'D':>9} {'loss':>7} {'exit losses':24} {'tok/s':>9} {'MFU':>6} {'s':>7}"]
     for rec in res.finished:
         t = rec.get("throughput") or {}

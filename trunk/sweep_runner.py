@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trunk.sweep import Plan, RunSpec, SweepError
+from trunk.sweep import RunSpec, SweepError, SweepPlan
 
 # bf16 dense peak of the device, for MFU (datasheets); other devices need --peak-flops.
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -147,7 +147,7 @@ def default_rate(cfg_rate: float) -> float:
 
 # ---- completing records --------------------------------------------------------------------------
 
-def _complete(rec: dict, spec: RunSpec, plan: Plan, wall: float, dev: dict) -> dict:
+def _complete(rec: dict, spec: RunSpec, plan: SweepPlan, wall: float, dev: dict) -> dict:
     tput = dict(rec.get("throughput") or {})
     tok_s = tput.get("tokens_per_s")
     if tok_s:
@@ -284,7 +284,7 @@ class Outcome:
 class Sweep:
     """Runs a plan's remaining runs and keeps runs.jsonl complete; `run()` returns an Outcome."""
 
-    def __init__(self, plan: Plan, opts: RunnerOptions):
+    def __init__(self, plan: SweepPlan, opts: RunnerOptions):
         self.plan, self.opts = plan, opts
         self.out = Path(plan.config.out)
         self.out.mkdir(parents=True, exist_ok=True)

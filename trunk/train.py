@@ -112,14 +112,14 @@ class TrainConfig:
 # ---- planning ----------------------------------------------------------------------------------
 
 @dataclass
-class Plan:
+class TrainPlan:
     steps: int
     global_batch: int  # sequences per optimizer step
     tokens: int        # D actually trained = steps * global_batch * seq_len
     flops_per_token: float
 
 
-def make_plan(mcfg: FamilyConfig, t: TrainConfig, world: int) -> Plan:
+def make_plan(mcfg: FamilyConfig, t: TrainConfig, world: int) -> TrainPlan:
     for name in ("seq_len", "batch_size", "grad_accum"):
         if getattr(t, name) <= 0:
             raise TrainError(f"{name} must be positive, got {getattr(t, name)}")
@@ -146,7 +146,7 @@ def make_plan(mcfg: FamilyConfig, t: TrainConfig, world: int) -> Plan:
         steps = math.ceil(D / per_step)
     if steps <= 0:
         raise TrainError(f"steps must be positive, got {steps}")
-    return Plan(steps, gb, steps * per_step, fpt)
+    return TrainPlan(steps, gb, steps * per_step, fpt)
 
 
 def lr_at(step: int, t: TrainConfig, total: int) -> float:
@@ -226,7 +226,7 @@ def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
 
 # ---- state -------------------------------------------------------------------------------------
 
-def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: TrainConfig, tok,
+def save_state(out: Path, model: FamilyModel, opt, step: int, plan: TrainPlan, t: TrainConfig, tok,
                exit_val_loss, mcfg: FamilyConfig, d: Dist | None = None, net=None) -> None:
     """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`.
 
@@ -264,7 +264,7 @@ def save_state(out: Path, model: FamilyModel, opt, step: int, plan: Plan, t: Tra
         dist_checkpoint.prune(out, state["sharded"])
 
 
-def load_state(directory: Path, model: FamilyModel, opt, plan: Plan, mcfg: FamilyConfig, net=None) -> int:
+def load_state(directory: Path, model: FamilyModel, opt, plan: TrainPlan, mcfg: FamilyConfig, net=None) -> int:
     path = directory / STATE_FILE
     if not path.is_file():
         raise TrainError(f"{path}: no trainer state to resume from")
@@ -328,7 +328,7 @@ def _autocast(device, amp):
     return torch.autocast(device.type, dtype=amp)
 
 
-def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Plan, d: Dist, amp) -> float:
+def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: TrainPlan, d: Dist, amp) -> float:
     """One optimizer step over grad_accum micro-batches; returns the global mean loss."""
     lr = lr_at(step, t, plan.steps)
     for group in opt.param_groups:
@@ -447,7 +447,7 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_
     return record
 
 
-def run_record(mcfg: FamilyConfig, t: TrainConfig, plan: Plan, steps_done: int, val: list[float],
+def run_record(mcfg: FamilyConfig, t: TrainConfig, plan: TrainPlan, steps_done: int, val: list[float],
                seconds: float, world: int) -> dict:
     """The run record (docs/run-record.md). D counts the tokens actually trained."""
     pc = param_counts(mcfg)

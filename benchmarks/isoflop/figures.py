@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fitting.laws import PAPER, LawParams, family_loss  # noqa: E402
+from fitting.laws import PAPER, LawParams, family_law_loss  # noqa: E402
 from fitting.leverage import efficiency_leverage  # noqa: E402
 
 _STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
@@ -100,7 +100,7 @@ def isoflop_curves(runs: list[dict], p: LawParams, out: Path) -> Path:
                     continue
                 Ns = np.array([r["N"] for r in mine])
                 grid = np.logspace(np.log10(Ns.min() / 1.5), np.log10(Ns.max() * 1.5), 200)
-                L = family_loss(grid, C / f(grid), G, p)
+                L = family_law_loss(grid, C / f(grid), G, p)
                 ax.plot(grid, L, color=c, lw=1.3, label=f"C={C:.0e}")
                 k = int(np.argmin(L))
                 ax.plot(grid[k], L[k], "*", color=c, ms=9, mec="k", mew=0.4)
@@ -141,12 +141,12 @@ def loss_vs_G(runs: list[dict], p: LawParams, out: Path) -> Path:
                             key=lambda r: r["G"])
                 g = [r["G"] for r in rs]
                 ax.plot(g, [r["loss"] for r in rs], "o", color=c, ms=5, label=f"d{d}-L{L} ({rs[0]['N'] / 1e6:.2g}M)")
-                ax.plot(g, [float(family_loss(r["N"], r["D"], r["G"], p)) for r in rs], "--", color=c, lw=1)
+                ax.plot(g, [float(family_law_loss(r["N"], r["D"], r["G"], p)) for r in rs], "--", color=c, lw=1)
             best = []
             for G in Gs:
                 f = fpt_curve(grid, G)
                 Ns = np.logspace(np.log10(min(r["N"] for r in here) / 2), np.log10(max(r["N"] for r in here) * 2), 300)
-                best.append(float(np.min(family_loss(Ns, C / f(Ns), G, p))))
+                best.append(float(np.min(family_law_loss(Ns, C / f(Ns), G, p))))
             ax.plot(Gs, best, "k-", lw=1.4, label="law, compute-optimal")
             ax.set_xticks(Gs)
             ax.set_xlabel("G (exits)")

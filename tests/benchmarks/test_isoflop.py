@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fitting.laws import PAPER, PAPER_BRANCH, branch_loss, family_loss
+from fitting.laws import PAPER, PAPER_BRANCH, branch_loss, family_law_loss
 from trunk.sweep import load_sweep, plan_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def _synthetic_runs(path: Path) -> list[dict]:
     recs = []
     for s in plan.runs:
         L, exits = s.model["n_layers"], s.model["exit_layers"] + [s.model["n_layers"]]
-        dense = [float(family_loss(s.N * l / L, s.tokens, 1, PAPER)) for l in exits]
+        dense = [float(family_law_loss(s.N * l / L, s.tokens, 1, PAPER)) for l in exits]
         G = len(exits)
         losses = [float(branch_loss(g, G - 1 - g, s.tokens, dense[g], PAPER_BRANCH)) * (1 + 0.002 * rng.standard_normal())
                   for g in range(G)]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from deploy.manifest import MANIFEST, ShardError, TierSpecError, parse_tiers, sha256_file
+from deploy.manifest import MANIFEST, ShardError, TierSpecError, parse_tier_spec, sha256_file
 from deploy.shards import load_chain, load_tier, split_checkpoint, verify_dir
 
 
@@ -135,15 +135,15 @@ def test_tokenizer_file_tamper_is_refused(make_ckpt, tmp_path):
     ("device=0-1,cloud=2..4", [("device", [0, 1]), ("cloud", [2, 3, 4])]),
     ("x=0..", [("x", [0, 1, 2, 3, 4])]),
 ])
-def test_parse_tiers(spec, want):
-    assert parse_tiers(spec, 5) == want
+def test_parse_tier_spec(spec, want):
+    assert parse_tier_spec(spec, 5) == want
 
 
 @pytest.mark.parametrize("spec", ["device=0,cloud=2..", "cloud=1..,device=0", "a=0,a=1..", "device", "d=0-",
                                   "d=0..9", "1x=0..", "d=0,e=1"])
-def test_parse_tiers_rejects(spec):
+def test_parse_tier_spec_rejects(spec):
     with pytest.raises(TierSpecError):
-        parse_tiers(spec, 5)
+        parse_tier_spec(spec, 5)
 
 
 def test_float16_shards_load_and_upcast(make_ckpt, tmp_path, run_chain, chunks):

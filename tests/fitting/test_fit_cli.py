@@ -163,7 +163,7 @@ def _trainer_records(path, noise=0.005, seed=0, widths=(64, 96, 128, 192), Gs=(1
     json.dumps per line); the validation losses come from the paper's law with log-normal noise."""
     from trunk.config import get_preset
     from trunk.train import TrainConfig, make_plan, run_record
-    from fitting.laws import family_loss
+    from fitting.laws import family_law_loss
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for C in budgets:
@@ -176,7 +176,7 @@ def _trainer_records(path, noise=0.005, seed=0, widths=(64, 96, 128, 192), Gs=(1
                     t = TrainConfig(seq_len=64, batch_size=4, steps=max(1, round(C / fpt / 256)))
                     plan = make_plan(mcfg, t, 1)
                     rec = run_record(mcfg, t, plan, plan.steps, [0.0] * G, 1.0, 1)
-                    L = float(family_loss(rec["N"], rec["D"], G) * np.exp(noise * rng.standard_normal()))
+                    L = float(family_law_loss(rec["N"], rec["D"], G) * np.exp(noise * rng.standard_normal()))
                     rec["exit_val_loss"] = [L * (1 + 0.02 * (G - 1 - g)) for g in range(G)]
                     rec["loss"] = float(np.mean(rec["exit_val_loss"]))
                     f.write(json.dumps(rec) + "\n")

@@ -9,7 +9,7 @@ from fitting import scipy_reference as ref
 from fitting.fitter import (FitConfig, bootstrap, confidence, delta_scan, fit, leave_one_budget_out, optimise,
                             screen, select_starts)
 from fitting.grids import get_grid, grid_points, grid_size
-from fitting.laws import PAPER, PAPER_BRANCH, family_loss
+from fitting.laws import PAPER, PAPER_BRANCH, family_law_loss
 from fitting.objective import LAWS, evaluate
 from fitting.synthetic import branch_sweep, isoflop_sweep
 
@@ -43,8 +43,8 @@ def test_noisy_leave_one_budget_out_error_at_largest_budget_below_1_percent(nois
     # and against the noise-free truth at the held-out runs, with the fold's own parameters
     p = PAPER.replace(**v["fold_params"][-1])
     m = np.abs(np.log10(noisy_runs.C / noisy_runs.C.max())) < 0.025
-    truth = family_loss(noisy_runs.N[m], noisy_runs.D[m], noisy_runs.G[m])
-    pred = family_loss(noisy_runs.N[m], noisy_runs.D[m], noisy_runs.G[m], p)
+    truth = family_law_loss(noisy_runs.N[m], noisy_runs.D[m], noisy_runs.G[m])
+    pred = family_law_loss(noisy_runs.N[m], noisy_runs.D[m], noisy_runs.G[m], p)
     assert np.max(np.abs(pred / truth - 1)) < 0.01
 
 

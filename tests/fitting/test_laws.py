@@ -4,14 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, branch_loss, dense_loss, family_loss, frontier,
+from fitting.laws import (PAPER, PAPER_BRANCH, BranchParams, branch_loss, dense_loss, family_law_loss, frontier,
                           frontier_numeric, n_opt_exponent, PAPER_B_TYPO)
 
 
 def test_family_law_is_dense_law_times_granularity_penalty():
     N, D = 3e8, 1e10
     for G in (1, 2, 6):
-        assert family_loss(N, D, G) == pytest.approx(dense_loss(N, D) * G ** PAPER.gamma, rel=1e-15)
+        assert family_law_loss(N, D, G) == pytest.approx(dense_loss(N, D) * G ** PAPER.gamma, rel=1e-15)
     assert dense_loss(N, D) == pytest.approx(PAPER.E + PAPER.A / N ** PAPER.alpha + PAPER.B / D ** PAPER.beta)
 
 
@@ -20,14 +20,14 @@ def test_learnable_reading_scales_only_the_reducible_part():
     q = PAPER.replace(gamma_on="learnable")
     N, D, G = 3e8, 1e10, 4
     reducible = dense_loss(N, D) - PAPER.E
-    assert family_loss(N, D, G, q) == pytest.approx(PAPER.E + reducible * G ** PAPER.gamma, rel=1e-15)
-    assert family_loss(N, D, 1, q) == pytest.approx(dense_loss(N, D), rel=1e-15)
-    assert family_loss(1e30, 1e30, G) == pytest.approx(PAPER.E * G ** PAPER.gamma, rel=1e-6)
-    assert family_loss(1e30, 1e30, G, q) == pytest.approx(PAPER.E, rel=1e-6)
+    assert family_law_loss(N, D, G, q) == pytest.approx(PAPER.E + reducible * G ** PAPER.gamma, rel=1e-15)
+    assert family_law_loss(N, D, 1, q) == pytest.approx(dense_loss(N, D), rel=1e-15)
+    assert family_law_loss(1e30, 1e30, G) == pytest.approx(PAPER.E * G ** PAPER.gamma, rel=1e-6)
+    assert family_law_loss(1e30, 1e30, G, q) == pytest.approx(PAPER.E, rel=1e-6)
     for p in (PAPER, q):                                             # neither reading moves the optimum
         N_opt, _ = frontier(1e20, p)
         Ns = N_opt * np.logspace(-1, 1, 20001)
-        assert Ns[np.argmin(family_loss(Ns, 1e20 / (6 * Ns), G, p))] == pytest.approx(N_opt, rel=2e-4)
+        assert Ns[np.argmin(family_law_loss(Ns, 1e20 / (6 * Ns), G, p))] == pytest.approx(N_opt, rel=2e-4)
     with pytest.raises(ValueError, match="gamma_on"):
         PAPER.replace(gamma_on="both")
 
@@ -37,7 +37,7 @@ def test_closed_form_frontier_is_the_minimum_on_the_isoflop_line(C):
     N_opt, D_opt = frontier(C)
     assert 6 * N_opt * D_opt == pytest.approx(C, rel=1e-12)
     N = N_opt * np.logspace(-2, 2, 40001)
-    brute = N[np.argmin(family_loss(N, C / (6 * N), 4))]
+    brute = N[np.argmin(family_law_loss(N, C / (6 * N), 4))]
     assert brute == pytest.approx(N_opt, rel=2e-4)
 
 

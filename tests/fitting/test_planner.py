@@ -10,7 +10,7 @@ import pytest
 
 from fitting import planner
 from fitting.cli import plan_main
-from fitting.laws import PAPER, PAPER_BRANCH, dense_loss, family_loss, frontier
+from fitting.laws import PAPER, PAPER_BRANCH, dense_loss, family_law_loss, frontier
 from trunk.config import FamilyConfig
 from trunk.flops import flops_per_token, param_counts
 
@@ -118,7 +118,7 @@ def test_one_law_for_every_predicted_loss():
     for t in pl["tiers"]:
         assert t["predicted_loss"] >= dense_loss(emb + N * t["layers"][1] / cfg.n_layers, pl["D"]) * (1 - 1e-12)
     assert pl["predicted"]["family_loss"] == pytest.approx(np.mean([t["predicted_loss"] for t in pl["tiers"]]))
-    assert pl["predicted"]["family_law_loss"] == pytest.approx(float(family_loss(pl["N"], pl["D"], 3)))
+    assert pl["predicted"]["family_law_loss"] == pytest.approx(float(family_law_loss(pl["N"], pl["D"], 3)))
     assert pl["predicted"]["dense_side"] == "matched"
 
 
