@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -369,7 +370,9 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
         raise TrainError("no training data: set train.data (or --data) to a `familial-train prepare` directory")
     data = TokenData(t.data, t.seq_len)
     if data.vocab_size > mcfg.vocab_size:
-        raise TrainError(f"data vocab {data.vocab_size} exceeds the model's vocab_size {mcfg.vocab_size}")
+        raise TrainError(f"data vocab {data.vocab_size} exceeds the model's vocab_size {mcfg.vocab_size}: "
+                         f"add --model vocab_size={data.vocab_size} (or prepare the data with a smaller "
+                         f"--vocab-size)")
     plan = make_plan(mcfg, t, d.world)
     tok = data.tokenizer()
     out = Path(t.out)
@@ -396,6 +399,11 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
             raise TrainError(f"{resume_dir}: nothing to resume, already at step {start} of {plan.steps}")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        if t.progress:  # what was asked for, before hours go into it (the bar then shows the ETA)
+            epochs = plan.tokens / max(1, data.num_windows("train") * t.seq_len)
+            print(f"plan: {plan.steps} steps x {plan.global_batch} sequences x {t.seq_len} tokens = "
+                  f"{plan.tokens:,} tokens ({epochs:.2f} epochs of {t.data}), "
+                  f"{plan.tokens * plan.flops_per_token:.3g} FLOPs", file=sys.stderr, flush=True)
     extra = adapt.record_start(t, adaptation, out, start, d.main, lambda: evaluate(model, data, t, d, amp))
     return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, extra)
 
