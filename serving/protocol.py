@@ -11,9 +11,10 @@ This file holds no logic beyond field validation.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -85,8 +86,39 @@ class UsageInfo(OpenAIModel):
 ExitChoice = Union[int, str]  # "auto" | exit index | tier name
 
 
+# OpenAI request fields this server does not implement, and the values that ask for nothing (a client
+# may send those): any other value is a 400 naming the field, never silently ignored.
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+               "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+               "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "response_format": (None, {"type": "text"})}
+
+
 class _SamplingFields(OpenAIRequest):
     """Validation shared by both request kinds (the fields themselves are declared in OpenAI order)."""
+    # declared only to be refused when they ask for something (see UNSUPPORTED)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    function_call: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    response_format: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v, info):
+        if not any(v == inert for inert in UNSUPPORTED[info.field_name]):
+            allowed = ", ".join(json.dumps(x) for x in UNSUPPORTED[info.field_name])
+            raise ValueError(f"not supported by this server (send {allowed} or leave it out)")
+        return v
 
     @field_validator("n", check_fields=False)
     @classmethod

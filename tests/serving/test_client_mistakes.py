@@ -67,6 +67,16 @@ CHAT = '{"messages": [{"role": "user", "content": %s}], "max_tokens": 2}'
     ("/v1/completions", '{"prompt": "x", "top_p": 1e-400}', "top_p"),   # parses to 0.0: not a valid top_p
     ("/v1/completions", '{"prompt": "x", "max_tokens": 1e309}', "max_tokens"),
     ("/v1/completions", '{"prompt": "x", "max_tokens": 1e30}', "max_tokens"),
+    # fields this server does not implement: refused by name, not silently ignored (issue 13, item 8)
+    ("/v1/completions", '{"prompt": "x", "logprobs": 5}', "logprobs"),
+    ("/v1/completions", '{"prompt": "x", "echo": true}', "echo"),
+    ("/v1/completions", '{"prompt": "x", "best_of": 3}', "best_of"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "logprobs": true}', "logprobs"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+     "tools"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], '
+                             '"response_format": {"type": "json_object"}}', "response_format"),
+    ("/v1/completions", '{"prompt": "x", "presence_penalty": 0.5}', "presence_penalty"),
 ])
 def test_client_mistake_is_400(server, path, raw, param):
     assert _is_400(_post(server, path, raw))["param"] == param
@@ -82,7 +92,9 @@ def test_edge_values_that_are_valid_are_served(server):
     for raw in ('{"prompt": "x", "max_tokens": 2, "seed": 18446744073709551615, "temperature": 1}',
                 '{"prompt": "x", "max_tokens": 2, "seed": 0, "latency_budget_ms": 1e-300}',
                 '{"prompt": "x", "max_tokens": 2, "latency_budget_ms": 86400000}',
-                '{"prompt": "caf\\u00e9 \\ud83d\\ude00", "max_tokens": 2}'):      # a surrogate *pair* is fine
+                '{"prompt": "caf\\u00e9 \\ud83d\\ude00", "max_tokens": 2}',      # a surrogate *pair* is fine
+                '{"prompt": "x", "max_tokens": 2, "logprobs": null, "echo": false, "presence_penalty": 0,'
+                ' "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1}'):  # what SDKs send by default
         r = _post(server, "/v1/completions", raw)
         assert r.status_code == 200, (raw, r.text)
         assert "Infinity" not in r.text and "NaN" not in r.text
