@@ -33,6 +33,7 @@ from relay.client import RelayClient
 from relay.node import SYNC_PERIOD_S, SYNC_STALE_S, TOKEN_HEADER
 from relay.pb import pb, pb_grpc
 from relay.work import GenRequest, SeqStep, StepMessage
+from tests.processes import stop_processes
 from tests.relay.conftest import ROOT, run
 
 TIERS = ("device", "edge", "cloud")
@@ -94,16 +95,7 @@ class NodeProcesses:
         return (self.logdir / f"{name}.log").read_text()[-4000:]
 
     def __exit__(self, *exc) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)   # a stopped process would not act on SIGTERM
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
 
 
 async def _generate(stream, req: GenRequest, deadline_ms: float = 0.0):

@@ -167,16 +167,6 @@ class NodeProcesses:
         self.procs[tier].send_signal(sig)
 
     def __exit__(self, *exc):
-        import signal
-        import subprocess
+        from tests.processes import stop_processes
 
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGCONT)   # a stopped process would not act on SIGTERM
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(self.procs.values())
