@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 MAX_SEED = 2**64 - 1                 # the relay carries the seed as uint64
 MAX_BUDGET_MS = 86_400_000.0         # one day; larger budgets would overflow deadline arithmetic downstream
@@ -95,22 +95,12 @@ UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": 
                "response_format": (None, {"type": "text"})}
 
 
-class _SamplingFields(OpenAIRequest):
+# the unsupported fields, declared (as Any, default null) only so that their validator below runs
+_Unsupported = create_model("_Unsupported", __base__=OpenAIRequest, **{k: (Any, None) for k in UNSUPPORTED})
+
+
+class _SamplingFields(_Unsupported):
     """Validation shared by both request kinds (the fields themselves are declared in OpenAI order)."""
-    # declared only to be refused when they ask for something (see UNSUPPORTED)
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = None
-    best_of: Any = None
-    suffix: Any = None
-    logit_bias: Any = None
-    tools: Any = None
-    functions: Any = None
-    tool_choice: Any = None
-    function_call: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    response_format: Any = None
 
     @field_validator(*UNSUPPORTED)
     @classmethod
