@@ -7,6 +7,8 @@ kernels/backend.py):
   write_kv_cache      write new keys/values into the cache layout both attention ops read
   exit_head           RMSNorm + unembedding + softmax statistics (+ Gumbel sample), no logits
   add_rmsnorm, rope_qkv, silu_mul   a serving decoder block's elementwise work, one kernel each
+  linear_1row         a linear layer on one row (batch-1 decode), optionally after silu(gate) * up
+  add_rmsnorm_linear  add_rmsnorm then a linear layer, one kernel on one row
   multi_exit_linear_cross_entropy   training loss and gradients of G exits, chunked
 Each `<op>_reference` has the same signature. Layouts and numerics: docs/kernels.md.
 This package imports only torch (and triton when present); it knows nothing of the model.
@@ -23,6 +25,8 @@ from kernels.backend import mode, use_triton
 from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
 from kernels.fused_block import (add_rmsnorm_reference, add_rmsnorm_triton, rope_qkv_reference, rope_qkv_triton,
                                  silu_mul_reference, silu_mul_triton)
+from kernels.gemv import (norm_linear_reference, norm_linear_triton, rows_config, skinny_linear_reference,
+                          skinny_linear_triton)
 from kernels.linear_ce import (multi_exit_linear_cross_entropy_reference,
                                multi_exit_linear_cross_entropy_triton)
 
@@ -99,6 +103,29 @@ def silu_mul(gu):
     if use_triton(gu):
         return silu_mul_triton(gu)
     return silu_mul_reference(gu)
+
+
+def _one_row(x, w) -> bool:
+    return (x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == w.dtype
+            and x.stride(-1) == 1 and w.is_contiguous() and use_triton(x, w) and not _needs_graph(x, w))
+
+
+def add_rmsnorm_linear(h, d, norm_weight, w, *, eps: float):
+    """add_rmsnorm(h, d) followed by a linear layer: (h + d, x @ w^T). One row on CUDA is one kernel
+    (kernels/gemv.py's NORM prologue); anything else is add_rmsnorm then linear_1row."""
+    if _one_row(h, w) and (d is None or d.stride(-1) == 1):
+        return norm_linear_triton(h, d, norm_weight, eps, w, **rows_config(w.shape[0], w.shape[1], False))
+    h, x = add_rmsnorm(h, d, norm_weight, eps=eps)
+    return h, linear_1row(x, w)
+
+
+def linear_1row(x, w, *, silu: bool = False):
+    """x (N, K) @ w^T (silu: x is [gate | up] (N, 2K), silu(gate) * up first). One row of 16-bit x on CUDA
+    streams w through kernels/gemv.py's rows kernel (batch-1 decode); anything else is F.linear
+    (after silu_mul)."""
+    if _one_row(x, w):
+        return skinny_linear_triton(x, w, silu=silu, **rows_config(w.shape[0], w.shape[1], silu))
+    return torch.nn.functional.linear(silu_mul(x) if silu else x, w)
 
 
 def multi_exit_linear_cross_entropy(hs, W, targets, *, weights=None, ignore_index=-100, chunk_rows=None,

@@ -12,7 +12,10 @@ kernels.add_rmsnorm / rope_qkv / silu_mul:
     h, x  = add_rmsnorm(h, o, ln2)
     delta = silu_mul(x Wgu^T) Wd^T
 
-so a layer is ~9 kernels instead of ~35. The arithmetic is trunk.model.Block's: RMSNorm exactly,
+so a layer is ~9 kernels instead of ~35. At one row (batch-1 decode, CUDA) the matmuls are
+kernels/gemv.py's rows kernel, which streams each weight faster than cuBLAS's GEMV, with the elementwise
+work folded into the matmuls' prologues (add_rmsnorm into q/k/v and gate/up, silu_mul into down):
+6 kernels a layer. The arithmetic is trunk.model.Block's: RMSNorm exactly,
 RoPE and SiLU-mul rounded once instead of per product (bf16: within an ulp of the eager path).
 This file changes no math of the model and knows nothing of pools' owners or requests.
 Legend: N rows, D d_model, H/K query/kv heads, E head dim, F d_ff.
@@ -67,9 +70,12 @@ def fuse_block(blk) -> FusedBlock:
 def block_step(fb: FusedBlock, h, delta, cos, sin, pos, row_slots, k_cache, v_cache, attend):
     """One block on packed rows h (N, D) with the previous block's output `delta` pending (or None).
     attend(q (N, H, E)) -> (N, H, E) reads the pool (k/v already written). Returns (h, delta)."""
-    h, x = kernels.add_rmsnorm(h, delta, fb.ln1, eps=fb.eps)
-    qkv = F.linear(x, fb.w_qkv, fb.b_qkv)
+    if fb.b_qkv is None:
+        h, qkv = kernels.add_rmsnorm_linear(h, delta, fb.ln1, fb.w_qkv, eps=fb.eps)
+    else:
+        h, x = kernels.add_rmsnorm(h, delta, fb.ln1, eps=fb.eps)
+        qkv = F.linear(x, fb.w_qkv, fb.b_qkv)
     q = kernels.rope_qkv(qkv, pos, row_slots, cos, sin, k_cache, v_cache, n_heads=fb.n_heads, n_kv_heads=fb.n_kv)
-    o = F.linear(attend(q).flatten(-2), fb.w_o)
-    h, x = kernels.add_rmsnorm(h, o, fb.ln2, eps=fb.eps)
-    return h, F.linear(kernels.silu_mul(F.linear(x, fb.w_gu)), fb.w_d)
+    o = kernels.linear_1row(attend(q).flatten(-2), fb.w_o)
+    h, gu = kernels.add_rmsnorm_linear(h, o, fb.ln2, fb.w_gu, eps=fb.eps)
+    return h, kernels.linear_1row(gu, fb.w_d, silu=True)

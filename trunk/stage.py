@@ -224,10 +224,10 @@ class Stage:
         """x: token ids (N,) on the first stage, else boundary states (N, D); rows packed by sequence.
         Each run's seg_lens is updated in place to what the segments hold afterwards."""
         self._check(x, runs, pool)
-        h = x.to(self.device) if self.has_embedding else x.to(self.device, self.dtype)
-        whole = self._whole_step(h, runs)
+        whole = self._whole_step(x if self.has_embedding else x.to(self.device, self.dtype), runs)
         if whole is not None:
             return whole
+        h = x.to(self.device) if self.has_embedding else x.to(self.device, self.dtype)
         ends = [r.start + r.count for r in runs]
         n_seg = len(self.segments)
         depth = [n_seg - 1 if r.want is None or r.want > self.deepest_exit else self.local(r.want) for r in runs]
@@ -284,16 +284,41 @@ class Stage:
         got = self.graphs.run("all", x, meta, head)
         if got is None:
             return None
-        _, xb, logits = got
+        _, xb, logits, tok = got
         for r in runs:
             r.seg_lens[:] = [r.start + 1] * n_seg
         outs = [SeqOut(None) for _ in runs]
         out = StageOut(outs)
-        if head:
+        if head and all(r.sampling.greedy for r in runs):  # the graph's argmax is the answer
+            for o, t in zip(outs, tok.tolist()):
+                o.exit, o.token = g_last, t
+        elif head:
             decide(g_last, logits, list(range(len(runs))), runs, outs)
         elif self.has_next:
             out.fallback_rows, out.fallback_x = list(range(len(runs))), self.model.head_features(g_last, xb)
         return out
+
+    def decode_burst(self, x, runs: list[SeqRun], k: int) -> list[list[int]] | None:
+        """k greedy decode steps for sequences that each bring one token and answer at this stage's
+        deepest exit (the whole-step case, CUDA graphs): step j's tokens are the inputs of step j+1.
+        Returns tokens[j][i] (run i's answer at step j), with every run's seg_lens advanced by k; or
+        None (nothing run) when the batch is not such a case -- the caller steps once instead.
+        The caller keeps what it uses: positions past a sequence's kept tokens hold KV it must not
+        count (truncate seg_lens to them)."""
+        g_last = self.deepest_exit
+        if self.graphs is None or not runs or not self.has_embedding or k < 1:
+            return None
+        for r in runs:
+            if (r.count != 1 or not r.evaluate or r.policy.kind != FIXED or r.want != g_last or r.keep_logits
+                    or not r.sampling.greedy or r.seg_lens[-1] != r.start or r.seg_lens[0] != r.start):
+                return None
+        meta = AttnMeta([r.slot for r in runs], [r.start for r in runs], [1] * len(runs), self.device)
+        toks = self.graphs.run_burst(x, meta, k)
+        if toks is None:
+            return None
+        for r in runs:
+            r.seg_lens[:] = [r.start + k] * len(self.segments)
+        return toks.tolist()
 
     def _segment(self, s: int, h, meta: AttnMeta, pool: KVPool, head: bool):
         """Segment s on packed rows: (trunk state at its exit, branch output, head logits if `head`).
@@ -301,7 +326,7 @@ class Stage:
         if self.graphs is not None and meta.n_dec == len(meta.counts):
             out = self.graphs.run(s, h, meta, head)
             if out is not None:
-                return out
+                return out[:3]
         if s == 0 and self.has_embedding:
             h = self.model.embed(h)
         return self.segment_math(s, h, meta, pool, head)
@@ -314,16 +339,28 @@ class Stage:
         cos = sin = None
         if not self.fused:  # the fused kernels read the tables by position themselves
             cos, sin = self.model.rope_cos[pos][:, None], self.model.rope_sin[pos][:, None]  # (N, 1, E)
-        h = self._blocks(list(range(a, b)), h, cos, sin, meta, pool)
+        branch = [lid for lid, _ in self.model.branch_blocks(g)]
+        norm = self.model.norm if g == self.cfg.G - 1 else self.model.heads[g].norm
+        plain = g == self.cfg.G - 1 or self.model.heads[g].adapter is None
+        feats = None
+        if self.fused and head and not branch and plain and b > a:  # last block's residual add + exit norm: one kernel
+            h, delta = self._blocks(list(range(a, b)), h, cos, sin, meta, pool, add=False)
+            h, feats = kernels.add_rmsnorm(h, delta, norm.weight, eps=norm.eps)
+        else:
+            h = self._blocks(list(range(a, b)), h, cos, sin, meta, pool)
         li = self.log_index(s)
         if li is not None:
             flat = meta.t["row_slots"].to(torch.int64) * pool.shape.max_len + pos
             pool.logs[li].view(-1, pool.shape.d_model).index_copy_(0, flat, h.to(pool.logs.dtype))
-        xb = self._blocks([lid for lid, _ in self.model.branch_blocks(g)], h, cos, sin, meta, pool)
-        logits = F.linear(self.model.head_features(g, xb), self.unembed[g]) if head else None
+        xb = self._blocks(branch, h, cos, sin, meta, pool)
+        logits = None
+        if head:
+            feats = self.model.head_features(g, xb) if feats is None else feats
+            logits = kernels.linear_1row(feats, self.unembed[g]) if self.fused else F.linear(feats, self.unembed[g])
         return h, xb, logits
 
-    def _blocks(self, layer_ids: list[int], h, cos, sin, meta: AttnMeta, pool: KVPool):
+    def _blocks(self, layer_ids: list[int], h, cos, sin, meta: AttnMeta, pool: KVPool, add: bool = True):
+        """The blocks on packed rows; fused with add=False: (h, delta), the last block's output not yet added."""
         if not layer_ids:
             return h
         if not self.fused:
@@ -340,7 +377,7 @@ class Stage:
             kc, vc = pool.k[k], pool.v[k]
             h, delta = block_step(self.fused[lid], h, delta, c2, s2, pos, rs, kc, vc,
                                   lambda q, kc=kc, vc=vc: attend_written(kc, vc, meta, q, self.cfg.n_kv_heads))
-        return h + delta
+        return h + delta if add else (h, delta)
 
     def _branch(self, lid: int):
         cfg = self.cfg

@@ -11,9 +11,10 @@ from trunk.stage import SeqRun, Stage
 NEVER = ExitPolicy("max_prob", 2.0)  # a confidence policy that never passes: every exit is evaluated
 
 
-def chunked_logits(model, tokens_BT: torch.Tensor, chunks, max_len: int = 128) -> dict[int, torch.Tensor]:
-    """Per-exit logits (B, T, V) of a whole-family Stage fed `chunks` [(a, b), ...] of every row at once."""
-    st = Stage(model, list(range(model.cfg.G)))
+def chunked_logits(model, tokens_BT: torch.Tensor, chunks, max_len: int = 128, fused=None) -> dict[int, torch.Tensor]:
+    """Per-exit logits (B, T, V) of a whole-family Stage fed `chunks` [(a, b), ...] of every row at once
+    (fused: the serving blocks of trunk/fused.py, default on CUDA only)."""
+    st = Stage(model, list(range(model.cfg.G)), fused=fused)
     B = tokens_BT.shape[0]
     pool = KVPool(st.pool_shape(max_len), B + 1, tokens_BT.device)
     G, out = model.cfg.G, {}

@@ -35,6 +35,30 @@ def test_chunks_over_the_pool_equal_the_full_forward(kw):
         torch.testing.assert_close(got[g], full[g], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw,kernels_mode", [(kw, "torch") for kw in VARIANTS] + [(VARIANTS[0], "triton")])
+def test_fused_serving_blocks_equal_the_full_forward(kw, kernels_mode, monkeypatch):
+    """trunk/fused.py's blocks (fused projections, add+norm folded into the exit head, one-row linears)
+    through the kernels' references and, under the Triton interpreter, the kernels themselves (fp32).
+    Chunks of one row per sequence are the decode shape the one-row linear kernel serves."""
+    if kernels_mode == "triton" and torch.cuda.is_available():
+        pytest.skip("the interpreter case; on CUDA tests/relay/test_tier_engine_gpu.py runs the kernels")
+    if kernels_mode == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FAMILIAL_KERNELS", kernels_mode)
+    model = _model(**kw)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+    if kernels_mode == "triton":  # 16-bit weights: the one-row linear kernel's dtypes
+        model = model.half()
+    got = chunked_logits(model, tokens, [(0, 7), (7, 8), (8, 9), (9, 12)], fused=True)
+    for g in range(model.cfg.G):
+        if kernels_mode == "torch":
+            torch.testing.assert_close(got[g], full[g], rtol=0, atol=1e-4)
+        else:
+            assert ((got[g].float() - full[g]).norm() / full[g].norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_packed_batches_with_mixed_exits_and_pending_positions(kw):
     """Sequences join and skip steps at random, each step asks each a random exit: shallow answers leave
