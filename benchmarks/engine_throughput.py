@@ -3,6 +3,7 @@
   roofline      HBM copy bandwidth and the batch-1 decode roofline (weight bytes / bandwidth)
   b1            batch-1 decode, final exit, in-process (tokens/s and ms/token)
   profile       (only when named in --only) CUDA kernel time per decode step at batch 1 and 64, top kernels
+  anatomy       (only when named in --only) a decode step split: the graph alone, Stage.forward, GEMV bandwidth
   nano          nano-vllm's workload: 256 requests, prompt and output lengths uniform in 100..1024,
                 ignore_eos, all submitted at once, in-process (output tokens/s)
   mixed         the same workload with a third of the requests at exit 0, 1 and the final exit
@@ -229,6 +230,59 @@ class Bench:
             out[f"b{B}"] = {"wall_ms_per_step": round(r["wall_s"] * 1e3 / steps, 3),
                             "gpu_ms_per_step": round(total_us / 1e3 / steps, 3),
                             "top": [(k[:60], round(us / 1e3 / steps, 4), c // steps) for k, us, c in rows[:18]]}
+        asyncio.run(eng.stop())
+        return out
+
+    def anatomy(self) -> dict:
+        """Where a decode step's time goes, without the profiler: the captured graph alone (CUDA events
+        over many replays), `Stage.forward` of a whole step (host copies + graph + sampling + sync), and
+        the engine's per-token time from b1; plus each block GEMV's achieved bandwidth at one row."""
+        from relay.work import GenRequest
+        from trunk.stage import SeqRun
+        from triton.testing import do_bench
+        m = self.model()
+        eng, _ = self.engine(m, slots=64)
+        st, pool = eng.stage, eng.pool
+        out = {}
+
+        async def warm():
+            await self.offline(eng, [GenRequest(f"aw-{i}", list(range(16)), 4, ignore_eos=True) for i in range(4)])
+        asyncio.run(warm())
+        G = m.cfg.G
+        for B in (1, 16, 64):
+            slots = [pool.alloc() for _ in range(B)]
+            g, _ = st.graphs.graphs[("all", st.graphs.bucket(B), True)]
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            torch.cuda.synchronize()
+            ev[0].record()
+            for _ in range(200):
+                g.replay()
+            ev[1].record()
+            torch.cuda.synchronize()
+            graph_ms = ev[0].elapsed_time(ev[1]) / 200
+            ids = torch.zeros(B, dtype=torch.long)
+
+            def fwd():
+                runs = [SeqRun(s, 100, 1, [100] * len(st.segments), want=G - 1) for s in slots]
+                return st.forward(ids, runs, pool)
+            for _ in range(5):
+                fwd()
+            t = time.perf_counter()
+            for _ in range(100):
+                fwd()
+            fwd_ms = (time.perf_counter() - t) * 10
+            for s in slots:
+                pool.free(s)
+            out[f"b{B}"] = {"graph_ms": round(graph_ms, 4), "stage_forward_ms": round(fwd_ms, 4),
+                            "graph_weight_TBps": round(sum(p.numel() * 2 for p in m.parameters()) / graph_ms / 1e9, 3)}
+        blk = st.fused[st.layer_ids[0]]
+        gemv = {}
+        x = torch.randn(1, m.cfg.d_model, device="cuda", dtype=self.dtype)
+        xf = torch.randn(1, m.cfg.d_ff, device="cuda", dtype=self.dtype)
+        for name, w, inp in (("qkv", blk.w_qkv, x), ("o", blk.w_o, x), ("gate_up", blk.w_gu, x), ("down", blk.w_d, xf)):
+            ms = do_bench(lambda: torch.nn.functional.linear(inp, w), quantiles=[0.5])
+            gemv[name] = {"shape": list(w.shape), "us": round(ms * 1e3, 2), "TBps": round(w.numel() * 2 / ms / 1e9, 3)}
+        out["gemv_b1"] = gemv
         asyncio.run(eng.stop())
         return out
 
@@ -626,6 +680,7 @@ def main(argv=None) -> None:
     b.section("roofline", b.roofline)
     b.section("b1", b.b1)
     b.section("profile", b.profile, default=False)  # opt-in: the CUDA profiler stalled on graph replays (H200, torch 2.11)
+    b.section("anatomy", b.anatomy, default=False)  # opt-in: a diagnostic of the batch-1 gap
     b.section("nano", b.nano)
     b.section("mixed", b.mixed)
     b.section("clients", b.clients)

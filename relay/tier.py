@@ -43,7 +43,7 @@ import torch
 
 from relay.work import EngineError, GenRequest, Item, Result, SeqStep, StepMessage, StepReply, TokenEvent
 from trunk.kv_pool import KVPool
-from trunk.sampling import SamplingError
+from trunk.sampling import FIXED, SamplingError
 from trunk.stage import SeqRun, Stage, StageError, StageOut
 
 log = logging.getLogger("familial.tier")
@@ -70,6 +70,7 @@ class TierConfig:
     idle_timeout_s: float = 600.0       # a sequence with no work this long is released
     max_message_bytes: int = 64 << 20   # hidden states per message to the next tier (split above)
     offload: bool = True                # run the stage in a worker thread (the event loop keeps serving)
+    decode_burst: int = 8               # CUDA graphs, last tier: up to this many greedy decode steps per host round
     step_delay_ms: float = 0.0          # TEST ONLY: added after every step (stands in for a slow tier)
 
 
@@ -119,6 +120,7 @@ class GenSeq:
     produced: int = 0
     finished: bool = False
     exit: int | None = None
+    next_item: Item | None = None       # its latest submitted step
 
 
 class LocalDownstream:
@@ -149,7 +151,7 @@ class TierEngine:
         self._down_bad_until = 0.0
         self._down_error = ""
         self._releases: list[str] = []
-        self.counters = {"steps": 0, "rows": 0, "items": 0, "evicted": 0, "degraded": 0, "replays": 0}
+        self.counters = {"steps": 0, "rows": 0, "items": 0, "evicted": 0, "degraded": 0, "replays": 0, "bursts": 0}
         self.n_seg = len(stage.segments)
         self.out_log = stage.log_index(self.n_seg - 1)
 
@@ -391,8 +393,9 @@ class TierEngine:
     def _submit_gen(self, gs: GenSeq, s: SeqState, pos: int) -> None:
         x = gs.tokens[pos:]
         want = self.stage.cfg.G - 1 if gs.exit is None else gs.exit
-        self.submit(Item(s.id, pos, x, want, gs.req.policy, gs.req.sampling, deadline=self._step_deadline(gs.req),
-                         sink=self._gen_result, tag=gs, must_answer=True), s)
+        gs.next_item = Item(s.id, pos, x, want, gs.req.policy, gs.req.sampling, deadline=self._step_deadline(gs.req),
+                            sink=self._gen_result, tag=gs, must_answer=True)
+        self.submit(gs.next_item, s)
 
     def _gen_result(self, item: Item, res: Result) -> None:
         gs: GenSeq = item.tag
@@ -432,11 +435,10 @@ class TierEngine:
                 continue
             x, runs = self._inputs(chunks)
             t0 = time.perf_counter()
+            k = self._burst_len(chunks)
             try:
-                if self.conf.offload:
-                    out = await asyncio.to_thread(self.stage.forward, x, runs, self.pool)
-                else:
-                    out = self.stage.forward(x, runs, self.pool)
+                toks = await self._call(self.stage.decode_burst, x, runs, k) if k > 1 else None
+                out = await self._call(self.stage.forward, x, runs, self.pool) if toks is None else None
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
@@ -444,9 +446,59 @@ class TierEngine:
                 continue
             if self.conf.step_delay_ms > 0:
                 await asyncio.sleep(self.conf.step_delay_ms / 1e3)
-            self.counters["steps"] += 1
-            self.counters["rows"] += int(x.shape[0])
-            self._post(chunks, out, t0)
+            steps = 1 if toks is None else k
+            self.counters["steps"] += steps
+            self.counters["rows"] += steps * int(x.shape[0])
+            if toks is None:
+                self._post(chunks, out, t0)
+            else:
+                self.counters["bursts"] += 1
+                self._post_burst(chunks, toks, k, t0)
+
+    async def _call(self, fn, *args):
+        """The stage, in a worker thread (`offload`: the event loop keeps serving) or inline."""
+        return await asyncio.to_thread(fn, *args) if self.conf.offload else fn(*args)
+
+    def _burst_len(self, chunks: list[_Chunk]) -> int:
+        """Greedy decode steps to run in one burst (Stage.decode_burst): > 1 only on CUDA graphs at the
+        last tier, when the batch is every queued item and each is a one-token greedy step of a request
+        running here that answers at this stage's deepest exit. Bounded by the longest remaining
+        request (shorter ones drop what they do not need) and by the pool's positions."""
+        stage = self.stage
+        if (self.conf.decode_burst < 2 or self.down is not None or getattr(stage, "graphs", None) is None
+                or len(chunks) != len(self.queue)):
+            return 1
+        left, room = 0, self.pool.shape.max_len
+        for c in chunks:
+            it, gs = c.item, c.item.tag
+            if (it.sink != self._gen_result or it.n != 1 or c.take != 1 or it.want != stage.deepest_exit
+                    or not it.sampling.greedy or it.policy.kind != FIXED or not isinstance(gs, GenSeq)):
+                return 1
+            left = max(left, gs.req.max_tokens - gs.produced)
+            room = min(room, c.seq.max_tokens - it.pos)
+        return max(1, min(self.conf.decode_burst, left, room))
+
+    def _post_burst(self, chunks: list[_Chunk], toks: list[list[int]], k: int, t0: float) -> None:
+        """Hand out a burst's tokens as k steps of results, in order, each through the request's own
+        sink (`_gen_result`: emit, stop, submit the next step). A request stops taking tokens when it
+        finishes or its exit changed meanwhile (a replan): its positions past what it took are dropped."""
+        ms = (time.perf_counter() - t0) * 1e3 / k
+        resolved: set[int] = set()
+        for i, c in enumerate(chunks):
+            s, it, gs = c.seq, c.item, c.item.tag
+            want, start, took = it.want, it.pos, 0
+            s.running = False
+            while took < k and not it.resolved and it.want == want and not s.closing:
+                took += 1
+                s.seg_lens = [start + took] * self.n_seg
+                it.done = it.n
+                resolved.add(id(it))
+                it.resolve(Result(toks[took - 1][i], want, self.tier, length=start + took,
+                                  timings={self.tier: ms}, total_ms=ms))
+                if gs.finished or gs.next_item is it:
+                    break
+                it = gs.next_item
+        self.queue = deque(q for q in self.queue if id(q) not in resolved)
 
     def _schedule(self) -> list[_Chunk]:
         """All ready work within the step's budgets: decodes first, then prefill chunks, FIFO."""

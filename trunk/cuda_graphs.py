@@ -10,7 +10,9 @@ vLLM's piecewise graphs do the same).
 
 What a graph holds: `Stage.segment_math` for that segment -- the fused blocks, the boundary-log write,
 the exit's branch layers and (head variant) the exit's logits. Eager code before and after it does the
-bookkeeping and sampling. Capture happens once at start-up (warm-up run first, so Triton autotuning
+bookkeeping and sampling (greedy steps take the graph's own argmax). `run_burst` replays the whole-stage graph k
+times in a row for greedy decoding, feeding each step's argmax to the next on the device (vLLM's
+multi-step scheduling): the host pays for one step's bookkeeping per k tokens. Capture happens once at start-up (warm-up run first, so Triton autotuning
 and cuBLAS handle creation stay out of the capture). Not here: prefill or mixed steps (eager).
 Legend: B rows (sequences), nb bucket, D d_model, V vocab.
 """
@@ -32,15 +34,17 @@ class DecodeGraphs:
         self.stage, self.pool = stage, pool
         self.buckets = sorted({b for b in buckets if b <= max_batch} | {max_batch})
         n, dev = self.buckets[-1], stage.device
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        # one (3, n) int64 input: token ids, positions, slots -- one host-to-device copy per step
+        self.inp = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.inp[2] = pool.scratch_slot
+        self.ids, self.pos, self.slot64 = self.inp[0], self.inp[1], self.inp[2]
         self.h = torch.zeros(n, stage.cfg.d_model, dtype=stage.dtype, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), pool.scratch_slot, dtype=torch.int32, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # pinned host staging per segment: a segment's copies are still in flight while the next fills its own
-        self.host_pos = [torch.zeros(n, dtype=torch.long).pin_memory() for _ in stage.segments]
-        self.host_slots = [torch.zeros(n, dtype=torch.int32).pin_memory() for _ in stage.segments]
+        self.host = [torch.zeros(3, n, dtype=torch.long).pin_memory() for _ in stage.segments]
+        self._pad = torch.tensor([[0], [pool.scratch_slot]])   # padding rows: position 0 of the scratch slot
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.toks: torch.Tensor | None = None       # run_burst's (k, n) tokens
         self.mempool = None
         self.capture_s = 0.0
         self.replays = 0
@@ -59,15 +63,16 @@ class DecodeGraphs:
         from trunk.stage import AttnMeta
 
         st = self.stage
-        meta = AttnMeta.static(self.pos[:nb], self.slots[:nb], self.cu[:nb + 1])
+        meta = AttnMeta.static(self.pos[:nb], self.slot64[:nb].to(torch.int32), self.cu[:nb + 1])
         first = 0 if s == "all" else s
         x = st.model.embed(self.ids[:nb]) if first == 0 and st.has_embedding else self.h[:nb]
         if s != "all":
-            return st.segment_math(s, x, meta, self.pool, head)
-        last = len(st.segments) - 1
-        for k in range(last + 1):
-            x, xb, logits = st.segment_math(k, x, meta, self.pool, head and k == last)
-        return x, xb, logits
+            x, xb, logits = st.segment_math(s, x, meta, self.pool, head)
+        else:
+            last = len(st.segments) - 1
+            for k in range(last + 1):
+                x, xb, logits = st.segment_math(k, x, meta, self.pool, head and k == last)
+        return x, xb, logits, (logits.argmax(-1) if head else None)   # greedy tokens, in the graph
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -92,23 +97,49 @@ class DecodeGraphs:
         return self.capture_s
 
     def run(self, s: int, x, meta, head: bool):
-        # The staging buffers of segment s are rewritten each step: the previous step's copies from them
-        # have completed, since every step ends with a host sync (its sampled tokens).
-        """Replay for rows x (B,) ids or (B, D) states of `meta`'s sequences; None if no bucket fits."""
+        """Replay for rows x -- (B,) token ids (host or device) or (B, D) states -- of `meta`'s sequences:
+        (h, xb, logits, greedy tokens) of the B rows; None if no bucket fits."""
+        # The staging buffer of segment s is rewritten each step: the previous step's copy from it has
+        # completed, since every step ends with a host sync (its sampled tokens).
         B = len(meta.counts)
         nb = self.bucket(B)
         if nb is None or (s, nb, head) not in self.graphs:
             return None
-        hp, hs = self.host_pos[0 if s == "all" else s], self.host_slots[0 if s == "all" else s]
-        hp[:B] = torch.as_tensor(meta.offs)
-        hs[:B] = torch.as_tensor(meta.slots)
-        hp[B:nb] = 0
-        hs[B:nb] = self.pool.scratch_slot
-        self.pos[:nb].copy_(hp[:nb], non_blocking=True)
-        self.slots[:nb].copy_(hs[:nb], non_blocking=True)
-        dst = self.ids if s in (0, "all") and self.stage.has_embedding else self.h
-        dst[:B].copy_(x)
-        g, (h, xb, logits) = self.graphs[(s, nb, head)]
+        host = self.host[0 if s == "all" else s]
+        ids = s in (0, "all") and self.stage.has_embedding
+        if ids and x.device.type == "cpu":
+            host[0, :B] = x
+        host[1, :B] = torch.as_tensor(meta.offs)
+        host[2, :B] = torch.as_tensor(meta.slots)
+        host[1:, B:nb] = self._pad
+        if ids and x.device.type == "cpu":
+            self.inp[:, :nb].copy_(host[:, :nb], non_blocking=True)
+        else:
+            self.inp[1:, :nb].copy_(host[1:, :nb], non_blocking=True)
+            (self.ids if ids else self.h)[:B].copy_(x)
+        g, (h, xb, logits, tok) = self.graphs[(s, nb, head)]
         g.replay()
         self.replays += 1
-        return h[:B], xb[:B], (logits[:B] if logits is not None else None)
+        return h[:B], xb[:B], (logits[:B] if logits is not None else None), (tok[:B] if tok is not None else None)
+
+    def run_burst(self, x, meta, k: int):
+        """k greedy decode steps of the whole stage back to back, without the host in between: step j+1
+        reads step j's argmax (on the device) as its token and every position advanced by one. Returns
+        the (k, B) tokens on the device (one copy to the host for all k), or None if no graph fits."""
+        B = len(meta.counts)
+        nb = self.bucket(B)
+        key = "all" if len(self.stage.segments) > 1 else 0
+        if nb is None or (key, nb, True) not in self.graphs or not self.stage.has_embedding:
+            return None
+        if self.toks is None or self.toks.shape[0] < k:
+            self.toks = torch.empty(max(k, 8), self.buckets[-1], dtype=torch.long, device=self.stage.device)
+        got = self.run(key, x, meta, True)
+        g, (_, _, _, tok) = self.graphs[(key, nb, True)]
+        self.toks[0, :B].copy_(got[3])
+        for j in range(1, k):
+            self.ids[:B].copy_(tok[:B])
+            self.pos[:nb].add_(1)
+            g.replay()
+            self.toks[j, :B].copy_(tok[:B])
+        self.replays += k - 1
+        return self.toks[:k, :B]
