@@ -84,8 +84,9 @@ class Family:
         self.router_port = base_port + 10
         nxt = None
         for t in reversed(tiers):
-            cmd = [sys.executable, "-m", "serving.cli", "--tier", t, "--shards", str(shards), "--port", str(ports[t]),
-                   "--inject-delay-ms", str(delays.get(t, 0.0)), "--device", device]
+            # tests.slow_tiers: familial-serve with a per-step delay on this tier (no production flag does that)
+            cmd = [sys.executable, "-m", "tests.slow_tiers", f"{t}={delays.get(t, 0.0)}", "--tier", t, "--shards",
+                   str(shards), "--port", str(ports[t]), "--device", device]
             if nxt:
                 cmd += ["--next", nxt]
             self.procs[t] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -3,7 +3,8 @@
 
 Only argument parsing, printing and file writing live here; the work is in fitter.py, checks.py,
 identifiability.py, figures.py and planner.py. Bad input ends with one line on stderr and exit status 2,
-never a traceback; JSON output is strict (a non-finite number is written as null, with a warning).
+never a traceback (`trunk/cmdline.py`, the convention of every familial-* tool); JSON output is strict
+(a non-finite number is written as null, with a warning).
 """
 from __future__ import annotations
 
@@ -15,16 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-_EXIT_BAD_INPUT = 2
+from trunk.cmdline import Parser, fail, run, warn
 
-
-def _fail(prog: str, msg: str) -> None:
-    print(f"{prog}: error: {msg}", file=sys.stderr)
-    raise SystemExit(_EXIT_BAD_INPUT)
-
-
-def _warn(prog: str, msg: str) -> None:
-    print(f"{prog}: warning: {msg}", file=sys.stderr)
+FIT, PLAN = "familial-fit", "familial-plan"
 
 
 def strict_json(obj):
@@ -47,15 +41,15 @@ def strict_json(obj):
     return walk(obj, ""), replaced
 
 
-def _write_json(prog: str, path: Path, doc: dict, warn: bool = True) -> None:
+def _write_json(path: Path, doc: dict, warn: bool = True) -> None:
     clean, replaced = strict_json(doc)
     if replaced and warn:
-        _warn(prog, f"non-finite values written as null: {', '.join(replaced[:6])}"
+        warn(FIT, f"non-finite values written as null: {', '.join(replaced[:6])}"
                     + (f" (+{len(replaced) - 6} more)" if len(replaced) > 6 else ""))
     try:
         path.write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     except OSError as e:
-        _fail(prog, f"cannot write {path}: {e.strerror}")
+        fail(f"cannot write {path}: {e.strerror}")
 
 
 # ---- familial-fit --------------------------------------------------------------------------------
@@ -70,9 +64,9 @@ def _fixed_arg(text: str) -> tuple[str, float]:
     return name.strip(), v
 
 
-def _fit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="familial-fit",
+def _fit_parser() -> Parser:
+    p = Parser(
+        prog=FIT,
         description="Fit a familial scaling law to training runs (Huber on log residuals, summed; bounded "
                     "batched L-BFGS from a grid of starts), with bootstrap CIs and leave-one-budget-out "
                     "validation.")
@@ -81,17 +75,15 @@ def _fit_parser() -> argparse.ArgumentParser:
                         "header: N,D,G,loss (family/dense; G optional for dense, C and N_total optional) or "
                         "P,Q,D,loss,L_dense (branch)")
     p.add_argument("--law", choices=("family", "branch", "dense"), default="family",
-                   help="law to fit: family L(N,D,G), branch L(P,Q,D), or dense L(N,D) on G == 1 runs "
-                        "(default: family)")
+                   help="law to fit: family L(N,D,G), branch L(P,Q,D), or dense L(N,D) on G == 1 runs")
     p.add_argument("--grid", choices=("paper", "hoffmann"), default="paper",
-                   help="grid of L-BFGS starts: paper (1.56M starts for family) or hoffmann (22.5k) "
-                        "(default: paper)")
+                   help="grid of L-BFGS starts: paper (1.56M starts for family) or hoffmann (22.5k)")
     p.add_argument("--n", choices=("non-embedding", "total"), default="non-embedding", dest="n_kind",
                    help="what N counts: the records' N (non-embedding) or N_total (embeddings included, the "
-                        "paper's convention) (default: non-embedding)")
+                        "paper's convention)")
     p.add_argument("--gamma-on", choices=("equation", "learnable"), default="equation",
                    help="family law: G^gamma multiplies the whole loss as in the paper's eq. (1), or only the "
-                        "learnable A, B terms as its text says (default: equation)")
+                        "learnable A, B terms as its text says")
     p.add_argument("--delta", type=float, default=1e-3,
                    help="Huber threshold on log residuals (default: the paper's 1e-3)")
     p.add_argument("--delta-scan", action="store_true",
@@ -108,7 +100,7 @@ def _fit_parser() -> argparse.ArgumentParser:
                         "paper's curves; see docs/fitting.md)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="bootstrap replicates for CIs, each re-optimised (default: 0 = no CIs)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed")
     p.add_argument("--json", metavar="OUT", help="write the result as strict JSON to this file")
     p.add_argument("--plots", metavar="DIR", help="draw the fit's figures (PNG + PDF) into this folder")
     p.add_argument("--profile", metavar="DIR",
@@ -118,7 +110,7 @@ def _fit_parser() -> argparse.ArgumentParser:
                    help="draw the paper's figures from its constants into this folder (RUNS not needed)")
     p.add_argument("--keep", type=int, default=256,
                    help="best screened starts to optimise fully (default: 256; 0 = every start)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while fitting (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while fitting")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -135,16 +127,16 @@ def _fmt(params: dict) -> str:
     return ", ".join(f"{k}={v:.6g}" for k, v in params.items())
 
 
-def _check_or_fail(prog: str, law: str, runs, fixed: dict, source: str) -> None:
+def _check_or_fail(law: str, runs, fixed: dict, source: str) -> None:
     from fitting.checks import design_problems, refusal_line
     errors, warnings = design_problems(law, runs, fixed)
     if errors:
-        _fail(prog, refusal_line(law, runs, errors, source))
+        fail(refusal_line(law, runs, errors, source))
     for w in warnings:
-        _warn(prog, w)
+        warn(FIT, w)
 
 
-def _dense_predictor(prog, rows, args):
+def _dense_predictor(rows, args):
     """L_dense for run records without exit_dense_loss: a dense-law fit to the file's G == 1 runs."""
     from dataclasses import replace
 
@@ -153,37 +145,37 @@ def _dense_predictor(prog, rows, args):
     try:
         dense = data.family_runs(rows, dense_only=True, n_kind=args.n_kind)
     except data.DataError as e:
-        _fail(prog, f"{e}: the branch law needs L_dense, from exit_dense_loss or a dense-law fit")
-    _check_or_fail(prog, "dense", dense, {}, "L_dense for the branch law needs a dense-law fit to the G == 1 runs")
+        fail(f"{e}: the branch law needs L_dense, from exit_dense_loss or a dense-law fit")
+    _check_or_fail("dense", dense, {}, "L_dense for the branch law needs a dense-law fit to the G == 1 runs")
     r = fitter.fit("dense", dense.lawdata(), replace(_fit_config(args), fixed={}))
     p = LawParams(**r.params, gamma=0.0)
     print(f"L_dense from a dense-law fit to {dense.n} G == 1 runs: {_fmt(r.params)}")
     for w in r.warnings:
-        _warn(prog, f"dense fit for L_dense: {w}")
+        warn(FIT, f"dense fit for L_dense: {w}")
     return lambda N, D: dense_loss(N, D, p)
 
 
-def _fit_runs(prog, args):
+def _fit_runs(args):
     from fitting import data
     rows = data.read_rows(args.runs)
     if args.law in ("family", "dense"):
         return data.family_runs(rows, dense_only=args.law == "dense", n_kind=args.n_kind)
     dense_predict = None
     if rows and "P" not in rows[0] and not all("exit_dense_loss" in r for r in rows if r.get("G", 1) > 1):
-        dense_predict = _dense_predictor(prog, rows, args)
+        dense_predict = _dense_predictor(rows, args)
     return data.branch_runs(rows, dense_predict, n_kind=args.n_kind)
 
 
-def _validate_args(prog, args) -> None:
+def _validate_args(args) -> None:
     if not args.runs:
-        _fail(prog, "RUNS is required (or give --paper-figures DIR alone)")
+        fail("RUNS is required (or give --paper-figures DIR alone)")
     if args.bootstrap < 0 or args.keep < 0 or args.threads < 1:
-        _fail(prog, "--bootstrap and --keep must be >= 0 and --threads >= 1")
+        fail("--bootstrap and --keep must be >= 0 and --threads >= 1")
     for flag, v in (("--branch-Dd", args.branch_Dd), ("--branch-D-unit", args.branch_D_unit), ("--delta", args.delta)):
         if v is not None and not (v > 0 and math.isfinite(v)):
-            _fail(prog, f"{flag} must be a positive number, got {v}")
+            fail(f"{flag} must be a positive number, got {v}")
     if args.profile and args.law != "family":
-        _fail(prog, "--profile profiles the family law over (ln A, ln B); use it with --law family")
+        fail("--profile profiles the family law over (ln A, ln B); use it with --law family")
 
 
 def _fit_plots(args, runs, result) -> list[Path]:
@@ -211,7 +203,7 @@ def _fit_plots(args, runs, result) -> list[Path]:
     return paths
 
 
-def _print_result(prog, args, runs, result, out) -> None:
+def _print_result(args, runs, result, out) -> None:
     print(f"{args.law} law on {runs.n} runs ({args.grid} grid, {result.n_starts} starts, "
           f"{result.n_optimised} optimised, {result.seconds['total']:.2f} s): {_fmt(result.params)}")
     if result.fixed:
@@ -227,16 +219,16 @@ def _print_result(prog, args, runs, result, out) -> None:
     for row in out.get("delta_scan", []):
         print(f"  delta={row['delta']:<8g} {_fmt(row['params'])}")
     for w in result.warnings:
-        _warn(prog, w)
+        warn(FIT, w)
 
 
-def _profile(prog, args, runs, cfg) -> None:
+def _profile(args, runs, cfg) -> None:
     from fitting import figures
     from fitting.identifiability import profile_ab
     prof = profile_ab(runs, np.arange(0.0, 20.01, 0.5), np.arange(0.0, 20.01, 0.5), cfg)
     out = Path(args.profile)
     figures.identifiability(prof, out)
-    _write_json(prog, out / "identifiability.json",
+    _write_json(out / "identifiability.json",
                 {"a": prof.a.tolist(), "b": prof.b.tolist(), "objective": prof.f.tolist(), "f_min": prof.f_min,
                  "ab_free": list(prof.ab_free), "scale": prof.scale, "spread_95": prof.spread(),
                  "n_opt_exponent": prof.n_opt_exponent().tolist()}, warn=False)   # nan where alpha = beta = 0
@@ -248,24 +240,26 @@ def _profile(prog, args, runs, cfg) -> None:
 
 
 def fit_main(argv: list[str] | None = None) -> int:
-    args = _fit_parser().parse_args(argv)
-    prog = "familial-fit"
+    return run(FIT, lambda: _fit(_fit_parser().parse_args(argv)))
+
+
+def _fit(args) -> int:
     if args.paper_figures:
         from fitting.figures import paper_figures
         paths = paper_figures(Path(args.paper_figures))
         print(f"wrote {len(paths)} files to {args.paper_figures}")
         if not args.runs:
             return 0
-    _validate_args(prog, args)
+    _validate_args(args)
     from fitting import data, fitter
     try:
-        runs = _fit_runs(prog, args)
+        runs = _fit_runs(args)
         cfg = _fit_config(args)
         fixed = fitter.log_fixed(args.law, cfg.fixed)
         fitter.make_law(args.law, cfg)
     except (data.DataError, ValueError) as e:
-        _fail(prog, str(e))
-    _check_or_fail(prog, args.law, runs, fixed, args.runs)
+        fail(str(e))
+    _check_or_fail(args.law, runs, fixed, args.runs)
     d = runs.lawdata()
     result = fitter.fit(args.law, d, cfg)
     out = {"law": args.law, "params": result.params, **({"fixed": result.fixed} if result.fixed else {}),
@@ -277,24 +271,24 @@ def fit_main(argv: list[str] | None = None) -> int:
         out["ci"] = fitter.confidence(args.law, xs, cfg=cfg)
     if args.delta_scan:
         out["delta_scan"] = fitter.delta_scan(args.law, d, cfg=cfg)
-    _print_result(prog, args, runs, result, out)
+    _print_result(args, runs, result, out)
     if args.json:
-        _write_json(prog, Path(args.json), out)
+        _write_json(Path(args.json), out)
     if args.plots:
         try:
             paths = _fit_plots(args, runs, result)
             print(f"wrote {len(paths)} figure files to {args.plots}")
         except (ValueError, OverflowError, OSError) as e:   # the fit and its JSON are kept
-            _warn(prog, f"could not draw the figures: {e}")
+            warn(FIT, f"could not draw the figures: {e}")
     if args.profile:
-        _profile(prog, args, runs, cfg)
+        _profile(args, runs, cfg)
     return 0
 
 
 # ---- familial-plan -------------------------------------------------------------------------------
-def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="familial-plan",
+def _plan_parser() -> Parser:
+    p = Parser(
+        prog=PLAN,
         description="Plan a familial model for a training budget and a device/edge/cloud tier file: a "
                     "compute-optimal trunk shaped so every tier's exit is the best model that tier's memory and "
                     "latency allow, tokens, predicted per-exit loss and EL; writes a trainer config.")
@@ -308,21 +302,22 @@ def _plan_parser() -> argparse.ArgumentParser:
                    help="fitted law (familial-fit --json output) to use instead of the paper's constants")
     p.add_argument("--dense-side", choices=("matched", "same-tokens", "budget-split"), default="matched",
                    help="dense side of the predicted EL: matched parameter count and compute (the paper's "
-                        "words), the family's tokens, or a compute-optimal set sharing the budget "
-                        "(default: matched)")
+                        "words), the family's tokens, or a compute-optimal set sharing the budget")
     p.add_argument("--min-gain", type=float, default=0.02,
-                   help="each tier's exit must beat the exit below it by at least this fraction of its loss "
-                        "(default: 0.02), so no tier serves a near-copy of the previous one")
-    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length (default: 2048)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default: 32000)")
+                   help="each tier's exit must beat the exit below it by at least this fraction of its loss, "
+                        "so no tier serves a near-copy of the previous one")
+    p.add_argument("--seq-len", type=int, default=2048, help="training sequence length")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
     p.add_argument("--bytes-per-param", type=float, default=2.0,
                    help="weight bytes per parameter when serving (default: 2 = bf16)")
     return p
 
 
 def plan_main(argv: list[str] | None = None) -> int:
-    args = _plan_parser().parse_args(argv)
-    prog = "familial-plan"
+    return run(PLAN, lambda: _plan(_plan_parser().parse_args(argv)))
+
+
+def _plan(args) -> int:
     from fitting import planner
     try:
         tiers = planner.load_tiers(args.tiers)
@@ -335,7 +330,7 @@ def plan_main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len, vocab_size=args.vocab, bytes_per_param=args.bytes_per_param,
             dense_side=args.dense_side, min_gain=args.min_gain), law)
     except planner.PlanError as e:
-        _fail(prog, str(e))
+        fail(str(e))
     print(planner.describe(plan))
     if args.out:
         planner.write_outputs(plan, Path(args.out))

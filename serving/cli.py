@@ -9,8 +9,10 @@
 The demo splits the built-in family with `deploy`, starts device, edge and cloud nodes and the router
 in this process (one event loop; nodes talk real gRPC over loopback) and prints a curl line.
 A flag that the chosen role does not use (`--shards` for the router, `--api-key` for a node) is an
-error, not silently ignored. Bad input of any kind is one line on stderr and exit status 2.
-This file only parses flags and wires parts together; the parts live in app.py, engine.py, relay.cli.
+error, not silently ignored. Bad input of any kind is one line on stderr and exit status 2
+(`trunk/cmdline.py`). This file only parses flags and wires parts together; the parts live in app.py,
+engine.py, relay.cli. Tiers made slow on purpose (tests, benchmarks) come from `tests/slow_tiers.py`,
+which calls `main(argv, step_delays_ms=...)`; no flag does that.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import ssl
@@ -28,30 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.settings import ServeSettings
+from trunk.cmdline import CLIError, Parser, fail, run
 
 DEFAULT_ROUTER_PORT = 8000
 DEFAULT_NODE_PORT = 50051
 DEMO_TIERS = "device=0,edge=1,cloud=2.."
 PROG = "familial-serve"
-# node flags the router uses too: where to listen, and its own TLS (HTTPS instead of gRPC)
-ROUTER_SHARED = {"tier", "host", "port", "tls_cert", "tls_key", "tls_ca", "require_client_cert"}
-ROUTER_TLS_HELP = {
-    "tls_cert": "PEM certificate to serve with: TLS for a node, HTTPS for the router",
-    "tls_key": "PEM private key for --tls-cert",
-    "tls_ca": "PEM CA bundle: verifies client certificates (node and router) and --next's certificate (node)",
-    "require_client_cert": "mutual TLS: refuse clients without a certificate from --tls-ca (node and router)",
-}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse would print the usage block too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def fail(message: str) -> None:
-    """Bad input: one line on stderr, exit status 2."""
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 # ---- flags ----------------------------------------------------------------------------------------
@@ -84,11 +67,14 @@ def _add_http_args(g) -> None:
                    help="uvicorn log level")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from relay.cli import add_node_args
+def build_parser(role: str | None = None) -> Parser:
+    """familial-serve's flags: all of them (`role` None, for --help and parsing), or one role's
+    (`node` or `router`, to find the flags that role would ignore)."""
+    from relay.cli import add_listen_args, add_node_args
 
-    p = _Parser(
-        prog=PROG,
+    # exact flag names only: an abbreviation could name a flag of one role and a different one of the other
+    p = Parser(
+        prog=PROG, allow_abbrev=False,
         description="Serve a familial model: one relay tier node (--tier device|edge|cloud|<name>), the HTTP "
                     "router (--tier router), or `familial-serve demo` for a whole local family.",
         epilog="Subcommand: `familial-serve demo [--host H] [--port P] [--checkpoint DIR]` starts device, edge and "
@@ -96,38 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tier", required=True, metavar="TIER",
                    help="`router` for the HTTP face; otherwise the tier name in the shard manifest to serve "
                         "(device, edge, cloud)")
-    add_node_args(p, include_tier=False)
-    for a in p._actions:  # --host/--port/TLS serve both roles; the port default depends on the role
-        if a.dest == "port":
-            a.default, a.help = None, (f"port to listen on (default {DEFAULT_NODE_PORT} for a node, "
-                                       f"{DEFAULT_ROUTER_PORT} for the router; 0 = any free port)")
-        a.help = ROUTER_TLS_HELP.get(a.dest, a.help)
-    _add_router_args(p)
+    port_help = (f"port to listen on, 0 = any free port (default: {DEFAULT_NODE_PORT} for a node, "
+                 f"{DEFAULT_ROUTER_PORT} for the router)")
+    add_listen_args(p, port_default=None, port_help=port_help)
+    if role in (None, "node"):
+        add_node_args(p, include_tier=False, listen=False)
+    if role in (None, "router"):
+        _add_router_args(p)
     return p
 
 
 def unused_flags(argv: list[str], router: bool) -> list[str]:
-    """The flags in `argv` that the chosen role (router or node) does not use."""
-    p = build_parser()
-    for a in p._actions:
-        a.default = argparse.SUPPRESS   # so the namespace holds only what was given
-    given = set(vars(p.parse_args(argv)))
-    router_dests = {a.dest for g in p._action_groups if g.title.startswith("router") for a in g._group_actions}
-    node_dests = {a.dest for g in p._action_groups if g.title.startswith("relay") for a in g._group_actions}
-    foreign = (node_dests - ROUTER_SHARED) if router else (router_dests - ROUTER_SHARED)
-    return [a.option_strings[-1] for a in p._actions if a.dest in given & foreign]
+    """The flags in `argv` (already parsed by `build_parser()`) that the chosen role does not use."""
+    _, rest = build_parser("router" if router else "node").parse_known_args(argv)
+    return list(dict.fromkeys(t.split("=", 1)[0] for t in rest if t.startswith("--")))
 
 
-def build_demo_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"{PROG} demo",
-                description="Start device, edge and cloud relay nodes and the HTTP router on loopback with the "
-                            "built-in family; Ctrl-C stops everything.")
+def build_demo_parser() -> Parser:
+    p = Parser(prog=f"{PROG} demo", allow_abbrev=False,
+               description="Start device, edge and cloud relay nodes and the HTTP router on loopback with the "
+                           "built-in family; Ctrl-C stops everything.")
     p.add_argument("--host", default="127.0.0.1", help="router address (nodes always listen on 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_ROUTER_PORT, help="router port (0 = any free port)")
     p.add_argument("--checkpoint", metavar="DIR", help="family checkpoint to serve (default: the built-in family)")
     p.add_argument("--tiers", default=DEMO_TIERS, help="tier split passed to deploy (familial-deploy --tiers)")
-    p.add_argument("--inject-delay-ms", default="", metavar="TIER=MS,...",
-                   help="TEST ONLY: per-tier delay per forward, e.g. edge=20,cloud=80 (shows the budget logic)")
     g = p.add_argument_group("router")
     _add_http_args(g)
     return p
@@ -277,6 +255,8 @@ def run_router(args) -> None:
             else:
                 engine = LocalEngine.from_checkpoint(args.checkpoint)
             await engine.start(args.calibrate_rounds)
+        except CLIError:
+            raise
         except Exception as e:  # noqa: BLE001 - say what is wrong in one line, not a traceback
             fail(f"cannot start the router: {type(e).__name__}: {e}")
         app = build_app(engine, settings)
@@ -287,25 +267,12 @@ def run_router(args) -> None:
 
 
 def builtin_checkpoint() -> Path:
-    try:
-        from trunk.builtin import builtin_path
+    from trunk.builtin import builtin_path
 
-        path = Path(builtin_path())
-    except ImportError:
-        import trunk
-
-        path = Path(trunk.__file__).parent / "builtin"
+    path = Path(builtin_path())
     if not (path / "family.json").is_file():
         fail(f"no built-in family at {path}; pass --checkpoint DIR")
     return path
-
-
-def _delays(spec: str) -> dict[str, float]:
-    out = {}
-    for part in filter(None, spec.split(",")):
-        k, _, v = part.partition("=")
-        out[k.strip()] = float(v)
-    return out
 
 
 def curl_line(url: str, model: str, api_key: str | None, chat: bool = False) -> str:
@@ -322,6 +289,7 @@ def curl_line(url: str, model: str, api_key: str | None, chat: bool = False) -> 
 
 async def start_family(shards: Path, tiers: list[str], delays: dict[str, float] | None = None) -> list:
     """Start one in-process relay node per tier, deepest first so each knows its next; head first in the result.
+    `delays` (tier -> ms after every engine step) makes tiers slow on purpose, for tests and benchmarks.
 
     No micro-batches: they let tiers on their own processors work on different groups at once, but
     tiers sharing one process and its interpreter lock cannot overlap, and splitting only adds steps
@@ -338,7 +306,7 @@ async def start_family(shards: Path, tiers: list[str], delays: dict[str, float] 
     return handles
 
 
-def run_demo(argv: list[str]) -> None:
+def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
     args = build_demo_parser().parse_args(argv)
     from deploy.shards import split_checkpoint
 
@@ -352,11 +320,11 @@ def run_demo(argv: list[str]) -> None:
 
     async def main():
         manifest = split_checkpoint(ckpt, work / "shards", args.tiers)
-        tiers = [t["name"] for t in manifest["tiers"]]
-        handles = await start_family(work / "shards", tiers, _delays(args.inject_delay_ms))
+        tiers = [t.name for t in manifest.tiers]
+        handles = await start_family(work / "shards", tiers, delays)
         name = args.model_name or f"familial-{ckpt.resolve().name}"
         engine = RelayEngine(f"127.0.0.1:{handles[0].port}", load_tokenizer(work / "shards"), name=name,
-                             max_seq_len=manifest["architecture"]["max_seq_len"])
+                             max_seq_len=manifest.architecture.max_seq_len)
         try:
             await engine.start(args.calibrate_rounds)
             for t, h in zip(tiers, handles):
@@ -383,21 +351,29 @@ def run_demo(argv: list[str]) -> None:
         print("familial demo stopped", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, step_delays_ms: dict[str, float] | None = None) -> int:
+    """familial-serve. `step_delays_ms` (tier -> ms slept after every engine step) is for tests and
+    benchmarks only (`tests/slow_tiers.py`); it stands in for slower remote tiers."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run(PROG, lambda: _serve(argv, step_delays_ms or {}))
+
+
+def _serve(argv: list[str], delays: dict[str, float]) -> None:
     if argv and argv[0] == "demo":
-        return run_demo(argv[1:])
+        return run_demo(argv[1:], delays)
     args = build_parser().parse_args(argv)
     router = args.tier == "router"
     unused = unused_flags(argv, router)
     if unused:
         fail(f"{', '.join(unused)}: not used by {'the router' if router else 'a relay node'} (--tier {args.tier})")
     if router:
+        if delays:
+            fail("step delays slow relay nodes down, not the router")
         return run_router(args)
-    run_node_cli(args)
+    run_node_cli(args, delays.get(args.tier, 0.0))
 
 
-def run_node_cli(args) -> None:
+def run_node_cli(args, step_delay_ms: float = 0.0) -> None:
     """A relay node; a shard it refuses (hash, shapes, paths), a TLS file it cannot read or a port it
     cannot bind is one line and exit status 2."""
     from deploy.manifest import ShardError
@@ -407,12 +383,11 @@ def run_node_cli(args) -> None:
         fail("--shards DIR is required for a relay node")
     if args.port is None:
         args.port = DEFAULT_NODE_PORT
-    logging.basicConfig(level=logging.WARNING)
     try:
-        run_node(args)
+        run_node(args, step_delay_ms=step_delay_ms)
     except (ShardError, OSError) as e:
         fail(f"tier {args.tier}: {e}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

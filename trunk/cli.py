@@ -9,8 +9,9 @@
 
 A config file (YAML or JSON) is {"model": {FamilyConfig fields, or "preset": NAME plus overrides},
 "train": {TrainConfig fields}}; flags override it. Every user error (bad config, missing data, budget
-too small) ends as one line on stderr and exit code 2, never a traceback. This file only parses and
-reports; the work is in `trunk/data.py`, `trunk/corpus.py`, `trunk/train.py` and the sweep files.
+too small) ends as one line on stderr and exit code 2, never a traceback (`trunk/cmdline.py`, the
+convention of every familial-* tool). This file only parses and reports; the work is in
+`trunk/data.py`, `trunk/corpus.py`, `trunk/train.py` and the sweep files.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from trunk import hf_cli
+from trunk.cmdline import CLIError, Parser, run, warn
 from trunk.adapt import AdaptError, init_config
 from trunk.checkpoint import CheckpointError
 from trunk.config import ConfigError, FamilyConfig
@@ -29,7 +31,7 @@ from trunk.corpus import PRESETS, PY_EXTS
 from trunk.data import DEFAULT_EXTS, DataError
 from trunk.hf import HFExportError, HFImportError
 from trunk.sweep import SweepError
-from trunk.tokenizer import TokenizerError
+from trunk.tokenizer import ByteTokenizer, TokenizerError
 from trunk.train import TrainConfig, TrainError
 
 PROG = "familial-train"
@@ -38,18 +40,8 @@ USER_ERRORS = (ConfigError, TrainError, DataError, CheckpointError, TokenizerErr
 _BUDGET = ("steps", "tokens", "flops")
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
-        raise UsageError(message)
-
-
 def _prepare_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text files, folders or JSONL into token shards",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Tokenize text into memory-mapped token shards with a held-out validation split.")
     p.add_argument("inputs", nargs="*", help="text files, folders (searched recursively) or .jsonl files with a \"text\" field")
     p.add_argument("--preset", choices=PRESETS, help="a named corpus instead of INPUTs: pycorpus = the installed "
@@ -92,7 +84,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("training (override the config's train section)")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": f"{f.metadata['help']} (default: {default!r})".replace("%", "%%"), "default": None,
+        shown = "" if default in (None, "", [], ()) else f" (default: {default})"
+        kw = {"help": f"{f.metadata['help']}{shown}".replace("%", "%%"), "default": None,
               "dest": f.name}  # None = not given: the config file's value (or the default) stands
         if f.type in ("bool", bool):
             g.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
@@ -105,10 +98,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = _Parser(prog=PROG, description="Prepare data for and train familial (multi-exit) language models. "
-                                            "With no subcommand, `train` is assumed.")
-    sub = parser.add_subparsers(dest="command", metavar="{prepare,train,sweep,import-hf,export-hf}",
-                                parser_class=_Parser)
+    parser = Parser(prog=PROG, description="Prepare data for and train familial (multi-exit) language models. "
+                                           "With no subcommand, `train` is assumed.",
+                    epilog=f"`{PROG} --help` shows every subcommand's options below; `{PROG} SUBCOMMAND --help` "
+                           "shows one.")
+    sub = parser.add_subparsers(dest="command", title="subcommands",
+                                metavar="{prepare,train,sweep,import-hf,export-hf}")
     from trunk.sweep_cli import add_parser as sweep_parser
 
     return parser, {"prepare": _prepare_parser(sub), "train": _train_parser(sub), "sweep": sweep_parser(sub),
@@ -199,7 +194,7 @@ def _prepare(args) -> int:
         from trunk.corpus import python_corpus
 
         if args.inputs:
-            raise UsageError("give either INPUT paths or --preset, not both")
+            raise CLIError("give either INPUT paths or --preset, not both")
         corpus = python_corpus(exts=_exts(args.ext) if args.ext else PY_EXTS, max_file_bytes=args.max_file_bytes,
                                max_bytes=args.max_bytes, progress=not args.no_progress)
         if not corpus.documents:
@@ -208,14 +203,32 @@ def _prepare(args) -> int:
                                   **common)
     else:
         if not args.inputs:
-            raise UsageError("prepare needs INPUT paths or --preset NAME")
+            raise CLIError("prepare needs INPUT paths or --preset NAME")
         exts = _exts(args.ext) if args.ext else DEFAULT_EXTS
         index = prepare(args.inputs, args.out, exts=exts, exclude=tuple(args.exclude), **common)
     s = index["splits"]
     print(f"{args.out}: {s['train']['tokens']} train + {s['val']['tokens']} val tokens "
           f"({s['train']['documents']} + {s['val']['documents']} documents), {index['tokenizer']['type']} "
           f"vocab {index['vocab_size']}")
+    short = _vocab_shortfall(args, index)
+    if short:
+        warn(PROG, short)
     return 0
+
+
+def _vocab_shortfall(args, index: dict) -> str | None:
+    """Why a BPE vocabulary came out smaller than --vocab-size, or None if it did not.
+
+    The trainer merges the most frequent adjacent pair inside words (GPT-2 pre-tokenisation) until the
+    vocabulary is full or no word has two tokens left; a small corpus reaches the second first."""
+    got, want = index["vocab_size"], args.vocab_size
+    if index["tokenizer"]["type"] != "bpe" or args.tokenizer_from or got >= want:
+        return None
+    docs = index["splits"]["train"]["documents"]
+    merges = got - ByteTokenizer.vocab_size  # the BPE starts from the 256 bytes and the special tokens
+    return (f"BPE vocabulary is {got}, not the requested --vocab-size {want}: after {merges} merges every distinct "
+            f"word in the training split ({docs} documents) is a single token, so no pair was left to merge; "
+            f"give more text, or ask for --vocab-size {got} or less to make this explicit")
 
 
 
@@ -250,12 +263,7 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return _run(argv)
-    except (UsageError, *USER_ERRORS) as e:
-        msg = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+    return run(PROG, lambda: _run(argv), USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ def add_parsers(sub) -> dict[str, argparse.ArgumentParser]:
     imp.add_argument("--exits", type=_layers, default=[], help="comma-separated shallow exit layers, e.g. 8,16 (Ruyi: a subset "
                                                  "of its early_exit_points; empty = all of them)")
     imp.add_argument("--branch-layers", type=int, help="decoder layers in each new exit head, copied from the "
-                                                       "trunk layers after the exit (default 0; Ruyi: fixed at 1)")
-    imp.add_argument("--adapter-rank", type=int, help="low-rank adapter in each new exit head (default 0 = none)")
+                                                       "trunk layers after the exit (default: 0; Ruyi: fixed at 1)")
+    imp.add_argument("--adapter-rank", type=int, help="low-rank adapter in each new exit head (default: 0 = none)")
     imp.add_argument("--exit-unembed", choices=("tied", "own"),
-                     help="new exits share the final LM head (tied, default) or start from a copy (own)")
+                     help="new exits share the final LM head (tied) or start from a copy (own) (default: tied)")
     imp.add_argument("--format", choices=("auto", "hf", "ruyi"), default="auto",
                      help="checkpoint layout; auto detects Ruyi from config.json (model_type ruyi_qwen2)")
     imp.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",

@@ -25,7 +25,7 @@ sweep file (YAML or JSON; examples/sweep.yaml has every key):
   exits            'uniform' (exit g of G at g/G of the depth) or {G: [fractions]}
   dense_baselines  same_compute (dense model of each exit's depth on the family's C) | same_D
                    (on the family's D tokens) | off; their losses go into exit_dense_loss
-  seeds            seeds, each run once per seed (default [0])
+  seeds            seeds, each run once per seed (default: [0])
   shape            width/depth rule: head_dim, width_multiple, aspect_ratio (d_model / n_layers),
                    aspect_tolerance, min_layers, max_layers, max_width, kv_ratio, ffn_ratio,
                    ffn_multiple; other FamilyConfig fields (qkv_bias, rope_theta, ...) pass through
@@ -41,7 +41,7 @@ sweep file (YAML or JSON; examples/sweep.yaml has every key):
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sweep", help="plan and run an IsoFLOP sweep (budgets x sizes x G, dense baselines) into one runs.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SWEEP_KEYS,
+        epilog=SWEEP_KEYS,
         description="Plan every run of an IsoFLOP sweep from a sweep file, print the plan with estimated time and "
                     "epochs, and run the runs not yet in <out>/runs.jsonl (so a second call resumes an interrupted "
                     "sweep). Each finished run appends its run record; a family's record carries exit_dense_loss "
@@ -50,9 +50,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (done / to run, estimates) and exit")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once: 1 = one after another in this process; N > 1 = N subprocesses (several "
-                        "tiny models share one GPU; with several GPUs job i uses GPU i mod #GPUs) (default: 1)")
+                        "tiny models share one GPU; with several GPUs job i uses GPU i mod #GPUs)")
     p.add_argument("--nproc-per-run", type=int, default=1,
-                   help="processes per run under torchrun (DDP over that many GPUs, or gloo on CPU) (default: 1)")
+                   help="processes per run under torchrun (DDP over that many GPUs, or gloo on CPU)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                    help="stop starting runs whose estimate does not fit, and stop runs still going at the limit "
                         "(they resume from their last save point next call) (default: 0 = none)")

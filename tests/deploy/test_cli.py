@@ -29,7 +29,7 @@ def test_split_and_verify(make_ckpt, tmp_path, capsys):
 def _one_line_exit_2(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and needle in err, err
+    assert err.count("\n") == 1 and needle in err and err.startswith("familial-deploy: error: "), err
 
 
 def test_bad_input_exits_2_with_one_line(make_ckpt, tmp_path, capsys):
@@ -46,10 +46,14 @@ def test_bad_input_exits_2_with_one_line(make_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["split"], ["split", "x"], ["frobnicate"], ["split", "x", "--out", "y", "--dtype", "int3"]])
 def test_usage_errors_exit_2(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("familial-deploy: error: "), err
+
+
+def test_usage_error_in_a_real_process():
+    r = _cli("split", "x", "--out", "y", "--dtype", "int3")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("familial-deploy: error: "), r.stderr
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["split", "--help"], ["export-onnx", "--help"], ["verify", "--help"]])

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fitting.cli import _fit_parser, _plan_parser, fit_main
+from fitting.cli import _fit_parser, _plan_parser, fit_main, plan_main
 from fitting.fitter import FitConfig
 from fitting.laws import PAPER, PAPER_BRANCH
 from fitting.synthetic import branch_sweep, isoflop_sweep
@@ -133,17 +133,24 @@ def test_paper_figures_from_the_cli_need_no_runs(tmp_path, capsys):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, content, fragment):
     path = tmp_path / "bad.csv"
     path.write_text(content)
-    with pytest.raises(SystemExit) as e:
-        fit_main([str(path), "--no-progress"])
+    code = fit_main([str(path), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
+    assert err.startswith("familial-fit: error: "), err
+
+
+def test_plan_usage_and_input_errors_are_one_line(tmp_path, capsys):
+    for argv, fragment in ((["--flops", "1e20"], "--tiers"), (["--flops", "x", "--tiers", "t.yaml"], "invalid float"),
+                           (["--flops", "-1", "--tiers", str(tmp_path / "none.yaml")], "")):
+        assert plan_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("familial-plan: error: ") and fragment in err, err
 
 
 def test_missing_file_and_missing_runs_are_clear(capsys, tmp_path):
     for argv, fragment in (([str(tmp_path / "nope.csv")], "cannot read"), ([], "RUNS is required")):
-        with pytest.raises(SystemExit) as e:
-            fit_main(argv)
-        assert e.value.code == 2 and fragment in capsys.readouterr().err
+        code = fit_main(argv)
+        assert code == 2 and fragment in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make", [_fit_parser, _plan_parser])
@@ -209,19 +216,17 @@ def test_fits_the_trainers_runs_jsonl_as_written_with_either_n(tmp_path, capsys)
 def test_the_builtin_family_record_is_refused_in_one_line_saying_why(capsys):
     from pathlib import Path
     path = Path(__file__).resolve().parents[2] / "trunk" / "builtin" / "runs.jsonl"
-    with pytest.raises(SystemExit) as e:
-        fit_main([str(path), "--no-progress"])
+    code = fit_main([str(path), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "1 run(s)" in err and "single point" in err
 
 
 def test_two_size_sweep_is_refused_and_a_weak_one_warns_but_writes_strict_json(tmp_path, capsys):
     two = _trainer_records(tmp_path / "two.jsonl", widths=(64, 128), Gs=(1, 2), budgets=(2e12, 2e13))
-    with pytest.raises(SystemExit) as e:
-        fit_main([str(two), "--no-progress"])
+    code = fit_main([str(two), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
     assert "2 distinct N value(s)" in err and "needs runs at >= 3 values of N" in err
     weak = _trainer_records(tmp_path / "weak.jsonl", noise=0.03, widths=(64, 72, 80), Gs=(1, 2, 3), budgets=(2e12,))
     out = tmp_path / "weak.json"
@@ -236,13 +241,13 @@ def test_two_size_sweep_is_refused_and_a_weak_one_warns_but_writes_strict_json(t
 
 def test_branch_law_refuses_l_dense_from_too_few_dense_runs(tmp_path, capsys):
     recs = _trainer_records(tmp_path / "few.jsonl", widths=(64, 96, 128, 192), Gs=(1, 3), budgets=(2e12,))
-    with pytest.raises(SystemExit) as e:
-        fit_main([str(recs), "--law", "branch", "--no-progress"])
+    code = fit_main([str(recs), "--law", "branch", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert code == 2 and len(err.splitlines()) == 1
     assert "L_dense" in err and "4 run(s) cannot determine 5 free parameters" in err
 
 
+@pytest.mark.slow
 def test_fix_delta_and_gamma_reading_reach_the_fit(csv_runs, tmp_path, capsys):
     out = tmp_path / "fit.json"
     code, io = _run([str(csv_runs), "--grid", "hoffmann", "--fix", "a=6", "--fix", "B=2980.958", "--delta", "0.01",
@@ -255,9 +260,8 @@ def test_fix_delta_and_gamma_reading_reach_the_fit(csv_runs, tmp_path, capsys):
     assert "held fixed, not fitted" in io.out
     for bad, fragment in ((["--fix", "a"], "expected NAME=NUMBER"), (["--fix", "zeta=1"], "cannot fix"),
                           (["--delta", "0"], "--delta must be a positive number")):
-        with pytest.raises(SystemExit) as e:
-            fit_main([str(csv_runs), "--no-progress", *bad])
-        assert e.value.code == 2 and fragment in capsys.readouterr().err
+        code = fit_main([str(csv_runs), "--no-progress", *bad])
+        assert code == 2 and fragment in capsys.readouterr().err
 
 
 def test_strict_json_replaces_non_finite_numbers():

@@ -21,13 +21,33 @@ from serving_helpers import spawn_serve
     (["--tier", "router"], "exactly one of --family YAML or --checkpoint DIR"),
     (["--tier", "router", "--checkpoint", "c", "--body-timeout-s", "0"], "--body-timeout-s must be > 0"),
     (["--tier", "router", "--port", "notaport"], "invalid int value"),
+    (["--tier", "router", "--family", "f.yaml", "--shard", "s"], "unrecognized arguments: --shard s"),  # exact names
+    (["--tier", "edge", "--shards", "s", "--api-key=k"], "--api-key: not used by a relay node"),
+    (["--bogus"], "--tier"),
 ])
 def test_flag_mistakes_are_one_line(argv, needle, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    assert err.count("\n") == 1 and needle in err, err
     assert err.startswith("familial-serve: error: ")
+
+
+@pytest.mark.parametrize("argv", [["--tier", "edge", "--shards", "s", "--inject-delay-ms", "5"],
+                                  ["demo", "--inject-delay-ms", "edge=20"]])
+def test_no_test_only_flags_in_production(argv, capsys):
+    # tests and benchmarks slow tiers down through tests/slow_tiers.py, not a familial-serve flag
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--inject-delay-ms" in err, err
+
+
+def test_slow_tiers_launcher_refuses_a_bad_spec(capsys):
+    from tests.slow_tiers import main as slow, parse_delays
+
+    assert parse_delays("edge=20,cloud=80") == {"edge": 20.0, "cloud": 80.0}
+    assert slow(["--tier", "edge"]) == 2 and "TIER=MS" in capsys.readouterr().err
+    assert slow(["edge=5", "--tier", "router", "--checkpoint", "c"]) == 2
+    assert "not the router" in capsys.readouterr().err
 
 
 def test_refused_shard_is_one_line(tiny_ckpt, tmp_path):
