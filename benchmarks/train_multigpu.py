@@ -111,14 +111,14 @@ def _bench(res, cfg, t, d, amp, plan, args, total) -> None:
 
     from trunk import parallel
     from trunk.model import FamilyModel
-    from trunk.train import _LossModule, make_optimizer, train_step
+    from trunk.train import FamilyLossModule, make_optimizer, train_step
 
     res["phase"] = "init"
     torch.manual_seed(0)
     with torch.device(d.device):  # initialise on the GPU: a 12B CPU init would take minutes
         model = FamilyModel(cfg)
     pcfg = parallel.ParallelConfig(args.parallel, args.ac, param_dtype=amp if args.parallel == "fsdp" else None)
-    net = parallel.wrap(model, _LossModule(model, None), pcfg, d.device, d.world)
+    net = parallel.wrap(model, FamilyLossModule(model, None), pcfg, d.device, d.world)
     opt = make_optimizer(model, t)
     data = RandomTokens(cfg.vocab_size, args.seq_len)
     sync = torch.cuda.synchronize if d.device.type == "cuda" else (lambda: None)

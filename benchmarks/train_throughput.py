@@ -1,6 +1,6 @@
 """Training throughput of the family trainer's step: tokens/s and MFU for ~100M and ~1B presets, G in {1, 4}.
 
-Runs the trainer's own pieces (trunk.train: _LossModule around trunk.loss.family_loss, make_optimizer,
+Runs the trainer's own pieces (trunk.train: FamilyLossModule around trunk.loss.family_loss, make_optimizer,
 bf16 autocast, gradient clipping, AdamW step) on random tokens, so data loading is not measured.
 MFU = flops_per_token(cfg, seq_len) * tokens/s / peak, with trunk.flops' "full" convention
 (matmuls + Chinchilla attention + every exit head). Peak: H100 SXM bf16 dense 989 TFLOP/s; also
@@ -23,7 +23,7 @@ import torch
 from trunk.config import get_preset
 from trunk.flops import flops_per_token, param_counts
 from trunk.model import FamilyModel
-from trunk.train import TrainConfig, _LossModule, make_optimizer
+from trunk.train import TrainConfig, FamilyLossModule, make_optimizer
 
 PEAK_BF16 = 989e12            # H100 SXM dense bf16 (datasheet)
 MEASURED_MATMUL = (739e12, 798e12)  # 8192^3 bf16 matmul on the lent H100 (DESIGN.md, KINDS.md)
@@ -48,7 +48,7 @@ def bench_one(cfg, batch: int, seq_len: int, steps: int, warmup: int, compile_: 
         model = FamilyModel(cfg)
     tcfg = TrainConfig(lr=1e-4, min_lr=1e-5, grad_clip=1.0)
     opt = make_optimizer(model, tcfg)
-    net = _LossModule(model, None)
+    net = FamilyLossModule(model, None)
     if compile_:
         net = torch.compile(net)
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)

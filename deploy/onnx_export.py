@@ -23,6 +23,7 @@ E head dim, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deploy.manifest import MANIFEST, ShardError, check_file, file_record, read_manifest, tier_entry, write_manifest
+from deploy.manifest import MANIFEST, OnnxEntry, ShardError, check_file, file_record, read_manifest, write_manifest
 from deploy.shards import TierStage, load_tier
 from trunk.kv_pool import KVPool, PoolShape
 from trunk.stage import SeqOut, SeqRun, StageError, StageOut, decide, evaluated_at
@@ -139,7 +140,7 @@ class OnnxGraph(nn.Module):
         return (x, torch.tensor(P, dtype=torch.int64), *past)
 
 
-def export_tier(shards_dir, tier: str = "device", *, opset: int = OPSET) -> dict:
+def export_tier(shards_dir, tier: str = "device", *, opset: int = OPSET) -> OnnxEntry:
     """Write `{tier}.onnx` next to the shards and record it in the manifest; the manifest entry."""
     d = Path(shards_dir)
     stage = load_tier(d, tier, dtype=torch.float32)
@@ -157,17 +158,14 @@ def export_tier(shards_dir, tier: str = "device", *, opset: int = OPSET) -> dict
                           dynamic_shapes=dyn, opset_version=opset, dynamo=True, external_data=False,
                           optimize=True, verbose=False)
     tmp.replace(path)
-    entry = {"file": path.name, **file_record(path), "opset": opset, "dtype": "float32",
-             "inputs": ins, "outputs": outs, "cache_layers": graph.layer_names,
-             "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__}
-    _update_manifest(d, tier, entry)
-    return entry
-
-
-def _update_manifest(d: Path, tier: str, entry: dict) -> None:
-    m, _ = read_manifest(d)
-    m.setdefault("onnx", {})[tier] = entry
+    rec = file_record(path)
+    entry = OnnxEntry(rec.file, rec.sha256, rec.bytes, opset=opset, dtype="float32", inputs=ins, outputs=outs,
+                      cache_layers=graph.layer_names, exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      torch=torch.__version__)
+    m = read_manifest(d)
+    m.onnx[tier] = entry
     write_manifest(d, m)
+    return entry
 
 
 # ---- running it ------------------------------------------------------------------------------------
@@ -184,27 +182,27 @@ class OnnxTierStage:
         import onnxruntime as ort
 
         d = Path(shards_dir)
-        m, cfg = read_manifest(d)
-        entries = [m["shards"][k] for k in tier_entry(m, tier)["shards"]]
-        info = m.get("onnx", {}).get(tier)
+        m = read_manifest(d)
+        cfg, entries = m.architecture, m.tier_shards(tier)
+        info = m.onnx.get(tier)
         if info is None:
             raise ShardError(f"{d / MANIFEST}: no ONNX export for tier {tier!r} (run `familial-deploy export-onnx {d} --tier {tier}`)")
-        check_file(d / info["file"], info, verify)
+        check_file(d / info.file, info, verify)
         self.tier, self.cfg, self.manifest, self.tokenizer = tier, cfg, m, load_tokenizer(d)
-        self.start_layer, self.stop_layer = entries[0]["layers"][0], entries[-1]["layers"][1]
-        self.has_embedding, self.is_last = entries[0]["has_embedding"], entries[-1]["is_last"]
+        self.start_layer, self.stop_layer = entries[0].layers[0], entries[-1].layers[1]
+        self.has_embedding, self.is_last = entries[0].has_embedding, entries[-1].is_last
         self.has_next = not self.is_last
-        self.exits = [g for e in entries for g in e["exits"]]
+        self.exits = [g for e in entries for g in e.exits]
         self.deepest_exit = self.exits[-1]
         bounds = [self.start_layer] + [cfg.exits[g] for g in self.exits]
         self.segments = [(bounds[s], bounds[s + 1], g) for s, g in enumerate(self.exits)]
-        self.val_loss = {e["index"]: e.get("val_loss") for e in m["exits"] if e["index"] in self.exits}
+        self.val_loss = m.val_loss(self.exits)
         self.device, self.dtype = torch.device("cpu"), torch.float32
-        self.layer_names, self.output_names = info["cache_layers"], info["outputs"]
+        self.layer_names, self.output_names = info.cache_layers, info.outputs
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(d / info["file"]), opts,
+        self.session = ort.InferenceSession(str(d / info.file), opts,
                                             providers=providers or ["CPUExecutionProvider"])
         self.kv: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
 
@@ -324,8 +322,8 @@ def check_tier(shards_dir, tier: str = "device", *, seed: int = 0, tol: float = 
                "steps": len(steps), "seed": seed, "onnxruntime": _ort_version()}
     report = {"summary": summary, "steps": steps}
     (d / f"{onnx_file(tier)}.check.json").write_text(json.dumps(report, indent=2) + "\n")
-    m, _ = read_manifest(d)
-    m["onnx"][tier]["check"] = summary
+    m = read_manifest(d)
+    m.onnx[tier] = dataclasses.replace(m.onnx[tier], check=summary)
     write_manifest(d, m)
     return report
 

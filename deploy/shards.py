@@ -15,6 +15,7 @@ Legend: B batch, T positions, D d_model, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from deploy.manifest import (FORMAT, MANIFEST, ShardError, check_file, default_tiers, file_record,
-                             parse_tier_spec, read_manifest, shard_file, tier_entry, write_manifest)
+from deploy.manifest import (FORMAT, MANIFEST, ExitEntry, Manifest, ShardEntry, ShardError, Source, TierEntry, TokenizerInfo,
+                             check_file, default_tiers, file_record, parse_tier_spec, read_manifest, shard_file,
+                             write_manifest)
 from trunk.artifacts import confined
 from trunk.checkpoint import DTYPES, META, WEIGHTS, load_checkpoint, read_meta
 from trunk.config import FamilyConfig
@@ -69,7 +71,7 @@ def expected_shapes(cfg: FamilyConfig, k: int) -> dict[str, tuple[int, ...]]:
 
 
 # ---- split ---------------------------------------------------------------------------------------
-def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | None = None) -> dict:
+def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | None = None) -> Manifest:
     """Write shard-{k}.safetensors, the tokenizer files and manifest.json into out_dir; the manifest."""
     from safetensors.torch import save_file
 
@@ -101,41 +103,36 @@ def split_checkpoint(ckpt_dir, out_dir, tiers: str | None = None, dtype: str | N
         tmp.replace(path)
         rec = file_record(path)
         bounds = (0,) + cfg.exits
-        shards.append({"index": k, "file": path.name, "tier": tier_of[k], "layers": [bounds[k], bounds[k + 1]],
-                       "exits": [k], "has_embedding": k == 0, "is_last": k == cfg.G - 1,
-                       "unembed": {str(g): n for g, n in unembed.items()}, "dtype": dtype,
-                       "bytes": rec["bytes"], "sha256": rec["sha256"],
-                       "tensors": {n: list(t.shape) for n, t in sorted(tensors.items())}})
+        shards.append(ShardEntry(k, path.name, tier_of[k], (bounds[k], bounds[k + 1]), [k], k == 0, k == cfg.G - 1,
+                                 unembed, dtype, rec.bytes, rec.sha256,
+                                 {n: tuple(t.shape) for n, t in sorted(tensors.items())}))
     tok_files = []
     for name in tok_names:
         shutil.copyfile(ckpt / name, out / name)
-        tok_files.append({"file": name, **file_record(out / name)})
-    manifest = {
-        "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"dir": str(ckpt.resolve()),
-                   "files": {WEIGHTS: file_record(ckpt / WEIGHTS), META: file_record(ckpt / META)}},
-        "architecture": cfg.to_dict(),
-        "dtype": dtype,
-        "exits": meta["exits"],
-        "tokenizer": {"type": meta["tokenizer"]["type"], "vocab_size": meta["tokenizer"]["vocab_size"],
-                      "files": tok_files},
-        "tiers": [{"name": n, "shards": ks} for n, ks in tier_list],
-        "shards": shards,
-    }
+        tok_files.append(dataclasses.replace(file_record(out / name), file=name))  # may sit in a subfolder
+    manifest = Manifest(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        source=Source(str(ckpt.resolve()), {WEIGHTS: file_record(ckpt / WEIGHTS), META: file_record(ckpt / META)}),
+        architecture=cfg,
+        dtype=dtype,
+        exits=[ExitEntry.from_dict(e) for e in meta["exits"]],
+        tokenizer=TokenizerInfo(meta["tokenizer"]["type"], meta["tokenizer"]["vocab_size"], tok_files),
+        tiers=[TierEntry(n, ks) for n, ks in tier_list],
+        shards=shards,
+    )
     write_manifest(out, manifest)
     return manifest
 
 
 # ---- verify --------------------------------------------------------------------------------------
-def check_shard(directory: Path, entry: dict, cfg: FamilyConfig, dtype: str, verify_hash: bool = True) -> None:
+def check_shard(directory: Path, entry: ShardEntry, cfg: FamilyConfig, dtype: str, verify_hash: bool = True) -> None:
     """Refuse a shard whose hash, tensor names, shapes or dtype disagree with manifest or architecture."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(directory) / entry["file"]
+    path = Path(directory) / entry.file
     check_file(path, entry, verify_hash)
-    want = expected_shapes(cfg, entry["index"])
-    listed = {n: tuple(s) for n, s in entry["tensors"].items()}
+    want = expected_shapes(cfg, entry.index)
+    listed = entry.tensors
     if listed != want:
         bad = sorted(set(listed) ^ set(want)) or [n for n in want if listed[n] != want[n]]
         raise ShardError(f"{path}: manifest lists tensor {bad[0]} with shapes that disagree with the architecture")
@@ -155,20 +152,20 @@ def check_shard(directory: Path, entry: dict, cfg: FamilyConfig, dtype: str, ver
             raise ShardError(f"{path}: tensor {n} is {have[n][1]}, manifest says {dtype}")
 
 
-def _check_tokenizer(directory: Path, m: dict, verify_hash: bool) -> None:
-    for rec in m["tokenizer"]["files"]:
-        check_file(Path(directory) / rec["file"], rec, verify_hash)
+def _check_tokenizer(directory: Path, m: Manifest, verify_hash: bool) -> None:
+    for rec in m.tokenizer.files:
+        check_file(Path(directory) / rec.file, rec, verify_hash)
 
 
-def verify_dir(shards_dir) -> dict:
+def verify_dir(shards_dir) -> Manifest:
     """Check the manifest, the tokenizer files, every shard and any exported ONNX graph; the manifest."""
     d = Path(shards_dir)
-    m, cfg = read_manifest(d)
+    m = read_manifest(d)
     _check_tokenizer(d, m, True)
-    for entry in m["shards"]:
-        check_shard(d, entry, cfg, m["dtype"])
-    for entry in m.get("onnx", {}).values():
-        check_file(d / entry["file"], entry)
+    for entry in m.shards:
+        check_shard(d, entry, m.architecture, m.dtype)
+    for entry in m.onnx.values():
+        check_file(d / entry.file, entry)
     return m
 
 
@@ -177,13 +174,13 @@ class TierStage(Stage):
     """One tier's shards as a runnable `trunk.stage.Stage`: embedding (first tier), trunk layers
     [start, stop), its exit heads, each exit's unembedding; plus where they came from."""
 
-    def __init__(self, tier: str, cfg: FamilyConfig, manifest: dict, model: FamilyModel,
-                 unembed: dict[int, torch.Tensor], tokenizer, shards: list[dict]):
-        super().__init__(model, [g for s in shards for g in s["exits"]], unembed=unembed,
-                         has_embedding=shards[0]["has_embedding"])
+    def __init__(self, tier: str, manifest: Manifest, model: FamilyModel,
+                 unembed: dict[int, torch.Tensor], tokenizer, shards: list[ShardEntry]):
+        super().__init__(model, [g for s in shards for g in s.exits], unembed=unembed,
+                         has_embedding=shards[0].has_embedding)
         self.tier, self.manifest, self.tokenizer = tier, manifest, tokenizer
-        self.shards = [s["index"] for s in shards]
-        self.val_loss = {e["index"]: e.get("val_loss") for e in manifest["exits"] if e["index"] in self.exits}
+        self.shards = [s.index for s in shards]
+        self.val_loss = manifest.val_loss(self.exits)
 
     def __repr__(self) -> str:
         return (f"TierStage({self.tier!r}, layers [{self.start_layer}, {self.stop_layer}), exits {self.exits}, "
@@ -196,21 +193,21 @@ class TierStage(Stage):
         return sum(seen.values())
 
 
-def _build_model(cfg: FamilyConfig, shards: list[dict], tensors: dict[str, torch.Tensor],
+def _build_model(cfg: FamilyConfig, shards: list[ShardEntry], tensors: dict[str, torch.Tensor],
                  device, dtype) -> FamilyModel:
     """A FamilyModel whose held modules hold `tensors` and whose other modules are gone."""
     model = _meta_model(cfg)
-    held = set(range(shards[0]["layers"][0], shards[-1]["layers"][1]))
+    held = set(range(shards[0].layers[0], shards[-1].layers[1]))
     for i in range(cfg.n_layers):
         if i not in held:
             model.layers[i] = nn.Identity()
-    head_gs = {g for s in shards for g in s["exits"]}
+    head_gs = {g for s in shards for g in s.exits}
     for g in range(cfg.G - 1):
         if g not in head_gs:
             model.heads[g] = nn.Identity()
-    if not shards[0]["has_embedding"]:
+    if not shards[0].has_embedding:
         model.embed = None
-    if not shards[-1]["is_last"]:
+    if not shards[-1].is_last:
         model.norm = None
     model.lm_head = None  # every exit's unembedding lives in TierStage.unembed_VD
     own = {n: t for n, t in tensors.items() if n in model.state_dict()}
@@ -229,25 +226,24 @@ def load_tier(shards_dir, tier: str, *, device="cpu", dtype: torch.dtype | None 
     from safetensors.torch import load_file
 
     d = Path(shards_dir)
-    m, cfg = read_manifest(d)
-    entries = [m["shards"][k] for k in tier_entry(m, tier)["shards"]]
+    m = read_manifest(d)
+    cfg, entries = m.architecture, m.tier_shards(tier)
     _check_tokenizer(d, m, verify)
-    dtype = dtype or DTYPES[m["dtype"]]
+    dtype = dtype or DTYPES[m.dtype]
     tensors: dict[str, torch.Tensor] = {}
     for e in entries:
-        check_shard(d, e, cfg, m["dtype"], verify)
-        loaded = load_file(str(d / e["file"]), device=str(device))
+        check_shard(d, e, cfg, m.dtype, verify)
+        loaded = load_file(str(d / e.file), device=str(device))
         tensors.update({n: t.to(dtype) for n, t in loaded.items()})
     try:
         tokenizer = load_tokenizer(d)
     except TokenizerError as e:
         raise ShardError(str(e)) from None
     model = _build_model(cfg, entries, tensors, device, dtype)
-    unembed = {int(g): tensors[n] for e in entries for g, n in e["unembed"].items()}
-    return TierStage(tier, cfg, m, model, unembed, tokenizer, entries)
+    unembed = {g: tensors[n] for e in entries for g, n in e.unembed.items()}
+    return TierStage(tier, m, model, unembed, tokenizer, entries)
 
 
 def load_chain(shards_dir, **kw) -> list[TierStage]:
     """Every tier's stage, shallow to deep (tests and single-process runs)."""
-    m, _ = read_manifest(shards_dir)
-    return [load_tier(shards_dir, t["name"], **kw) for t in m["tiers"]]
+    return [load_tier(shards_dir, t.name, **kw) for t in read_manifest(shards_dir).tiers]

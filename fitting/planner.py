@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,20 @@ class PlanConfig(CostConfig):
     min_gain: float = 0.02           # each tier's exit beats the exit below by >= this fraction of its loss
     opt_tol: float = 0.005           # shapes whose deepest-exit loss is within this of the best: compute-optimal
     dense_side: str = "matched"      # dense side of the predicted EL (leverage.DENSE_SIDES)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """One planning problem: what every step of the plan reads."""
+    C: float                                             # training budget, FLOPs
+    tiers: list[Tier]                                    # shallow to deep; one exit each, so G = len(tiers)
+    pc: PlanConfig = field(default_factory=PlanConfig)
+    p: LawParams = PAPER                                 # the dense law (a family-law fit, or the paper's)
+    b: BranchParams = PAPER_BRANCH                       # the branch-law penalty per exit
+
+    @property
+    def G(self) -> int:
+        return len(self.tiers)
 
 
 def load_law(path: str | Path) -> LawParams:
@@ -148,16 +162,27 @@ def exit_losses(cfg: FamilyConfig, D: float, p: LawParams, b: BranchParams, cuts
     return branch_loss(P, G - 1 - P, D, dense_loss(exit_sizes(cfg, cuts, p), D, p), b)
 
 
-def place_exits(cfg, D, tiers, pc: PlanConfig, p, b) -> dict:
-    """The best valid placement for this shape (see the module docstring), as {cuts, costs, losses,
-    gains, min_gain_met}; or {"error": diagnosis} when no placement fits the tiers at all."""
+@dataclass
+class Placement:
+    """Where a shape's exits go (see the module docstring), or why none fits (`error`, other fields None)."""
+    cuts: np.ndarray | None = None         # (G+1,) 0, l_1, .., l_{G-1}, L
+    costs: dict | None = None              # tiers.tier_costs' arrays at this placement, each (G,)
+    losses: np.ndarray | None = None       # (G,) predicted loss of each exit
+    gains: np.ndarray | None = None        # (G-1,) relative gain of each exit over the one below
+    min_gain_met: bool = False
+    error: str | None = None               # the diagnosis when no placement fits the tiers at all
+
+
+def place_exits(cfg: FamilyConfig, D: float, inp: PlanInputs) -> Placement:
+    """The best valid placement of `cfg`'s exits when trained on D tokens (see the module docstring)."""
+    tiers, pc, p, b = inp.tiers, inp.pc, inp.p, inp.b
     cuts = _placements(cfg.n_layers, len(tiers))
     c = tier_costs(cfg, cuts, tiers, pc)
     ok = feasible(c, tiers)
     if not ok.any():
         mem_lim, lat_lim = limits(tiers)
         over = np.maximum(c["memory_gb"] / mem_lim, c["latency_ms"] / lat_lim).max(1)
-        return {"error": diagnose(c, int(np.argmin(over)), tiers)}
+        return Placement(error=diagnose(c, int(np.argmin(over)), tiers))
     losses = exit_losses(cfg, D, p, b, cuts)
     gains = 1.0 - losses[:, 1:] / losses[:, :-1]                       # (K, G-1) relative gain per tier
     good = ok & np.all(gains >= pc.min_gain, axis=1)
@@ -168,8 +193,7 @@ def place_exits(cfg, D, tiers, pc: PlanConfig, p, b) -> dict:
     if not good.any():                                                 # no valid one: the largest smallest gain
         order = np.argsort(-gains[idx].min(1), kind="stable")
     k = int(idx[order[0]])
-    return {"cuts": cuts[k], "costs": {key: v[k] for key, v in c.items()}, "losses": losses[k],
-            "gains": gains[k], "min_gain_met": bool(good.any())}
+    return Placement(cuts[k], {key: v[k] for key, v in c.items()}, losses[k], gains[k], bool(good.any()))
 
 
 # ---- the plan ------------------------------------------------------------------------------------
@@ -182,7 +206,8 @@ def _train_section(C: float, D: float, pc: PlanConfig) -> dict:
 
 
 @dataclass
-class _Shape:
+class ScoredShape:
+    """A candidate trunk, costed for the budget (placement-independent)."""
     cfg: FamilyConfig
     N: int                 # as the law counts it
     D: float
@@ -190,7 +215,9 @@ class _Shape:
     top_loss: float        # the deepest exit's loss (placement-independent)
 
 
-def _scored_shapes(C: float, G: int, pc: PlanConfig, p: LawParams, b: BranchParams) -> list[_Shape]:
+def scored_shapes(inp: PlanInputs) -> list[ScoredShape]:
+    """Every candidate shape for G = len(inp.tiers) exits that sees at least one token, best deepest exit first."""
+    C, G, pc, p, b = inp.C, inp.G, inp.pc, inp.p, inp.b
     out = []
     for cfg in candidate_shapes(G, pc):
         fpt = flops_per_token(cfg, pc.seq_len)
@@ -199,23 +226,24 @@ def _scored_shapes(C: float, G: int, pc: PlanConfig, p: LawParams, b: BranchPara
             continue
         N = law_n(cfg, p)
         top = float(branch_loss(G - 1, 0, D, dense_loss(N, D, p), b))
-        out.append(_Shape(cfg, N, D, fpt, top))
+        out.append(ScoredShape(cfg, N, D, fpt, top))
     return sorted(out, key=lambda s: s.top_loss)
 
 
-def _choose(shapes: list[_Shape], tiers, pc, p, b):
+def _choose(shapes: list[ScoredShape], inp: PlanInputs) -> tuple[ScoredShape, Placement, list[str]]:
     """(shape, placement, notes): the compute-optimal shape whose exits serve the tiers best."""
+    tiers, pc = inp.tiers, inp.pc
     best_top = shapes[0].top_loss
     near, rest = ([s for s in shapes if s.top_loss <= best_top * (1 + pc.opt_tol)],
                   [s for s in shapes if s.top_loss > best_top * (1 + pc.opt_tol)])
-    placed = [(s, place_exits(s.cfg, s.D, tiers, pc, p, b)) for s in near]
-    placed = [(s, pl) for s, pl in placed if "error" not in pl]
+    placed = [(s, place_exits(s.cfg, s.D, inp)) for s in near]
+    placed = [(s, pl) for s, pl in placed if pl.error is None]
     notes = []
     if not placed:                                                     # smaller than optimal: first that fits
         for s in rest:
-            pl = place_exits(s.cfg, s.D, tiers, pc, p, b)
-            if "error" not in pl:
-                first_err = place_exits(near[0].cfg, near[0].D, tiers, pc, p, b)["error"]
+            pl = place_exits(s.cfg, s.D, inp)
+            if pl.error is None:
+                first_err = place_exits(near[0].cfg, near[0].D, inp).error
                 notes.append(f"the compute-optimal trunk does not fit ({first_err}); this one is "
                              f"{s.top_loss / best_top - 1:.2%} worse at its deepest exit")
                 placed = [(s, pl)]
@@ -223,12 +251,12 @@ def _choose(shapes: list[_Shape], tiers, pc, p, b):
     if not placed:
         smallest = min(shapes, key=lambda s: s.N)
         raise PlanError(f"infeasible: no model fits these tiers; even the smallest candidate (N={smallest.N:.3g}) "
-                        f"fails {place_exits(smallest.cfg, smallest.D, tiers, pc, p, b)['error']}")
-    met = [(s, pl) for s, pl in placed if pl["min_gain_met"]]
-    s, pl = min(met or placed, key=lambda t: float(np.mean(t[1]["losses"])))
-    if not pl["min_gain_met"]:
-        g = int(np.argmin(pl["gains"]))
-        notes.append(f"tier {tiers[g + 1].name!r} adds only {pl['gains'][g]:.2%} over the exit below it "
+                        f"fails {place_exits(smallest.cfg, smallest.D, inp).error}")
+    met = [(s, pl) for s, pl in placed if pl.min_gain_met]
+    s, pl = min(met or placed, key=lambda t: float(np.mean(t[1].losses)))
+    if not pl.min_gain_met:
+        g = int(np.argmin(pl.gains))
+        notes.append(f"tier {tiers[g + 1].name!r} adds only {pl.gains[g]:.2%} over the exit below it "
                      f"(min_gain {pc.min_gain:.0%}): at this budget the tiers below already serve nearly the same "
                      f"model; consider fewer tiers or a larger budget")
     return s, pl, notes
@@ -237,23 +265,23 @@ def _choose(shapes: list[_Shape], tiers, pc, p, b):
 def plan(C: float, tiers: list[Tier], pc: PlanConfig | None = None, p: LawParams | None = None,
          b: BranchParams = PAPER_BRANCH) -> dict:
     """The plan for budget C (FLOPs) on `tiers`; see the module docstring. Raises PlanError."""
-    pc = pc or PlanConfig()
-    p = p or PAPER
-    G = len(tiers)
+    inp = PlanInputs(C, tiers, pc or PlanConfig(), p or PAPER, b)
+    pc, G = inp.pc, inp.G
     if not 1 <= G <= pc.max_G:
         raise PlanError(f"{G} tiers: the planner places one exit per tier and supports 1..{pc.max_G}")
     if pc.dense_side not in DENSE_SIDES:
         raise PlanError(f"dense_side must be one of {', '.join(DENSE_SIDES)}, got {pc.dense_side!r}")
-    shapes = _scored_shapes(C, G, pc, p, b)
+    shapes = scored_shapes(inp)
     if not shapes:
         raise PlanError(f"budget {C:g} FLOPs is below one token of the smallest candidate model")
-    s, pl, notes = _choose(shapes, tiers, pc, p, b)
-    return _assemble(C, tiers, pc, p, b, s, pl, notes)
+    s, pl, notes = _choose(shapes, inp)
+    return _assemble(inp, s, pl, notes)
 
 
-def _dense_models(C, cfg, cuts, D, p, pc):
+def _dense_models(inp: PlanInputs, cfg: FamilyConfig, cuts: np.ndarray, D: float):
     """(N_g, D_g) of the EL dense side: dense models of the exits' widths and depths, trained with the
     family's whole budget C ("matched", via trunk.flops) or on its D tokens ("same-tokens")."""
+    C, p, pc = inp.C, inp.p, inp.pc
     Ns, Ds = [], []
     for l in cuts[1:]:
         dense = cfg.replace(n_layers=int(l), exit_layers=())
@@ -262,15 +290,16 @@ def _dense_models(C, cfg, cuts, D, p, pc):
     return np.array(Ns, dtype=np.float64), np.array(Ds)
 
 
-def predicted_el(C, cfg, cuts, D, family_loss_mean, p, pc) -> dict:
+def predicted_el(inp: PlanInputs, cfg: FamilyConfig, cuts: np.ndarray, D: float, family_loss_mean: float) -> dict:
     """EL of the planned family from the same laws as its exit losses: loss form and compute form (the
     factor on the dense side's tokens at which its mean loss reaches the family's)."""
+    C, p, pc = inp.C, inp.p, inp.pc
     G = len(cuts) - 1
     if pc.dense_side == "budget-split":
         q = cuts[1:] / cfg.n_layers
         dense = lambda s: float(budget_split_loss(C, G, p, exit_fractions=q, scale=s))
     else:
-        Ns, Ds = _dense_models(C, cfg, cuts, D, p, pc)
+        Ns, Ds = _dense_models(inp, cfg, cuts, D)
         dense = lambda s: float(np.mean(dense_loss(Ns, Ds * s, p)))
     el = dense(1.0) / family_loss_mean
     h = lambda ls: math.log(dense(math.exp(ls)) / family_loss_mean)
@@ -281,7 +310,8 @@ def predicted_el(C, cfg, cuts, D, family_loss_mean, p, pc) -> dict:
     return {"dense_side": pc.dense_side, "EL_loss_form": el, "EL_compute_form": elc}
 
 
-def _tier_rows(tiers, cuts, costs, losses, gains) -> list[dict]:
+def _tier_rows(tiers: list[Tier], pl: Placement) -> list[dict]:
+    cuts, costs, losses, gains = pl.cuts, pl.costs, pl.losses, pl.gains
     rows = []
     for g, t in enumerate(tiers):
         rows.append({
@@ -294,12 +324,14 @@ def _tier_rows(tiers, cuts, costs, losses, gains) -> list[dict]:
     return rows
 
 
-def _assemble(C, tiers, pc, p, b, s: _Shape, pl: dict, notes: list[str]) -> dict:
-    cuts = pl["cuts"]
+def _assemble(inp: PlanInputs, s: ScoredShape, pl: Placement, notes: list[str]) -> dict:
+    """The plan document (see `describe` and `write_outputs`) for shape `s` with exits placed at `pl`."""
+    C, tiers, p, b = inp.C, inp.tiers, inp.p, inp.b
+    cuts = pl.cuts
     cfg = s.cfg.replace(exit_layers=tuple(int(x) for x in cuts[1:-1]))
     n_opt, d_opt = frontier(C, p)
-    n_full, d_full = full_flops_frontier(C, len(tiers), p, pc)
-    fam = float(np.mean(pl["losses"]))
+    n_full, d_full = full_flops_frontier(C, len(tiers), p, inp.pc)
+    fam = float(np.mean(pl.losses))
     return {
         "flops": C, "G": len(tiers), "N": int(s.N), "n_kind": p.n_kind,
         "N_non_embedding": int(param_counts(cfg).non_embedding), "N_total": int(param_counts(cfg).total),
@@ -307,12 +339,12 @@ def _assemble(C, tiers, pc, p, b, s: _Shape, pl: dict, notes: list[str]) -> dict
         "law": {**p.as_dict(), "gamma_on": p.gamma_on, "source": p.source}, "branch_law": {**b.as_dict(), "D_unit": b.D_unit},
         "frontier_6ND": {"N_opt": float(n_opt), "D_opt": float(d_opt)},
         "frontier_full_flops": {"N_opt": float(n_full), "D_opt": float(d_full)},
-        "predicted": {"family_loss": fam, "exit_losses": [float(v) for v in pl["losses"]],
-                      **predicted_el(C, cfg, cuts, s.D, fam, p, pc),
+        "predicted": {"family_loss": fam, "exit_losses": [float(v) for v in pl.losses],
+                      **predicted_el(inp, cfg, cuts, s.D, fam),
                       "family_law_loss": float(family_law_loss(s.N, s.D, len(tiers), p))},
-        "tiers": _tier_rows(tiers, cuts, pl["costs"], pl["losses"], pl["gains"]),
+        "tiers": _tier_rows(tiers, pl),
         "notes": notes,
-        "trainer_config": {"model": cfg.to_dict(), "train": _train_section(C, s.D, pc)},
+        "trainer_config": {"model": cfg.to_dict(), "train": _train_section(C, s.D, inp.pc)},
     }
 
 

@@ -119,7 +119,7 @@ def _logits(model, g: int, x_BTD: torch.Tensor) -> torch.Tensor:
 
 
 class DistillLoss(torch.nn.Module):
-    """`distill_loss` as a module's forward, so DDP's hooks see it (as train.py's _LossModule)."""
+    """`distill_loss` as a module's forward, so DDP's hooks see it (as train.py's FamilyLossModule)."""
 
     def __init__(self, model, weights, alpha: float, temperature: float):
         super().__init__()

@@ -87,7 +87,7 @@ class TrainConfig:
     save_dtype: str = _opt("float32", "dtype of model.safetensors: float32 | float16 | bfloat16")
     resume: str = _opt("", "resume from this output directory's trainer state ('auto' = out, if present)")
     stop_at: int = _opt(0, "stop (after saving) at this step, as if interrupted; 0 = run to the end")
-    run_record: str = _opt("", "JSONL file the run record is appended to (default <out>/runs.jsonl)")
+    run_record: str = _opt("", "JSONL file the run record is appended to (default: <out>/runs.jsonl)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     compile: bool = _opt(False, "torch.compile the model")
     parallel: str = _opt("ddp", "ddp | fsdp: under torchrun, replicate the model (DDP) or shard parameters, "
@@ -204,7 +204,7 @@ def autocast_dtype(t: TrainConfig, device: torch.device):
     return torch.bfloat16 if d == "bfloat16" else None
 
 
-class _LossModule(torch.nn.Module):
+class FamilyLossModule(torch.nn.Module):
     """Wraps the model so DDP/FSDP see family_loss as its forward (their hooks need forward to go through it)."""
 
     def __init__(self, model: FamilyModel, weights):
@@ -213,6 +213,8 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, tokens_BT, targets_BT):
         return family_loss(self.model, tokens_BT, targets_BT, self.weights)
+
+
 
 
 def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
@@ -225,21 +227,39 @@ def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
 
 
+# ---- a run -------------------------------------------------------------------------------------
+
+@dataclass
+class TrainRun:
+    """One run once set up: what the loop, saving and resuming share."""
+    mcfg: FamilyConfig
+    t: TrainConfig
+    plan: TrainPlan
+    d: Dist
+    model: FamilyModel               # the unwrapped model: its state_dict is the checkpoint's
+    net: torch.nn.Module             # the loss module as wrapped for DDP/FSDP: what a step calls
+    opt: torch.optim.Optimizer
+    data: TokenData
+    tok: object                      # the tokenizer every checkpoint carries
+    amp: torch.dtype | None          # autocast dtype; None = no autocast
+    out: Path
+
+
 # ---- state -------------------------------------------------------------------------------------
 
-def save_state(out: Path, model: FamilyModel, opt, step: int, plan: TrainPlan, t: TrainConfig, tok,
-               exit_val_loss, mcfg: FamilyConfig, d: Dist | None = None, net=None) -> None:
+def save_state(run: TrainRun, step: int, exit_val_loss) -> None:
     """Checkpoint (serving artefact) then trainer state, each atomic; both record `step`.
 
-    Call it on every rank: rank 0 writes the files. Under fsdp (`net` sharded) every rank first
+    Call it on every rank: rank 0 writes the files. Under fsdp (`run.net` sharded) every rank first
     gathers the full weights to rank 0 for the checkpoint, then writes its own shards of the weights
     and optimizer (trunk/dist_checkpoint.py), which trainer_state.pt then names.
     """
-    main = d is None or d.main
-    sharded = net is not None and parallel.is_sharded(net)
+    out, model, opt, plan, t, net = run.out, run.model, run.opt, run.plan, run.t, run.net
+    main = run.d.main
+    sharded = parallel.is_sharded(net)
     full = dist_checkpoint.gather_full_state(model) if sharded else None
     if main:
-        save_checkpoint(out, model, tok, exit_val_loss=exit_val_loss,
+        save_checkpoint(out, model, run.tok, exit_val_loss=exit_val_loss,
                         tokens_seen=step * plan.global_batch * t.seq_len,
                         flops_seen=step * plan.global_batch * t.seq_len * plan.flops_per_token,
                         train_config=dataclasses.asdict(t), dtype=t.save_dtype, extra={"step": step},
@@ -257,7 +277,7 @@ def save_state(out: Path, model: FamilyModel, opt, step: int, plan: TrainPlan, t
         "scheduler": {"step": step, "total": plan.steps},  # the LR is a pure function of step (lr_at)
         "data": {"cursor": step * plan.global_batch, "seed": t.seed},
         "rng": rng_state(),
-        "model_config": mcfg.to_dict(),
+        "model_config": run.mcfg.to_dict(),
         "train_config": dataclasses.asdict(t),
     }
     write_trainer_state(out / STATE_FILE, state)
@@ -265,19 +285,21 @@ def save_state(out: Path, model: FamilyModel, opt, step: int, plan: TrainPlan, t
         dist_checkpoint.prune(out, state["sharded"])
 
 
-def load_state(directory: Path, model: FamilyModel, opt, plan: TrainPlan, mcfg: FamilyConfig, net=None) -> int:
+def load_state(run: TrainRun, directory: Path) -> int:
+    """Restore `run` from the state in `directory`; the step it stopped at."""
+    model, opt, plan, net = run.model, run.opt, run.plan, run.net
     path = directory / STATE_FILE
     if not path.is_file():
         raise TrainError(f"{path}: no trainer state to resume from")
     state = read_trainer_state(path, TrainError)   # tensors and plain data only: a crafted file cannot run code
-    if state["model_config"] != mcfg.to_dict():
+    if state["model_config"] != run.mcfg.to_dict():
         raise TrainError(f"{path}: model config differs from the one being trained")
     if state["data"]["cursor"] != state["step"] * plan.global_batch:
         raise TrainError(f"{path}: global batch differs from the saved run's; resume needs the same one")
     meta_step = read_meta(directory).get("step")
     if meta_step != state["step"]:
         raise TrainError(f"{directory}: family.json is at step {meta_step}, trainer state at {state['step']}")
-    sharded = net is not None and parallel.is_sharded(net)
+    sharded = parallel.is_sharded(net)
     if sharded != ("sharded" in state):
         was = "fsdp" if "sharded" in state else "ddp (or one process)"
         raise TrainError(f"{path}: saved under --parallel {was}; resume with the same --parallel")
@@ -388,13 +410,14 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
     model = model.to(d.device)
     weights = t.exit_weights or None
     loss_module = (adapt.DistillLoss(model, weights, t.distill, t.distill_temp) if t.distill
-                   else _LossModule(model, weights))
+                   else FamilyLossModule(model, weights))
     net = parallel.wrap(model, loss_module, pcfg, d.device, d.world)
     opt = make_optimizer(model, t)  # after wrapping: under fsdp the parameters are now sharded DTensors
+    run = TrainRun(mcfg, t, plan, d, model, net, opt, data, tok, amp, out)
     start = 0
     resume_dir = out if t.resume == "auto" else (Path(t.resume) if t.resume else None)
     if resume_dir is not None and (t.resume != "auto" or (out / STATE_FILE).is_file()):
-        start = load_state(resume_dir, model, opt, plan, mcfg, net)
+        start = load_state(run, resume_dir)
         if start >= plan.steps:
             raise TrainError(f"{resume_dir}: nothing to resume, already at step {start} of {plan.steps}")
     if d.main:
@@ -405,12 +428,15 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
                   f"{plan.tokens:,} tokens ({epochs:.2f} epochs of {t.data}), "
                   f"{plan.tokens * plan.flops_per_token:.3g} FLOPs", file=sys.stderr, flush=True)
     extra = adapt.record_start(t, adaptation, out, start, d.main, lambda: evaluate(model, data, t, d, amp))
-    return _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, extra)
+    return _loop(run, start, extra)
 
 
-def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_extra=None) -> dict:
+def _loop(run: TrainRun, start: int, record_extra: dict | None = None) -> dict:
+    """Steps [start, stop), evaluating, logging and saving on schedule; the run record."""
     from tqdm import tqdm
 
+    model, net, opt, data, t, plan, d, amp, out = (run.model, run.net, run.opt, run.data, run.t, run.plan, run.d,
+                                                   run.amp, run.out)
     stop = min(plan.steps, t.stop_at) if t.stop_at else plan.steps
     bar = tqdm(total=plan.steps, initial=start, desc="train", unit="step", disable=not (t.progress and d.main))
     metrics = open(out / "metrics.jsonl", "a") if d.main else None
@@ -432,16 +458,16 @@ def _loop(model, net, opt, data, tok, t, plan, d, amp, start, out, mcfg, record_
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val[-1]:.4f}"} if val else {}))
             if t.save_every and done % t.save_every == 0 and done < stop:
-                save_state(out, model, opt, done, plan, t, tok, val, mcfg, d, net)
+                save_state(run, done, val)
         done = stop
         if val is None or done != plan.steps:
             val = evaluate(model, data, t, d, amp, net)
-        save_state(out, model, opt, done, plan, t, tok, val, mcfg, d, net)
+        save_state(run, done, val)
     finally:
         bar.close()
         if metrics:
             metrics.close()
-    record = run_record(mcfg, t, plan, done, val, time.time() - t0, d.world) | (record_extra or {})
+    record = run_record(run.mcfg, t, plan, done, val, time.time() - t0, d.world) | (record_extra or {})
     timed = max(0, done - start - 1)
     record["throughput"] = {"timed_steps": timed, "step_seconds": round(step_s, 4),
                             "tokens_per_s": timed * plan.global_batch * t.seq_len / step_s if step_s > 0 else None}

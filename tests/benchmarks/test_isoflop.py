@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fitting.laws import PAPER, PAPER_BRANCH, branch_loss, family_law_loss
+from tests.figure_capture import line_data, marker_points, saved_figures, scatter_points, visible_axes
 from trunk.sweep import load_sweep, plan_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +50,48 @@ def _synthetic_runs(path: Path) -> list[dict]:
 
 def test_figures_from_runs_and_a_fit(tmp_path, capsys):
     fig = _load("figures")
-    _synthetic_runs(tmp_path / "runs.jsonl")
+    recs = _synthetic_runs(tmp_path / "runs.jsonl")
     (tmp_path / "fit.json").write_text(json.dumps({"law": "family", "params": PAPER.as_dict()}))
-    assert fig.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json"), "--out", str(tmp_path / "f")]) == 0
-    for name in ("isoflop_curves.png", "loss_vs_G.png", "efficiency_leverage.png"):
-        png = tmp_path / "f" / name
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, name
+    with saved_figures() as figs:
+        assert fig.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json"),
+                         "--out", str(tmp_path / "f")]) == 0
+    assert set(figs) == {"isoflop_curves.png", "loss_vs_G.png", "efficiency_leverage.png"}
+    for name in figs:
+        assert (tmp_path / "f" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    grid = [r for r in recs if r["sweep"]["role"] == "grid"]
+    Gs, budgets = sorted({r["G"] for r in grid}), sorted({r["sweep"]["budget"] for r in recs})
+    lo, hi = min(r["loss"] for r in recs), max(r["loss"] for r in recs)
+
+    # IsoFLOP curves: one panel per G; every run of that G is a point; law curves lie near the runs
+    panels = visible_axes(figs["isoflop_curves.png"])
+    assert [ax.get_title() for ax in panels] == [f"G = {G}" for G in Gs]
+    for ax, G in zip(panels, Gs):
+        assert ax.get_xlabel() == "N (non-embedding parameters)" and ax.get_xscale() == "log"
+        assert scatter_points(ax) == {(round(r["N"], 9), round(r["loss"], 9)) for r in recs if r["G"] == G}
+        curves = line_data(ax)
+        assert len(curves) == len({r["sweep"]["budget"] for r in recs if r["G"] == G})
+        for xy in curves:
+            assert np.isfinite(xy).all() and PAPER.E < xy[:, 1].min() and xy[:, 1].max() < hi * 1.2
+    assert panels[0].get_ylabel() == "validation loss (mean over exits)"
+
+    # loss vs G: one panel per budget; the grid runs' (G, loss) as markers
+    panels = visible_axes(figs["loss_vs_G.png"])
+    assert [ax.get_title() for ax in panels] == [f"C = {C:.0e} FLOPs" for C in budgets]
+    for ax, C in zip(panels, budgets):
+        assert ax.get_xlabel() == "G (exits)" and list(ax.get_xticks()) == Gs
+        assert marker_points(ax) == {(r["G"], round(r["loss"], 9)) for r in grid if r["sweep"]["budget"] == C}
+        for xy in line_data(ax):
+            assert lo * 0.8 < xy[:, 1].min() and xy[:, 1].max() < hi * 1.2
+
+    # EL: a fitted and a paper curve per G > 1; the fit here is the paper's law, so each pair coincides
+    (ax,) = visible_axes(figs["efficiency_leverage.png"])
+    assert ax.get_ylabel() == "EL = L_dense-set / L_family" and ax.get_xscale() == "log"
+    labels = [ln.get_label() for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert labels == [f"G={G}, {kind}" for G in Gs if G > 1 for kind in ("fitted", "paper")]
+    fitted, paper = line_data(ax)[0::2], line_data(ax)[1::2]
+    for f, pp in zip(fitted, paper):
+        np.testing.assert_allclose(f, pp)
+        assert f[0, 0] == pytest.approx(1e14) and f[-1, 0] == pytest.approx(1e24) and (f[:, 1] > 0).all()
     # the interpolated FLOP count reproduces the runs' own
     runs = fig.read_runs(tmp_path / "runs.jsonl")
     f = fig.fpt_curve(runs, 4)

@@ -83,7 +83,7 @@ def test_manifest_naming_a_file_outside_is_refused_by_verify_and_by_a_node(make_
     from deploy.manifest import file_record
 
     # an entry with the right size and hash of the outside file: only the path check can stop it
-    rec = {"file": bad, **file_record(secret)}
+    rec = {**file_record(secret).to_dict(), "file": bad}
     _rewrite(d, lambda m: m["tokenizer"]["files"].append(rec))
     _one_line_2(_deploy(capsys, "verify", d), "manifest.json entry")
     if bad in BAD_NAMES[:2]:  # the node as a real process
@@ -116,6 +116,6 @@ def test_files_in_subfolders_inside_stay_allowed(make_ckpt, tmp_path):
     d = _shards(make_ckpt, tmp_path)
     (d / "extra").mkdir()
     (d / "extra" / "notes.txt").write_text("inside\n")
-    _rewrite(d, lambda m: m["tokenizer"]["files"].append({"file": "extra/notes.txt",
-                                                          **file_record(d / "extra" / "notes.txt")}))
-    assert verify_dir(d)["tokenizer"]["files"][-1]["file"] == "extra/notes.txt"
+    _rewrite(d, lambda m: m["tokenizer"]["files"].append({**file_record(d / "extra" / "notes.txt").to_dict(),
+                                                          "file": "extra/notes.txt"}))
+    assert verify_dir(d).tokenizer.files[-1].file == "extra/notes.txt"

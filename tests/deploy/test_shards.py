@@ -4,21 +4,23 @@ import json
 import pytest
 import torch
 
-from deploy.manifest import MANIFEST, ShardError, TierSpecError, parse_tier_spec, sha256_file
+from deploy.manifest import MANIFEST, Manifest, ShardError, TierSpecError, parse_tier_spec, sha256_file
 from deploy.shards import load_chain, load_tier, split_checkpoint, verify_dir
 
 
 def test_split_writes_manifest_and_verifies(make_ckpt, tmp_path):
     ckpt, model = make_ckpt("tied")
     m = split_checkpoint(ckpt, tmp_path / "sh", "device=0,edge=1,cloud=2..")
-    assert verify_dir(tmp_path / "sh") == json.loads((tmp_path / "sh" / MANIFEST).read_text())
-    assert m["source"]["files"]["model.safetensors"]["sha256"] == sha256_file(ckpt / "model.safetensors")
-    assert [s["layers"] for s in m["shards"]] == [[0, 1], [1, 2], [2, 4]]
-    assert [s["tier"] for s in m["shards"]] == ["device", "edge", "cloud"]
+    doc = json.loads((tmp_path / "sh" / MANIFEST).read_text())
+    assert verify_dir(tmp_path / "sh") == m and m.to_dict() == doc and Manifest.from_dict(doc) == m
+    assert m.source.files["model.safetensors"].sha256 == sha256_file(ckpt / "model.safetensors")
+    assert [s.layers for s in m.shards] == [(0, 1), (1, 2), (2, 4)]
+    assert [s.tier for s in m.shards] == ["device", "edge", "cloud"]
     # tied heads: shard 0 reads its own embedding, shard 1 carries a copy, the last an lm_head copy
-    assert [s["unembed"] for s in m["shards"]] == [{"0": "embed.weight"}, {"1": "heads.1.unembed.weight"},
-                                                   {"2": "lm_head.weight"}]
-    assert "embed.weight" not in m["shards"][1]["tensors"] and "layers.1.mlp.up_proj.weight" in m["shards"][1]["tensors"]
+    assert [s.unembed for s in m.shards] == [{0: "embed.weight"}, {1: "heads.1.unembed.weight"}, {2: "lm_head.weight"}]
+    assert [s["unembed"] for s in doc["shards"]] == [{"0": "embed.weight"}, {"1": "heads.1.unembed.weight"},
+                                                     {"2": "lm_head.weight"}]   # JSON object keys are strings
+    assert "embed.weight" not in m.shards[1].tensors and "layers.1.mlp.up_proj.weight" in m.shards[1].tensors
     edge = load_tier(tmp_path / "sh", "edge")
     assert (edge.start_layer, edge.stop_layer, edge.exits, edge.deepest_exit) == (1, 2, [1], 1)
     assert not edge.has_embedding and not edge.is_last and edge.val_loss == {1: 2.5}
@@ -26,11 +28,20 @@ def test_split_writes_manifest_and_verifies(make_ckpt, tmp_path):
     assert edge.model.embed is None  # the edge shard holds no embedding
 
 
+def test_tier_names_are_data(make_ckpt, tmp_path):
+    """Any tier names and any number of tiers: the manifest records them, and each loads by its name."""
+    ckpt, _ = make_ckpt("tied")
+    m = split_checkpoint(ckpt, tmp_path / "sh", "phone=0,hub=1,dc=2")
+    assert [t.name for t in m.tiers] == ["phone", "hub", "dc"] and [s.tier for s in m.shards] == ["phone", "hub", "dc"]
+    assert [st.tier for st in load_chain(tmp_path / "sh")] == ["phone", "hub", "dc"]
+    assert [s.index for s in m.tier_shards("hub")] == [1]
+
+
 def test_stage_holds_only_its_shard(make_ckpt, tmp_path):
     ckpt, model = make_ckpt("tied")
     m = split_checkpoint(ckpt, tmp_path / "sh")
     for stage in load_chain(tmp_path / "sh"):
-        shard_bytes = sum(m["shards"][k]["bytes"] for k in stage.shards)
+        shard_bytes = sum(m.shards[k].bytes for k in stage.shards)
         assert 0.95 * shard_bytes < stage.nbytes() <= shard_bytes
         names = set(stage.model.state_dict())
         assert all(int(n.split(".")[1]) in range(stage.start_layer, stage.stop_layer)
@@ -149,7 +160,7 @@ def test_parse_tier_spec_rejects(spec):
 def test_float16_shards_load_and_upcast(make_ckpt, tmp_path, run_chain, chunks):
     ckpt, model = make_ckpt("branch_own")
     m = split_checkpoint(ckpt, tmp_path / "sh", dtype="float16")
-    assert m["dtype"] == "float16" and verify_dir(tmp_path / "sh")
+    assert m.dtype == "float16" and verify_dir(tmp_path / "sh")
     assert load_tier(tmp_path / "sh", "edge").dtype == torch.float16
     # upcast on load: equals the full model with its weights rounded to fp16
     stages = load_chain(tmp_path / "sh", dtype=torch.float32)

@@ -9,7 +9,7 @@ import numpy as np
 
 from relay.client import RelayClient
 from relay.pb import pb, pb_grpc
-from tests.relay.conftest import chain, run
+from tests.relay.relay_helpers import chain, run
 
 MAX_MSG = 1 << 20
 S = grpc.StatusCode

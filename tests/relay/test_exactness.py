@@ -14,7 +14,7 @@ import torch
 
 from relay.client import RelayClient
 from trunk.sampling import ExitPolicy, SamplingParams
-from tests.relay.conftest import chain, run
+from tests.relay.relay_helpers import chain, run
 
 N_SEQ, N_TOK = 20, 32
 
@@ -74,12 +74,13 @@ def test_exact_builtin_family(builtin_family):
     _exact(builtin_family)
 
 
+@pytest.mark.slow  # 21 s on the shared 2-core box (ONNX export, then a chain on loopback)
 def test_exact_with_onnx_device_tier(family, tmp_path):
     """The device tier on ONNX Runtime: every token's argmax equals the single-process PyTorch run."""
     import shutil
 
     onnx_mod = pytest.importorskip("deploy.onnx_export")
-    from tests.relay.conftest import stage
+    from tests.relay.relay_helpers import stage
     shards = tmp_path / "shards"
     shutil.copytree(family.shards, shards)
     onnx_mod.export_tier(shards, "device")

@@ -10,7 +10,7 @@ import time
 from relay.cli import start_node
 from relay.client import RelayClient
 from relay.tier import TierConfig
-from tests.relay.conftest import chain, run, stage
+from tests.relay.relay_helpers import chain, run, stage
 
 DEADLINE_S = 2.0
 

@@ -6,7 +6,7 @@ import sys
 import time
 
 from relay.client import RelayClient
-from tests.relay.conftest import ROOT, run
+from tests.relay.relay_helpers import ROOT, run
 
 
 def _free_port() -> int:

@@ -34,7 +34,7 @@ from relay.node import SYNC_PERIOD_S, SYNC_STALE_S, TOKEN_HEADER
 from relay.pb import pb, pb_grpc
 from relay.work import GenRequest, SeqStep, StepMessage
 from tests.processes import stop_processes
-from tests.relay.conftest import ROOT, run
+from tests.relay.relay_helpers import ROOT, run
 
 TIERS = ("device", "edge", "cloud")
 START_TIMEOUT_S = 90
@@ -120,6 +120,7 @@ BUDGET_MS = 1500.0   # Generate's whole-request deadline; an unhung chain needs 
 N = 8
 
 
+@pytest.mark.slow  # 25 s on the shared 2-core box (real processes)
 def test_hung_cloud_answers_within_the_deadline_then_exact_again(family, tmp_path):
     G = family.model.cfg.G
     prompt = [5, 6, 7, 8]
@@ -198,6 +199,7 @@ async def _seqs(clients: dict) -> dict[str, set[str]]:
     return {name: set((await c.stats())["sessions"]) for name, c in clients.items()}
 
 
+@pytest.mark.slow  # 17 s on the shared 2-core box (real processes)
 def test_crashed_heads_sequences_are_freed_downstream_while_another_head_goes_on(family, tmp_path):
     """Heads a and b share the edge; a is killed, then b: each one's sequences go from the edge and the
     cloud within ORPHANS_FREED_S, and b's requests go on meanwhile."""
@@ -237,6 +239,7 @@ def test_crashed_heads_sequences_are_freed_downstream_while_another_head_goes_on
     assert a_freed_s <= ORPHANS_FREED_S and b_freed_s <= ORPHANS_FREED_S, (a_freed_s, b_freed_s)
 
 
+@pytest.mark.slow  # 17 s on the shared 2-core box (real processes)
 def test_crashed_heads_sequences_are_freed_while_the_next_tier_hangs(family, tmp_path):
     """The edge frees a crashed head's sequences in time even while its own next tier (the cloud) hangs:
     its housekeeping must not wait on the cloud."""
@@ -285,6 +288,7 @@ def _tier_calls(stub, fam, seq_id: str) -> dict:
             "Sync": (stub.Sync, pb.SyncRequest(src="test-upstream", live=[seq_id]))}
 
 
+@pytest.mark.slow  # 15 s on the shared 2-core box (real processes)
 def test_node_token_guards_tier_calls_and_a_chain_sharing_it_is_exact(family, tmp_path):
     G = family.model.cfg.G
     flags = {"device": ["--node-token", NODE_TOKEN, "--admin-token", ADMIN_TOKEN], "edge": ["--node-token", NODE_TOKEN]}

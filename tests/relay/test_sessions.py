@@ -7,7 +7,7 @@ import pytest
 
 from relay.client import RelayClient, RelayError
 from relay.tier import TierConfig
-from tests.relay.conftest import chain, run
+from tests.relay.relay_helpers import chain, run
 
 
 def test_close_propagates_and_stats_report_kv_bytes(family):

@@ -11,7 +11,7 @@ import pytest
 
 from relay.client import RelayClient, RelayError
 from relay.types import TLSConfig
-from tests.relay.conftest import chain, run
+from tests.relay.relay_helpers import chain, run
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

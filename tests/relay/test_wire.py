@@ -3,7 +3,7 @@ lossy wire dtypes, a head rewind (retrying a step), and FamilyInfo's view of the
 import pytest
 
 from relay.client import RelayClient
-from tests.relay.conftest import chain, run
+from tests.relay.relay_helpers import chain, run
 
 
 def test_pending_positions_chunked_under_small_message_limit_stay_exact(family):

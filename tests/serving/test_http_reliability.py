@@ -60,6 +60,7 @@ def _stream(server, **body) -> tuple[list[dict], float]:
     return [json.loads(line[6:])["choices"][0] for line in lines[:-1]], time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_hung_tier_answers_within_the_budget_then_exact_again(shards):
     within = 1.1 * BUDGET_MS / 1e3 + 0.5
     with NodeProcesses(shards) as nodes, _router(shards, nodes) as server:

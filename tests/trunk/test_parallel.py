@@ -27,7 +27,7 @@ from trunk.config import get_preset
 from trunk.data import prepare
 from trunk.loss import family_loss
 from trunk.model import FamilyModel
-from trunk.train import _LossModule
+from trunk.train import FamilyLossModule
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ("--preset", "tiny", "--model", "branch_layers=1", "--model", "adapter_rank=4",
@@ -260,11 +260,11 @@ def _saved_bytes(net, x, y) -> int:
 
 def test_activation_checkpointing_keeps_block_inputs_only():
     model, x, y = _tiny()
-    plain, loss = _saved_bytes(_LossModule(model, None), x, y)
+    plain, loss = _saved_bytes(FamilyLossModule(model, None), x, y)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    net = parallel.wrap(model, _LossModule(model, None), parallel.ParallelConfig(activation_checkpointing=True),
+    net = parallel.wrap(model, FamilyLossModule(model, None), parallel.ParallelConfig(activation_checkpointing=True),
                         torch.device("cpu"), world=1)
     ckpt, loss2 = _saved_bytes(net, x, y)
     loss2.backward()
@@ -283,7 +283,7 @@ def test_fsdp_groups_and_gathered_unembeddings():
     model, x, y = _tiny()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        net = parallel.wrap(model, _LossModule(model, None), parallel.ParallelConfig(kind="fsdp"),
+        net = parallel.wrap(model, FamilyLossModule(model, None), parallel.ParallelConfig(kind="fsdp"),
                             torch.device("cpu"), world=1)
         assert parallel.is_sharded(net) and all(isinstance(b, FSDPModule) for b in model.layers)
         for head in model.heads:  # one group per exit head: its branch block, norm and adapter
