@@ -19,12 +19,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.admission import Admission
 from serving.body_guard import BodyGuard
+from serving.encoding import json_dumps
 from serving.engine import Engine
+from serving.errors import APIError
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ExitCard, ModelCard, ModelList
 from serving.serving_chat import OpenAIServingChat
-from serving.serving_common import Admission, APIError, json_dumps
 from serving.serving_completion import OpenAIServingCompletion
 from serving.settings import ServeSettings
 
@@ -32,7 +34,7 @@ _ENDPOINT = {"/v1/completions": "completions", "/v1/chat/completions": "chat.com
 
 
 class StrictJSONResponse(JSONResponse):
-    """JSON with finite numbers only and ASCII escapes (see `serving_common.json_dumps`)."""
+    """JSON with finite numbers only and ASCII escapes (see `encoding.json_dumps`)."""
 
     def render(self, content) -> bytes:
         return json_dumps(content).encode()
@@ -64,11 +66,10 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if start_engine and hasattr(engine, "start"):
+        if start_engine:
             await engine.start()
         yield
-        if hasattr(engine, "close"):
-            await engine.close()
+        await engine.close()
 
     locked = settings.api_key is not None   # with a key, the schema pages are served below, behind it
     app = FastAPI(title="Familial", lifespan=lifespan, default_response_class=StrictJSONResponse,
@@ -140,7 +141,7 @@ def build_app(engine: Engine, settings: ServeSettings | None = None, *, start_en
                          exits=[ExitCard(index=e.index, layer=e.layer, tier=e.tier, val_loss=e.val_loss)
                                 for e in info.exits])
         out = ModelList(data=[card]).model_dump()
-        out["data"][0]["latency_model"] = engine.planner.snapshot()
+        out["data"][0]["latency_model"] = engine.latency_model()
         return out
 
     if locked:

@@ -8,13 +8,14 @@ is counted and refused (413) as soon as it passes the cap; a body that has not f
 body within limits is handed to the app unchanged, and later `receive` calls (disconnects) pass through.
 
 This file knows nothing of the OpenAI schema beyond the shape of its error body; what a prompt may hold
-is checked by the handlers (`serving_common.py`).
+is checked by the handlers (`validation.py`).
 """
 from __future__ import annotations
 
 import asyncio
 
-from serving.serving_common import APIError, json_dumps
+from serving.encoding import json_dumps
+from serving.errors import APIError
 
 
 class _TooLarge(Exception):

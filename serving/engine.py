@@ -1,7 +1,9 @@
 """The engine interface the HTTP handlers depend on, and its two implementations.
 
-`Engine` (a typing.Protocol) is all the handlers see: `generate(request)` yields one `TokenOutput` per
-completion token, `abort(request_id)` stops a request and frees its KV everywhere, `check_health()`.
+`Engine` (a typing.Protocol) is all the handlers see: `start()` / `close()` around serving,
+`generate(request)` yields one `TokenOutput` per completion token, `abort(request_id)` stops a request
+and frees its KV everywhere, `check_health()`, and what the API reports of exits: `exit_on_tier(tier)`
+(the exit `"exit": "<tier>"` means) and `latency_model()` (for /v1/models).
 The decode loop does not live here: a request is submitted whole to a tier engine (relay/tier.py),
 which batches it with every other request and streams tokens back. What lives here is the exit
 choice: the first exit from the latency budget (`exit_policy.ExitPlanner`), replans as the request
@@ -22,8 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
-from relay.work import GenRequest, TokenEvent
-from serving.exit_policy import ExitInfo, ExitPlan, ExitPlanner
+from relay.work import GenRequest, Speculative, TokenEvent
+from serving.exit_policy import ExitInfo, ExitPlan, ExitPlanner, by_quality
 from trunk.sampling import SamplingParams  # noqa: F401 - the handlers' import of it
 
 __all__ = ["Engine", "EngineError", "GenerateRequest", "TokenOutput", "SamplingParams", "LocalEngine",
@@ -46,6 +48,7 @@ class GenerateRequest:
     budget_ms: float | None = None   # whole request, from `arrival_s`
     ignore_eos: bool = False         # generate max_tokens whatever the model says (benchmarks, tests)
     arrival_s: float = field(default_factory=time.perf_counter)
+    speculative: Speculative | None = None  # draft at the head tier, verify at the chosen exit
 
 
 @dataclass
@@ -69,6 +72,9 @@ class TokenOutput:
     predicted_ms: float | None = None   # first token only: the plan's predicted request time
     decision_us: float = 0.0            # router time spent choosing this token's exit
     finish_reason: str | None = None    # "stop" (end of sequence) | "length" (max_tokens)
+    draft: bool = False                 # speculative: an accepted draft
+    drafted: int = 0                    # speculative: on a round's last token, drafts checked and accepted
+    accepted: int = 0
 
 
 @dataclass
@@ -81,6 +87,8 @@ class FamilyInfo:
 
 class Tokenizer(Protocol):
     eos_id: int
+    eos_ids: tuple[int, ...]   # every id that ends a sequence (eos_id first)
+    vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -88,15 +96,26 @@ class Tokenizer(Protocol):
 
 
 class Engine(Protocol):
-    info: FamilyInfo
+    info: FamilyInfo              # valid once `start` has returned
     tokenizer: Tokenizer
-    planner: ExitPlanner
+
+    async def start(self) -> None:
+        """Connect, build the tier engines, calibrate the latency model; a second call does nothing."""
+
+    async def close(self) -> None:
+        """Stop serving and free what `start` made; `start` may be called again after."""
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
 
     async def check_health(self) -> dict[str, bool]: ...
+
+    def exit_on_tier(self, tier: str) -> int | None:
+        """The best-quality exit held by `tier`, or None when no tier of that name holds one."""
+
+    def latency_model(self) -> dict:
+        """The exit planner's current latency estimates per exit (empty before `start`)."""
 
 
 # ---- planning over a token stream -----------------------------------------------------------------
@@ -107,13 +126,14 @@ class PlanningEngine:
 
     info: FamilyInfo
     tokenizer: Tokenizer
-    planner: ExitPlanner
+    planner: ExitPlanner | None = None   # made by `start`, from `info.exits`
     step_timeout_s: float | None = None
 
     def __init__(self):
         self._started = False
         self._start_lock = asyncio.Lock()
         self._live: set[str] = set()
+        self.spec_acceptance: dict[str, tuple[float, float]] = {}  # "draft->target": (drafted, accepted), decayed
 
     async def _setup(self) -> None: ...
 
@@ -133,8 +153,7 @@ class PlanningEngine:
     async def calibrate(self, rounds: int = 2, prompt_len: int = 8, new_tokens: int = 4) -> None:
         """A few unloaded requests per exit seed the latency model; the first round only warms up."""
         rng = random.Random(7)
-        vocab = getattr(self.tokenizer, "vocab_size", 256)
-        prompt = [rng.randrange(min(vocab, 256)) for _ in range(prompt_len)]
+        prompt = [rng.randrange(min(self.tokenizer.vocab_size, 256)) for _ in range(prompt_len)]
         for r in range(rounds + 1):
             for e in self.info.exits:
                 req = GenRequest(f"calibrate-{uuid.uuid4().hex[:8]}", prompt, new_tokens, exit=e.index,
@@ -168,9 +187,9 @@ class PlanningEngine:
         deadline_ms = 0.0
         if req.budget_ms is not None:
             deadline_ms = max(1.0, req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3)
-        eos = tuple(getattr(self.tokenizer, "eos_ids", None) or (self.tokenizer.eos_id,))
         greq = GenRequest(req.request_id, list(req.prompt_ids), req.max_tokens, req.sampling, plan.exit,
-                          ignore_eos=req.ignore_eos, eos_ids=eos, step_timeout_s=self.step_timeout_s)
+                          ignore_eos=req.ignore_eos, eos_ids=tuple(self.tokenizer.eos_ids),
+                          step_timeout_s=self.step_timeout_s, speculative=req.speculative)
         g, replan, t_last, i = plan.exit, None, time.perf_counter(), 0
         self._live.add(req.request_id)
         events = self._stream(greq, deadline_ms)
@@ -183,14 +202,17 @@ class PlanningEngine:
                     return
                 wall = (now - t_last) * 1e3
                 t_last = now
-                if not ev.degraded:
-                    self._observe(ev.exit, ev.index, len(req.prompt_ids), wall)
+                if ev.drafted:
+                    self._observe_round(req.speculative, ev.exit, ev.drafted, ev.accepted)
+                if not ev.degraded and (req.speculative is None or ev.index == 0):  # rounds arrive in bursts:
+                    self._observe(ev.exit, ev.index, len(req.prompt_ids), wall)   # no per-token decode time
                 if ev.finish_reason:
                     self.planner.score(plan, ev.index + 1, (now - t_plan) * 1e3)
-                yield TokenOutput(token_id=ev.token, exit=ev.exit, tier=self._tier_of(ev), latency_ms=_split(ev, wall),
+                yield TokenOutput(token_id=ev.token, exit=ev.exit, tier=self._tier_of(ev), latency_ms=self._latency_split(ev, wall),
                                   degraded=ev.degraded, reason=ev.reason, replan=replan,
                                   infeasible=plan.infeasible and i == 0, decision_us=decision_us,
-                                  predicted_ms=plan.predicted_ms if i == 0 else None, finish_reason=ev.finish_reason)
+                                  predicted_ms=plan.predicted_ms if i == 0 else None, finish_reason=ev.finish_reason,
+                                  draft=ev.draft, drafted=ev.drafted, accepted=ev.accepted)
                 if ev.finish_reason:
                     return
                 i, replan, decision_us = i + 1, None, 0.0
@@ -212,12 +234,37 @@ class PlanningEngine:
     def _tier_of(self, ev: TokenEvent) -> str:
         return ev.tier
 
+    def _observe_round(self, sp: Speculative | None, target: int, drafted: int, accepted: int) -> None:
+        """Live acceptance per (draft exit, target exit): decayed sums, so recent rounds weigh most."""
+        draft = sp.draft_exit if sp is not None and sp.draft_exit is not None else \
+            max(e.index for e in self.info.exits if e.tier == self.info.tiers[0])
+        key = f"{draft}->{target}"
+        d, a = self.spec_acceptance.get(key, (0.0, 0.0))
+        self.spec_acceptance[key] = (0.98 * d + drafted, 0.98 * a + accepted)
+
+    def acceptance(self, draft: int, target: int) -> float | None:
+        """Live fraction of drafts accepted for this pair (None before any round)."""
+        d, a = self.spec_acceptance.get(f"{draft}->{target}", (0.0, 0.0))
+        return a / d if d > 0 else None
+
+    def _latency_split(self, ev: TokenEvent, wall_ms: float) -> dict[str, float]:
+        return _split(ev, wall_ms)
+
     async def abort(self, request_id: str) -> None:
         """Handlers stop a request by closing its `generate` iterator; this is for callers without it."""
         self._live.discard(request_id)
 
     def live_requests(self) -> int:
         return len(self._live)
+
+    def exit_on_tier(self, tier: str) -> int | None:
+        return next((e.index for e in by_quality(self.info.exits) if e.tier == tier), None)
+
+    def latency_model(self) -> dict:
+        snap = self.planner.snapshot() if self.planner is not None else {}
+        if self.spec_acceptance:
+            snap = {**snap, "speculative_acceptance": {k: a / d for k, (d, a) in self.spec_acceptance.items() if d}}
+        return snap
 
 
 def _split(ev: TokenEvent, wall_ms: float) -> dict[str, float]:
@@ -316,6 +363,14 @@ class LocalEngine(PlanningEngine):
 
     def _tier_of(self, ev: TokenEvent) -> str:
         return self.exit_tiers.get(ev.exit, ev.tier)
+
+    def _latency_split(self, ev: TokenEvent, wall_ms: float) -> dict[str, float]:
+        """One engine for every exit: its time is the labelled tier's (the token's), as the tokens say."""
+        out = _split(ev, wall_ms)
+        if len(self.engines) == 1 and self.engines[0].tier in out:
+            t = self._tier_of(ev)
+            out[t] = out.get(t, 0.0) + out.pop(self.engines[0].tier)
+        return out
 
     async def abort(self, request_id: str) -> None:
         await super().abort(request_id)

@@ -37,6 +37,11 @@ class ExitInfo:
     val_loss: float | None = None    # measured validation loss (lower is better)
 
 
+def by_quality(exits: list[ExitInfo]) -> list[ExitInfo]:
+    """Best quality first: lowest validation loss; exits without one rank by depth, deepest first."""
+    return sorted(exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
+
+
 def _ewma(old: float, new: float, alpha: float, n: int) -> float:
     """EWMA after n earlier samples; the first samples are averaged plainly (weight 1/(n+1)) so a
     start-up guess does not linger."""
@@ -121,8 +126,7 @@ class ExitPlanner:
         self.ratios: deque[float] = deque(maxlen=window)
         self.min_requests = min_requests
         self.safety = 1.0 / margin   # predictions are multiplied by this before they are compared
-        # best quality first: lowest val loss; unknown losses rank by depth, deepest first
-        self.by_quality = sorted(self.exits, key=lambda e: (e.val_loss is None, e.val_loss or 0.0, -e.index))
+        self.by_quality = by_quality(self.exits)
 
     def plan_for(self, g: int, prompt_tokens: int, new_tokens: int, infeasible: bool = False) -> ExitPlan:
         """The plan (with its predictions) of running the whole request at exit g."""

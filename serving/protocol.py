@@ -86,6 +86,14 @@ class UsageInfo(OpenAIModel):
 ExitChoice = Union[int, str]  # "auto" | exit index | tier name
 
 
+class SpeculativeOptions(OpenAIRequest):
+    """`speculative`: the head tier drafts with a shallow exit, the chosen exit verifies k drafts per round
+    trip (greedy: the same tokens as without it; sampled: the same distribution). `true` = all defaults."""
+    draft_exit: Optional[int] = Field(None, ge=0)  # default: the head tier's deepest exit
+    k: int = Field(4, ge=1, le=64)                 # drafts per round (the cap when adaptive)
+    adaptive: bool = True                          # choose k per round from acceptance and round-trip time
+
+
 # OpenAI request fields this server does not implement, and the values that ask for nothing (a client
 # may send those): any other value is a 400 naming the field, never silently ignored.
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -146,6 +154,7 @@ class CompletionRequest(_SamplingFields):
     latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)  # arrival to last token
     exit: ExitChoice = "auto"                               # "auto" | exit index | tier name
     ignore_eos: bool = False                                # keep going past end-of-sequence (as vLLM's)
+    speculative: Optional[Union[bool, SpeculativeOptions]] = None  # draft at the head, verify at the exit
 
     @field_validator("prompt")
     @classmethod
@@ -212,23 +221,23 @@ class ChatCompletionRequest(_SamplingFields):
     latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)
     exit: ExitChoice = "auto"
     ignore_eos: bool = False
+    speculative: Optional[Union[bool, SpeculativeOptions]] = None
 
 
 # ---- Familial extension object on responses -------------------------------------------------------
 
 class LatencySplit(OpenAIModel):
-    """Milliseconds, summed over the request's steps. `network` = hops between tiers + router<->head."""
+    """Milliseconds, summed over the request's steps. `network` = hops between tiers + router<->head.
+    Every other key is a tier's own time under the tier's name (whatever the chain calls its tiers)."""
+    model_config = ConfigDict(extra="allow")
     queue: float = 0.0
-    device: float = 0.0
     network: float = 0.0
-    edge: float = 0.0
-    cloud: float = 0.0
     total: float = 0.0
 
 
 class ReplanInfo(OpenAIModel):
     """A step-down to a shallower exit mid-request, as the response reports it (built from the engine's
-    `serving.engine.Replan` in `serving_common.RequestRun._record`)."""
+    `serving.engine.Replan` in `request_run.RequestRun._record`)."""
     at_token: int          # index of the first completion token produced by the new exit
     from_exit: int
     to_exit: int
@@ -252,6 +261,19 @@ class FamilialInfo(OpenAIModel):
     degraded: Optional[bool] = None       # a tier failed; some tokens came from a shallower exit than asked
     degraded_reasons: Optional[list[str]] = None
     latency_ms: Optional[LatencySplit] = None
+    # speculative requests only, one entry per token like `exits`: an accepted draft or not, and on the
+    # token that closes a round the drafts checked in it and how many were accepted (0 elsewhere)
+    draft: Optional[list[bool]] = None
+    drafted: Optional[list[int]] = None
+    accepted: Optional[list[int]] = None
+    speculative: Optional["SpeculativeSummary"] = None    # summary fields: the whole request's totals
+
+
+class SpeculativeSummary(OpenAIModel):
+    drafted: int
+    accepted: int
+    rounds: int
+    acceptance: Optional[float] = None   # accepted / drafted
 
 
 # ---- responses ------------------------------------------------------------------------------------

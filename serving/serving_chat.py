@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from serving.encoding import dump
+from serving.errors import APIError
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                               ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
                               DeltaMessage, FamilialInfo, random_id)
-from serving.serving_common import APIError, OpenAIServing, RequestRun, build_request, check_model, dump, encode_prompt
+from serving.request_run import RequestRun, speculative_of
+from serving.serving_base import OpenAIServing
+from serving.validation import build_request, check_model, encode_prompt
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
@@ -48,6 +52,7 @@ class OpenAIServingChat(OpenAIServing):
             prompt, template_stops = await encode_prompt(self.engine, self.settings, render_chat(req.messages)), [CHAT_STOP]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
+        gen.speculative = speculative_of(req.speculative, self.engine)
         run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), *template_stops], exit_requested=req.exit)
         stack = await self.start(run)
         if req.stream:
@@ -66,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def chunk(d):
             last = d.finish_reason is not None
-            fam = run.summary(d.exits, d.tiers) if last else FamilialInfo(exits=d.exits, tiers=d.tiers)
+            fam = run.summary(d.exits, d.tiers, d.first) if last else run.tokens_info(d.exits, d.tiers, d.first)
             delta = DeltaMessage(role="assistant" if first[0] else None, content=d.text)
             first[0] = False
             return ChatCompletionChunk(id=rid, created=created, model=name,

@@ -1,13 +1,17 @@
 """POST /v1/completions: prompt (text or token ids) in, text out, whole or as SSE chunks.
 
-Shapes responses only; admission, generation and detokenisation live in `serving_common.py`.
+Shapes responses only: request checks are `validation.py`'s, admission and delivery (whole or SSE)
+`serving_base.py`'s, generation and detokenisation `request_run.py`'s and `detokenize.py`'s.
 """
 from __future__ import annotations
 
 import time
 
+from serving.encoding import dump
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, FamilialInfo, random_id
-from serving.serving_common import OpenAIServing, RequestRun, build_request, check_model, dump, encode_prompt
+from serving.request_run import RequestRun, speculative_of
+from serving.serving_base import OpenAIServing
+from serving.validation import build_request, check_model, encode_prompt
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -19,6 +23,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt = (await encode_prompt(self.engine, self.settings, req.prompt) if isinstance(req.prompt, str)
                   else list(req.prompt))
         gen = build_request(self.engine, self.settings, prompt, req.max_tokens, req, arrival_s)
+        gen.speculative = speculative_of(req.speculative, self.engine)
         run = RequestRun(self.engine, self.metrics, gen, req.stop or [], exit_requested=req.exit)
         stack = await self.start(run)
         if req.stream:
@@ -35,7 +40,7 @@ class OpenAIServingCompletion(OpenAIServing):
 
         def chunk(d):
             last = d.finish_reason is not None
-            fam = run.summary(d.exits, d.tiers) if last else FamilialInfo(exits=d.exits, tiers=d.tiers)
+            fam = run.summary(d.exits, d.tiers, d.first) if last else run.tokens_info(d.exits, d.tiers, d.first)
             return CompletionResponse(id=rid, created=created, model=name,
                                       usage=run.usage() if last and not include_usage else None,
                                       choices=[CompletionChoice(text=d.text, finish_reason=d.finish_reason,

@@ -30,7 +30,7 @@ def test_openai_completions(local_server):
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
     fam = r.choices[0].model_extra["familial"]
     assert len(fam["exits"]) == len(fam["tiers"]) == r.usage.completion_tokens
-    assert fam["budget_met"] is True and set(fam["latency_ms"]) >= {"queue", "device", "network", "edge", "cloud"}
+    assert fam["budget_met"] is True and set(fam["latency_ms"]) >= {"queue", "network", "total", *fam["tiers"]}
     assert r.usage.prompt_tokens == 5 and r.usage.total_tokens == 5 + r.usage.completion_tokens
     # greedy + fixed exit is deterministic
     a = c.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0, extra_body={"exit": 2})
