@@ -26,6 +26,13 @@ Faults: every item carries a deadline. A deeper tier that errs, is unreachable o
 next tier is left alone for `down_cooldown_s` (answers degrade at once instead of each waiting out its
 deadline), then tried again. Pending positions stay pending, so exactness returns with the tier.
 
+Speculative decoding (relay/speculative.py holds the round state): the head drafts k tokens with a
+shallow exit in local steps, then one verify item (`Item.verify`) goes to the target exit's tier like
+any deep step, pending states and all; there the target's logits at the k+1 rows check the drafts
+(trunk.sampling.verify_drafts) and that tier cuts its sequence back to the accepted prefix; every tier
+on the way back does the same from the reply's `length`, so the invariant holds with no extra message.
+A tier that cannot reach deeper checks the drafts against its own deepest exit (degraded).
+
 This file knows nothing of gRPC, HTTP or tokenizers: relay/node.py drives it over gRPC, serving's
 in-process engine drives a chain of these directly. Legend: n rows, N packed rows, D d_model.
 """
@@ -41,9 +48,10 @@ from typing import AsyncIterator, Callable, Protocol
 
 import torch
 
-from relay.work import EngineError, GenRequest, Item, Result, SeqStep, StepMessage, StepReply, TokenEvent
+from relay.speculative import SpecState
+from relay.work import EngineError, GenRequest, Item, Result, SeqStep, StepMessage, StepReply, TokenEvent, Verify
 from trunk.kv_pool import KVPool
-from trunk.sampling import FIXED, SamplingError
+from trunk.sampling import FIXED, FIXED_POLICY, SamplingError, probs, verify_drafts
 from trunk.stage import SeqRun, Stage, StageError, StageOut
 
 log = logging.getLogger("familial.tier")
@@ -121,6 +129,7 @@ class GenSeq:
     finished: bool = False
     exit: int | None = None
     next_item: Item | None = None       # its latest submitted step
+    spec: SpecState | None = None       # speculative decoding (None: one target step per token)
 
 
 class LocalDownstream:
@@ -315,15 +324,25 @@ class TierEngine:
             x = msg.hidden[row:row + sq.count]
             row += sq.count
             try:
+                if sq.verify is not None:
+                    self._check_verify(sq.verify)
                 s = self.seqs.get(sq.seq_id) or self.open(sq.seq_id, src=msg.src)
                 item = Item(sq.seq_id, sq.pos, x, sq.want, sq.policy, sq.sampling, sq.fill_only,
-                            now + sq.deadline_ms / 1e3, sink, tag=k)
+                            now + sq.deadline_ms / 1e3, sink, tag=k, verify=sq.verify)
                 self.submit(item, s)
             except EngineError as e:
                 sink(Item(sq.seq_id, sq.pos, x, None, tag=k), Result(error=(e.code, str(e)), tier=self.tier))
         if msg.seqs:
             await fut
         return StepReply(results, self.tier)
+
+    def _check_verify(self, v: Verify) -> None:
+        V = self.stage.cfg.vocab_size
+        if any(not 0 <= d < V for d in v.drafts):
+            raise EngineError("INVALID_ARGUMENT", f"draft token ids must lie in [0, {V})")
+        if v.draft_p is not None and tuple(v.draft_p.shape) != (len(v.drafts), V):
+            raise EngineError("INVALID_ARGUMENT", f"draft distributions must be ({len(v.drafts)}, {V}), "
+                                                  f"got {tuple(v.draft_p.shape)}")
 
     # ---- head: the decode loop -----------------------------------------------------------------
     def generate(self, req: GenRequest, emit: Callable[[TokenEvent], None]) -> None:
@@ -346,8 +365,9 @@ class TierEngine:
             req.policy.validate()
         except SamplingError as e:
             raise EngineError("INVALID_ARGUMENT", str(e)) from None
+        spec = self._spec_state(req)
         s = self.open(req.request_id)
-        gs = GenSeq(req, list(req.prompt_ids), emit, exit=req.exit)
+        gs = GenSeq(req, list(req.prompt_ids), emit, exit=req.exit, spec=spec)
         self.gens[req.request_id] = gs
         self._submit_gen(gs, s, 0)
 
@@ -374,12 +394,28 @@ class TierEngine:
         gs.exit = exit
         s = self.seqs.get(request_id)
         for it in self.queue:  # its next step may already wait here: it takes the new exit too
+            if it.draft or it.verify is not None:  # a speculative round finishes with the exit it began with
+                continue
             if it.seq_id == request_id and it.done == 0 and s is not None and not s.running:
                 it.want = self.stage.cfg.G - 1 if exit is None else exit
         return True
 
     def abort(self, request_id: str) -> bool:
         return self.close(request_id)
+
+    def _spec_state(self, req: GenRequest) -> SpecState | None:
+        sp = req.speculative
+        if sp is None:
+            return None
+        draft = self.stage.deepest_exit if sp.draft_exit is None else sp.draft_exit
+        if not self.stage.exits[0] <= draft <= self.stage.deepest_exit:
+            raise EngineError("INVALID_ARGUMENT", f"draft exit {draft} is not on the head tier {self.tier} "
+                                                  f"(exits {self.stage.exits})")
+        if not 1 <= sp.k <= 64:
+            raise EngineError("INVALID_ARGUMENT", f"speculative k must lie in [1, 64], got {sp.k}")
+        if req.policy.kind != FIXED:
+            raise EngineError("INVALID_ARGUMENT", "speculative decoding needs a fixed exit, not a confidence policy")
+        return SpecState(sp, draft)
 
     def _check_exit(self, exit: int | None) -> None:
         if exit is not None and not self.stage.exits[0] <= exit < self.stage.cfg.G:
@@ -391,11 +427,38 @@ class TierEngine:
         return min(req.deadline, time.monotonic() + timeout)
 
     def _submit_gen(self, gs: GenSeq, s: SeqState, pos: int) -> None:
-        x = gs.tokens[pos:]
         want = self.stage.cfg.G - 1 if gs.exit is None else gs.exit
+        if gs.spec is not None and gs.produced > 0 and want > gs.spec.draft_exit:
+            self._submit_spec(gs, s, want)
+            return
+        x = gs.tokens[pos:]
         gs.next_item = Item(s.id, pos, x, want, gs.req.policy, gs.req.sampling, deadline=self._step_deadline(gs.req),
                             sink=self._gen_result, tag=gs, must_answer=True)
         self.submit(gs.next_item, s)
+
+    def _submit_spec(self, gs: GenSeq, s: SeqState, target: int) -> None:
+        """The next step of a speculative round: a draft step at the draft exit, or the verify."""
+        sp = gs.spec
+        if not sp.drafts:
+            sp.round_k = sp.next_k(gs.req.max_tokens - gs.produced)
+            if sp.round_k == 0:  # one token left: a plain target step
+                gs.next_item = Item(s.id, len(gs.tokens) - 1, gs.tokens[-1:], target, FIXED_POLICY, gs.req.sampling,
+                                    deadline=self._step_deadline(gs.req), sink=self._gen_result, tag=gs,
+                                    must_answer=True)
+                self.submit(gs.next_item, s)
+                return
+        pos = len(gs.tokens) - 1 + len(sp.drafts)
+        last = sp.drafts[-1] if sp.drafts else gs.tokens[-1]
+        item = Item(s.id, pos, [last], sp.draft_exit, FIXED_POLICY, gs.req.sampling,
+                    deadline=self._step_deadline(gs.req), sink=self._gen_result, tag=gs, must_answer=True)
+        if len(sp.drafts) < sp.round_k:
+            item.draft = True
+        else:
+            item.want = target
+            item.verify = Verify(list(sp.drafts), None if gs.req.sampling.greedy else torch.stack(sp.draft_p))
+            sp.round_t0 = time.perf_counter()
+        gs.next_item = item
+        self.submit(item, s)
 
     def _gen_result(self, item: Item, res: Result) -> None:
         gs: GenSeq = item.tag
@@ -405,19 +468,49 @@ class TierEngine:
             self._finish_gen(gs, "error", f"{res.error[0]}: {res.error[1]}")
             self.close(gs.req.request_id)
             return
-        gs.tokens.append(res.token)
-        gs.produced += 1
-        eos = res.token in gs.req.eos_ids and not gs.req.ignore_eos
-        finish = "stop" if eos else ("length" if gs.produced >= gs.req.max_tokens else None)
-        gs.emit(TokenEvent(res.token, res.exit, res.tier, gs.produced - 1, res.degraded, res.reason, res.timings,
-                           res.confidence, finish))
-        if finish:
-            gs.finished = True
-            self.close(gs.req.request_id)
+        if item.draft:
+            self._take_draft(gs, res)
+        elif item.verify is not None:
+            if self._take_round(gs, item.verify, res):
+                return
+        elif self._take(gs, res.token, res):
             return
         s = self.seqs.get(gs.req.request_id)
         if s is not None:
             self._submit_gen(gs, s, len(gs.tokens) - 1)
+
+    def _take(self, gs: GenSeq, token: int, res: Result, **spec) -> bool:
+        """Emit one token of a request; True when that finished it."""
+        gs.tokens.append(token)
+        gs.produced += 1
+        eos = token in gs.req.eos_ids and not gs.req.ignore_eos
+        finish = "stop" if eos else ("length" if gs.produced >= gs.req.max_tokens else None)
+        gs.emit(TokenEvent(token, res.exit, res.tier, gs.produced - 1, res.degraded, res.reason, res.timings,
+                           res.confidence, finish, **spec))
+        if finish:
+            gs.finished = True
+            self.close(gs.req.request_id)
+        return finish is not None
+
+    def _take_draft(self, gs: GenSeq, res: Result) -> None:
+        sp = gs.spec
+        sp.drafts.append(res.token)
+        if res.draft_p is not None:
+            sp.draft_p.append(res.draft_p)
+        sp.observe_draft(res.total_ms)
+        if res.token in gs.req.eos_ids and not gs.req.ignore_eos:
+            sp.round_k = len(sp.drafts)  # nothing follows an end of text: verify now
+
+    def _take_round(self, gs: GenSeq, v: Verify, res: Result) -> bool:
+        """Emit a verified round: the accepted drafts, then the token after them; True when finished."""
+        sp, k, a = gs.spec, len(v.drafts), res.accepted
+        sp.observe_round(k, a, (time.perf_counter() - sp.round_t0) * 1e3)
+        sp.drafts, sp.draft_p = [], []
+        quiet = Result(exit=res.exit, tier=res.tier, degraded=res.degraded, reason=res.reason)
+        for t in v.drafts[:a]:
+            if self._take(gs, t, quiet, draft=True):
+                return True
+        return self._take(gs, res.token, res, drafted=k, accepted=a)
 
     def _finish_gen(self, gs: GenSeq, reason: str, msg: str) -> None:
         if gs.finished:
@@ -472,6 +565,7 @@ class TierEngine:
         for c in chunks:
             it, gs = c.item, c.item.tag
             if (it.sink != self._gen_result or it.n != 1 or c.take != 1 or it.want != stage.deepest_exit
+                    or it.verify is not None or it.draft
                     or not it.sampling.greedy or it.policy.kind != FIXED or not isinstance(gs, GenSeq)):
                 return 1
             left = max(left, gs.req.max_tokens - gs.produced)
@@ -563,7 +657,9 @@ class TierEngine:
             last = it.done + c.take == it.n
             xs.append(it.x[it.done:it.done + c.take])
             c.run = SeqRun(s.slot, it.pos + it.done, c.take, list(s.seg_lens), want=it.want,
-                           policy=it.policy, sampling=it.sampling, evaluate=last and not it.fill_only)
+                           policy=it.policy, sampling=it.sampling, evaluate=last and not it.fill_only,
+                           keep_logits=it.verify is not None or (it.draft and not it.sampling.greedy),
+                           tail=it.verify.rows if it.verify is not None else 1)
             runs.append(c.run)
         if self.stage.has_embedding:  # token ids, as lists (the head's own requests) or tensors: one tensor
             flat = []
@@ -598,6 +694,14 @@ class TierEngine:
             ms = (now - it.arrival) * 1e3
             if it.fill_only or it.want is None:
                 it.resolve(Result(tier=self.tier, length=s.length, timings={self.tier: ms}, total_ms=ms))
+            elif o.exit is not None and it.verify is not None:
+                a, tok = self._check_drafts(it, s, o.logits[o.exit])
+                it.resolve(Result(tok, o.exit, self.tier, confidence=o.confidence, length=s.length,
+                                  timings={self.tier: ms}, total_ms=ms, drafted=len(it.verify.drafts), accepted=a))
+            elif o.exit is not None and it.draft and not it.sampling.greedy:
+                p_d = probs(o.logits[o.exit][-1:], it.sampling)[0]
+                it.resolve(Result(o.token, o.exit, self.tier, confidence=o.confidence, length=s.length,
+                                  timings={self.tier: ms}, total_ms=ms, draft_p=p_d))
             elif o.exit is not None:
                 it.resolve(Result(o.token, o.exit, self.tier, confidence=o.confidence, length=s.length,
                                   timings={self.tier: ms}, total_ms=ms))
@@ -622,8 +726,34 @@ class TierEngine:
         for c, k in todo:
             o = answers[k]
             ms = (now - c.item.arrival) * 1e3
+            if c.item.verify is not None:  # check the drafts against this tier's deepest exit instead
+                fl = getattr(self.stage, "fallback_logits", None)
+                logits = fl(out, k) if fl is not None else None
+                a, tok = self._check_drafts(c.item, c.seq, logits, o.token)
+                c.item.resolve(Result(tok, o.exit, self.tier, True, reason, [], {self.tier: ms}, c.seq.length,
+                                      total_ms=ms, drafted=len(c.item.verify.drafts), accepted=a))
+                continue
             c.item.resolve(Result(o.token, o.exit, self.tier, True, reason, o.confidence, {self.tier: ms},
                                   c.seq.length, total_ms=ms))
+
+    def _check_drafts(self, it: Item, s: SeqState, logits_nV: torch.Tensor | None, last_token: int = -1) -> tuple[int, int]:
+        """Check a verify item's drafts against logits at its last n <= k+1 rows and cut the sequence
+        back to the accepted prefix; (accepted, token after them). Drafts before the first of those rows
+        are taken as they are: a tier holds fewer rows only where its deepest exit made the drafts.
+        logits None (a stage without tail logits): every draft is taken, then `last_token`."""
+        v, e = it.verify, it.pos + it.n
+        k = len(v.drafts)
+        if logits_nV is None:
+            a, tok = k, last_token
+        else:
+            logits_nV = logits_nV[-(k + 1):]
+            n = logits_nV.shape[0]
+            skip = k + 1 - n
+            a, tok = verify_drafts(logits_nV, v.drafts[skip:], it.sampling, e - n,
+                                   None if v.draft_p is None else v.draft_p[skip:])
+            a += skip
+        s.truncate(e - k + a)
+        return a, tok
 
     def _forward(self, group: list[tuple[_Chunk, int]], out: StageOut) -> None:
         if self.down is None:
@@ -683,9 +813,17 @@ class TierEngine:
             for sq, res, ck in zip(msg.seqs, reply.results, final):
                 c, k = ck
                 current = c.epoch == c.seq.epoch
+                v = c.item.verify
+                if res.ok and not sq.fill_only and v is not None and res.drafted != len(v.drafts):
+                    res = Result(error=("INTERNAL", f"a verify of {len(v.drafts)} drafts answered as one of "
+                                                    f"{res.drafted}"), tier=reply.tier)
                 if res.ok:
-                    if current:
+                    if v is not None and not sq.fill_only and c.item.resolved:
+                        pass  # answered degraded meanwhile (and cut back to its own answer): deeper is rewound later
+                    elif current:
                         c.seq.acked = max(c.seq.acked, sq.pos + sq.count) if sq.fill_only else res.length
+                        if v is not None and not sq.fill_only:  # cut back to the accepted prefix, as deeper did
+                            c.seq.truncate(res.length)
                     if sq.fill_only:
                         continue
                 elif res.error[0] == "FAILED_PRECONDITION" and retry and current:
@@ -705,7 +843,7 @@ class TierEngine:
                            **res.timings}
                 c.item.resolve(Result(res.token, res.exit, res.tier, res.degraded, res.reason,
                                       out.seqs[k].confidence + res.confidence,
-                                      timings, c.seq.length, total_ms=ms))
+                                      timings, c.seq.length, total_ms=ms, drafted=res.drafted, accepted=res.accepted))
         if resend:
             await self._send(resend, out, retry=False)
         self._wake.set()
@@ -728,7 +866,8 @@ class TierEngine:
                 fill = b < end
                 rows = [s.slot * S + p for p in range(a, b)]
                 parts.append((SeqStep(s.id, a, b - a, it.want, it.policy, it.sampling, fill,
-                                      max(0.0, (it.deadline - now) * 1e3 - self.conf.deadline_margin_ms)), (c, k), rows))
+                                      max(0.0, (it.deadline - now) * 1e3 - self.conf.deadline_margin_ms),
+                                      None if fill else it.verify), (c, k), rows))
         msgs, cur, cur_rows = [], [], 0
         for p in parts:
             if cur and cur_rows + p[0].count > max_rows:

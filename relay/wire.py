@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from relay import codec
 from relay.codec import CodecError
 from relay.pb import pb
-from relay.work import INF, GenRequest, Result, SeqStep, StepMessage, StepReply, TokenEvent
+from relay.work import INF, GenRequest, Result, SeqStep, Speculative, StepMessage, StepReply, TokenEvent, Verify
 from trunk.sampling import ENTROPY, FIXED, MARGIN, MAX_PROB, ExitPolicy, SamplingParams
 
 _KIND_TO_PB = {FIXED: pb.ExitPolicy.FIXED, MAX_PROB: pb.ExitPolicy.MAX_PROB, ENTROPY: pb.ExitPolicy.ENTROPY,
@@ -72,6 +74,10 @@ def step_to_pb(msg: StepMessage, wire: str) -> "pb.StepRequest":
                        deadline_ms=s.deadline_ms if math.isfinite(s.deadline_ms) else 0.0)
         if s.want is not None:
             m.max_exit = s.want
+        if s.verify is not None:
+            m.drafts.extend(s.verify.drafts)
+            if s.verify.draft_p is not None:
+                m.draft_p.CopyFrom(codec.encode(s.verify.draft_p.float()[None], "float32"))
         seqs.append(m)
     return pb.StepRequest(seqs=seqs, hidden=codec.encode(msg.hidden[None], wire), src=msg.src)
 
@@ -93,10 +99,28 @@ def step_from_pb(req: "pb.StepRequest", d_model: int, out_dtype, max_rows: int, 
         total += m.count
         seqs.append(SeqStep(m.seq_id, int(m.pos), int(m.count), m.max_exit if m.HasField("max_exit") else None,
                             policy_from_pb(m.policy), sampling_from_pb(m.sampling), m.fill_only,
-                            m.deadline_ms if m.deadline_ms > 0 else INF))
+                            m.deadline_ms if m.deadline_ms > 0 else INF, _verify_from_pb(m)))
     if total != h.shape[0]:
         raise CodecError(f"sequences bring {total} rows but the hidden states have {h.shape[0]}")
     return StepMessage(seqs, h, req.src)
+
+
+def _verify_from_pb(m: "pb.SeqStep") -> Verify | None:
+    if not m.drafts:
+        return None
+    k = len(m.drafts)
+    if m.count < k + 1 or not m.HasField("max_exit") or m.fill_only:
+        raise CodecError(f"sequence {m.seq_id!r}: a verify of {k} drafts needs an exit and >= {k + 1} rows")
+    if any(t < 0 for t in m.drafts):
+        raise CodecError(f"sequence {m.seq_id!r}: draft token ids must be >= 0")
+    p = None
+    if m.HasField("draft_p"):
+        p = codec.decode(m.draft_p, out_dtype=torch.float32, max_positions=k)[0]  # (k, V)
+        if p.shape[0] != k or bool((p < 0).any()):
+            raise CodecError(f"sequence {m.seq_id!r}: draft_p must be {k} non-negative distributions")
+    elif not sampling_from_pb(m.sampling).greedy:
+        raise CodecError(f"sequence {m.seq_id!r}: a sampled verify needs the draft distributions (draft_p)")
+    return Verify([int(t) for t in m.drafts], p)
 
 
 def result_to_pb(r: Result) -> "pb.SeqResult":
@@ -104,13 +128,13 @@ def result_to_pb(r: Result) -> "pb.SeqResult":
     code, err = r.error or ("", "")
     return pb.SeqResult(token=r.token, exit=r.exit, tier=r.tier, degraded=r.degraded, reason=r.reason,
                         confidence=confidence_to_pb(r.confidence), tiers=tiers, hops=hops, length=r.length,
-                        total_ms=r.total_ms, error_code=code, error=err)
+                        total_ms=r.total_ms, error_code=code, error=err, drafted=r.drafted, accepted=r.accepted)
 
 
 def result_from_pb(m: "pb.SeqResult") -> Result:
     return Result(int(m.token), int(m.exit), m.tier, m.degraded, m.reason, confidence_from_pb(m.confidence),
                   timings_from_pb(m.tiers, m.hops), int(m.length), (m.error_code, m.error) if m.error_code else None,
-                  m.total_ms)
+                  m.total_ms, int(m.drafted), int(m.accepted))
 
 
 def reply_to_pb(r: StepReply) -> "pb.StepReply":
@@ -131,7 +155,19 @@ def gen_to_pb(g: GenRequest, deadline_ms: float = 0.0) -> "pb.GenerateRequest":
                            step_timeout_ms=(g.step_timeout_s or 0.0) * 1e3)
     if g.exit is not None:
         m.exit = g.exit
+    if g.speculative is not None:
+        sp = g.speculative
+        m.speculative.k, m.speculative.fixed_k = sp.k, not sp.adaptive
+        if sp.draft_exit is not None:
+            m.speculative.draft_exit = sp.draft_exit
     return m
+
+
+def speculative_from_pb(m: "pb.GenerateRequest") -> Speculative | None:
+    if not m.HasField("speculative"):
+        return None
+    sp = m.speculative
+    return Speculative(sp.draft_exit if sp.HasField("draft_exit") else None, sp.k or 4, not sp.fixed_k)
 
 
 def gen_from_pb(m: "pb.GenerateRequest", now: float) -> GenRequest:
@@ -144,17 +180,18 @@ def gen_from_pb(m: "pb.GenerateRequest", now: float) -> GenRequest:
     return GenRequest(m.request_id, [int(t) for t in m.prompt_ids], int(m.max_tokens), sampling_from_pb(m.sampling),
                       m.exit if m.HasField("exit") else None, policy_from_pb(m.policy), m.ignore_eos,
                       tuple(int(t) for t in m.eos_ids), now + m.deadline_ms / 1e3 if m.deadline_ms > 0 else INF,
-                      m.step_timeout_ms / 1e3 if m.step_timeout_ms > 0 else None)
+                      m.step_timeout_ms / 1e3 if m.step_timeout_ms > 0 else None, speculative_from_pb(m))
 
 
 def event_to_pb(request_id: str, e: TokenEvent) -> "pb.TokenEvent":
     tiers, hops = timings_to_pb(e.timings)
     return pb.TokenEvent(request_id=request_id, token=e.token, exit=e.exit, tier=e.tier, index=e.index,
                          degraded=e.degraded, reason=e.reason, tiers=tiers, hops=hops,
-                         confidence=confidence_to_pb(e.confidence), finish_reason=e.finish_reason or "", error=e.error)
+                         confidence=confidence_to_pb(e.confidence), finish_reason=e.finish_reason or "", error=e.error,
+                         draft=e.draft, drafted=e.drafted, accepted=e.accepted)
 
 
 def event_from_pb(m: "pb.TokenEvent") -> TokenEvent:
     return TokenEvent(int(m.token), int(m.exit), m.tier, int(m.index), m.degraded, m.reason,
                       timings_from_pb(m.tiers, m.hops), confidence_from_pb(m.confidence), m.finish_reason or None,
-                      m.error)
+                      m.error, m.draft, int(m.drafted), int(m.accepted))

@@ -41,10 +41,25 @@ class Result:
     length: int = 0                       # positions the answering tier's first segment holds afterwards
     error: tuple[str, str] | None = None  # (status code name, message)
     total_ms: float = 0.0                 # time at the tier that made this result (its own and deeper)
+    drafted: int = 0                      # a verify: drafts checked (0: not a verify)
+    accepted: int = 0                     # a verify: drafts accepted; `token` is the one after them
+    draft_p: torch.Tensor | None = None   # a sampled draft step at the head: (V,) the draft distribution
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+@dataclass
+class Verify:
+    """A speculative verify: the item's last k+1 rows are positions [e-k-1, e), e its end; row i predicts
+    the token after it, which draft d_{i+1} guessed. The exit asked for (`want`) is the target."""
+    drafts: list[int]                         # d_1..d_k (d_i is the input token at position e-k-1+i)
+    draft_p: torch.Tensor | None = None       # (k, V) the draft distributions (sampling only)
+
+    @property
+    def rows(self) -> int:
+        return len(self.drafts) + 1
 
 
 @dataclass
@@ -58,6 +73,7 @@ class SeqStep:
     sampling: SamplingParams = GREEDY
     fill_only: bool = False
     deadline_ms: float = INF          # time left for this sequence when the message was sent
+    verify: Verify | None = None      # a speculative verify of its last rows
 
 
 @dataclass
@@ -92,6 +108,8 @@ class Item:
     must_answer: bool = False         # never refused for a passed deadline (the head's own requests)
     done_cb: Callable | None = None   # the engine's bookkeeping, called before `sink`
     tag_seq: object = None            # the engine's state of this item's sequence
+    verify: Verify | None = None      # a speculative verify (the answer is `accepted` drafts + a token)
+    draft: bool = False               # a speculative draft step at the head (sampled: keep the draft distribution)
 
     @property
     def n(self) -> int:
@@ -107,6 +125,14 @@ class Item:
             self.sink(self, result)
 
 
+@dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding of a request: the head drafts with a shallow exit, the target exit verifies."""
+    draft_exit: int | None = None      # None: the head tier's deepest exit (must be on the head tier)
+    k: int = 4                         # drafts per round (the cap when adaptive)
+    adaptive: bool = True              # choose k per round from the acceptance rate and the round's cost
+
+
 @dataclass
 class GenRequest:
     """A whole request for the head engine: its decode loop runs there, one token event per step."""
@@ -120,6 +146,7 @@ class GenRequest:
     eos_ids: tuple[int, ...] = ()
     deadline: float = INF              # time.monotonic() by which the whole request should end
     step_timeout_s: float | None = None  # per-step deadline when no budget is given (engine default if None)
+    speculative: Speculative | None = None  # None: one target step per token
 
 
 @dataclass(slots=True)
@@ -134,3 +161,6 @@ class TokenEvent:
     confidence: list[tuple[int, float, float, float]] = field(default_factory=list)
     finish_reason: str | None = None   # "stop" (EOS) | "length" (max_tokens) | "abort" | "error"
     error: str = ""
+    draft: bool = False                # speculative: an accepted draft (else the target's token or a plain step)
+    drafted: int = 0                   # speculative: on the token that closes a round, drafts checked in it
+    accepted: int = 0                  # ... and how many were accepted (sums over events are the totals)

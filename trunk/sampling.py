@@ -16,6 +16,17 @@ tokens whose mass reaches top_p; at least the top token). The noise u is a count
 and the row seed mixes the request's seed with the position being predicted: the draw depends only on
 (seed, position, logits). This file knows nothing of tiers, pools or the network.
 
+Speculative decoding (`verify_drafts`): drafts d_1..d_k from a draft distribution p_d, the target's
+logits at k+1 rows (row i predicts the token d_{i+1} would be; row k the one after d_k). Greedy:
+accept while argmax(row i) == d_{i+1}; the token after is the target's argmax there, so the output is
+the target's own greedy output. Sampling (Leviathan et al. 2023; Chen et al. 2023): accept d_{i+1}
+with probability min(1, p_t(d)/p_d(d)); at the first rejection draw from
+    norm(max(0, p_t - p_d)),
+and after k acceptances draw the bonus token from p_t at row k; each emitted token is then distributed
+exactly as the target's. p_t and p_d are both the *sampled* distributions (temperature and nucleus
+applied, `probs`). The uniform and the residual draw have their own salts of (seed, position), so they
+are independent of the draft's own Gumbel draw at that position.
+
 Legend: N rows, V vocab.
 """
 from __future__ import annotations
@@ -139,3 +150,51 @@ def _nucleus(scaled_NV: torch.Tensor, top_p_N: torch.Tensor) -> torch.Tensor:
     keep_sorted[:, 0] = True
     keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
     return scaled_NV.masked_fill(~keep, float("-inf"))
+
+
+_ACCEPT_SALT, _RESIDUAL_SALT = 0x5EC0_0001_A11C_E5ED, 0x5EC0_0002_0E51_D0A1
+
+
+def probs(logits_NV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(N, V) float64: the distribution `sample` draws from with `params` (softmax(z/T) on the nucleus)."""
+    z = logits_NV.double() / params.temperature
+    if params.top_p < 1.0:
+        z = _nucleus(z, torch.full((z.shape[0],), params.top_p, dtype=torch.float64, device=z.device))
+    return torch.softmax(z, dim=-1)
+
+
+def uniform(seed: int, position: int, salt: int) -> float:
+    """A uniform in [0, 1) that depends only on (seed, position, salt)."""
+    return row_seed(int(seed) ^ salt, position) / 2.0**32
+
+
+def verify_drafts(logits_nV: torch.Tensor, drafts: list[int], params: SamplingParams, first_pos: int,
+                  draft_p_kV: torch.Tensor | None = None) -> tuple[int, int]:
+    """(accepted a, token after them) for drafts d_1..d_k checked against the target's logits at
+    k+1 rows; row i sits at position first_pos + i and predicts the token at first_pos + i + 1.
+    draft_p_kV: the draft distributions the drafts were drawn from (sampling only)."""
+    k = len(drafts)
+    if logits_nV.shape[0] != k + 1:
+        raise SamplingError(f"{k} drafts need {k + 1} target rows, got {logits_nV.shape[0]}")
+    if params.greedy:
+        tgt = logits_nV.argmax(-1).tolist()
+        a = 0
+        while a < k and tgt[a] == drafts[a]:
+            a += 1
+        return a, tgt[a]
+    if draft_p_kV is None or draft_p_kV.shape[0] != k:
+        raise SamplingError(f"sampled speculative decoding needs the draft distributions of all {k} drafts")
+    p_t = probs(logits_nV, params)                                          # (k+1, V)
+    p_d = draft_p_kV.to(p_t.device, torch.float64)                          # (k, V)
+    for i, d in enumerate(drafts):
+        pt, pd = float(p_t[i, d]), float(p_d[i, d])
+        if pd > 0.0 and uniform(params.seed, first_pos + i, _ACCEPT_SALT) < min(1.0, pt / pd):
+            continue
+        resid = (p_t[i] - p_d[i]).clamp_min(0.0)
+        if float(resid.sum()) <= 0.0:  # p_t == p_d up to rounding: nothing to correct
+            resid = p_t[i]
+        seed = row_seeds(torch.tensor([row_seed(int(params.seed) ^ _RESIDUAL_SALT, first_pos + i)],
+                                      dtype=torch.int64, device=resid.device), 1, resid.device)
+        g = gumbel_noise(seed, resid.shape[0])[0].double()
+        return i, int((resid.log() + g).argmax())
+    return k, sample(logits_nV[k:], [params], [first_pos + k])[0]

@@ -54,6 +54,8 @@ class SeqRun:
     sampling: SamplingParams = GREEDY
     evaluate: bool = True           # False: only extend caches (a chunk of a longer prefill)
     keep_logits: bool = False       # return every evaluated exit's logits at every row it ran (tests, verify)
+    tail: int = 1                   # sent deeper: rows at the end whose deepest-exit features are kept for a
+                                    # degraded answer (a speculative verify keeps its k+1 rows)
 
 
 @dataclass
@@ -68,7 +70,8 @@ class SeqOut:
 class StageOut:
     seqs: list[SeqOut]
     fallback_rows: list[int] = field(default_factory=list)   # sequences that passed the deepest exit unanswered
-    fallback_x: torch.Tensor | None = None                   # (len(fallback_rows), D) their features there
+    fallback_x: torch.Tensor | None = None                   # (sum(counts), D) their features there
+    fallback_counts: list[int] = field(default_factory=list) # rows of each in fallback_x (empty: one each)
 
 
 class AttnMeta:
@@ -259,11 +262,14 @@ class Stage:
             if s == n_seg - 1:
                 fwd = [j for j, i in enumerate(active) if outs[i].exit is None and runs[i].evaluate]
                 if fwd and self.has_next:
-                    idx = torch.tensor([meta.cu[j + 1] - 1 for j in fwd], device=self.device)
-                    fallback = ([active[j] for j in fwd], self.model.head_features(g, xb.index_select(0, idx)))
+                    tails = [min(runs[active[j]].tail, meta.cu[j + 1] - meta.cu[j]) for j in fwd]
+                    idx = torch.tensor([r for j, n in zip(fwd, tails) for r in range(meta.cu[j + 1] - n, meta.cu[j + 1])],
+                                       device=self.device)
+                    fallback = ([active[j] for j in fwd], self.model.head_features(g, xb.index_select(0, idx)), tails)
         out = StageOut(outs)
         if fallback is not None:
-            out.fallback_rows, out.fallback_x = fallback
+            out.fallback_rows, out.fallback_x, counts = fallback
+            out.fallback_counts = counts if any(n != 1 for n in counts) else []
         return out
 
     def _whole_step(self, x, runs: list[SeqRun]) -> StageOut | None:
@@ -386,7 +392,7 @@ class Stage:
 
     def fallback_tokens(self, out: StageOut, rows: list[int], runs: list[SeqRun]) -> dict[int, SeqOut]:
         """Degraded answers from the stage's deepest exit for sequences `rows` that were sent deeper."""
-        pick = [out.fallback_rows.index(i) for i in rows]
+        pick = [_fallback_span(out, out.fallback_rows.index(i))[1] - 1 for i in rows]
         if not pick:
             return {}
         g = self.deepest_exit
@@ -394,6 +400,12 @@ class Stage:
         stats = confidence(logits).tolist()
         toks = sample(logits, [runs[i].sampling for i in rows], [runs[i].start + runs[i].count - 1 for i in rows])
         return {i: SeqOut(g, t, [(g, *st)]) for i, t, st in zip(rows, toks, stats)}
+
+    def fallback_logits(self, out: StageOut, i: int) -> torch.Tensor:
+        """(n, V) float32 logits of the deepest exit at the kept tail rows of sequence i (a degraded
+        verify); n <= its run's `tail`: the rows the last segment ran in this call."""
+        a, b = _fallback_span(out, out.fallback_rows.index(i))
+        return F.linear(out.fallback_x[a:b], self.unembed[self.deepest_exit]).float()
 
     # ---- pieces --------------------------------------------------------------------------------
     def _check(self, x, runs: list[SeqRun], pool: KVPool) -> None:
@@ -435,6 +447,14 @@ class Stage:
         sel = logits if rows == list(range(logits.shape[0])) else logits.index_select(
             0, torch.tensor(rows, device=self.device))
         decide(g, sel, [active[j] for j in ev], runs, outs)
+
+
+def _fallback_span(out: StageOut, j: int) -> tuple[int, int]:
+    """Rows [a, b) of out.fallback_x that belong to the j-th fallback sequence."""
+    if not out.fallback_counts:
+        return j, j + 1
+    a = sum(out.fallback_counts[:j])
+    return a, a + out.fallback_counts[j]
 
 
 def evaluated_at(r: SeqRun, g: int) -> bool:

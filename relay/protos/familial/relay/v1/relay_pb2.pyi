@@ -291,7 +291,7 @@ class FamilyInfoReply(_message.Message):
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ..., n_exits: _Optional[int] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_ids", "max_tokens", "sampling", "exit", "policy", "ignore_eos", "eos_ids", "deadline_ms", "step_timeout_ms")
+    __slots__ = ("request_id", "prompt_ids", "max_tokens", "sampling", "exit", "policy", "ignore_eos", "eos_ids", "deadline_ms", "step_timeout_ms", "speculative")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +302,7 @@ class GenerateRequest(_message.Message):
     EOS_IDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
@@ -312,7 +313,18 @@ class GenerateRequest(_message.Message):
     eos_ids: _containers.RepeatedScalarFieldContainer[int]
     deadline_ms: float
     step_timeout_ms: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., eos_ids: _Optional[_Iterable[int]] = ..., deadline_ms: _Optional[float] = ..., step_timeout_ms: _Optional[float] = ...) -> None: ...
+    speculative: Speculative
+    def __init__(self, request_id: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., eos_ids: _Optional[_Iterable[int]] = ..., deadline_ms: _Optional[float] = ..., step_timeout_ms: _Optional[float] = ..., speculative: _Optional[_Union[Speculative, _Mapping]] = ...) -> None: ...
+
+class Speculative(_message.Message):
+    __slots__ = ("draft_exit", "k", "fixed_k")
+    DRAFT_EXIT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FIXED_K_FIELD_NUMBER: _ClassVar[int]
+    draft_exit: int
+    k: int
+    fixed_k: bool
+    def __init__(self, draft_exit: _Optional[int] = ..., k: _Optional[int] = ..., fixed_k: _Optional[bool] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
     __slots__ = ("request_id", "exit")
@@ -339,7 +351,7 @@ class GenerateCall(_message.Message):
     def __init__(self, submit: _Optional[_Union[GenerateRequest, _Mapping]] = ..., update: _Optional[_Union[UpdateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("request_id", "token", "exit", "tier", "index", "degraded", "reason", "tiers", "hops", "confidence", "finish_reason", "error")
+    __slots__ = ("request_id", "token", "exit", "tier", "index", "degraded", "reason", "tiers", "hops", "confidence", "finish_reason", "error", "draft", "drafted", "accepted")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +364,9 @@ class TokenEvent(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: int
     exit: int
@@ -364,7 +379,10 @@ class TokenEvent(_message.Message):
     confidence: _containers.RepeatedCompositeFieldContainer[ExitConfidence]
     finish_reason: str
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., index: _Optional[int] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    draft: bool
+    drafted: int
+    accepted: int
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., index: _Optional[int] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., error: _Optional[str] = ..., draft: _Optional[bool] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class TokenEvents(_message.Message):
     __slots__ = ("events",)
@@ -373,7 +391,7 @@ class TokenEvents(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ...) -> None: ...
 
 class SeqStep(_message.Message):
-    __slots__ = ("seq_id", "pos", "count", "max_exit", "policy", "sampling", "fill_only", "deadline_ms")
+    __slots__ = ("seq_id", "pos", "count", "max_exit", "policy", "sampling", "fill_only", "deadline_ms", "drafts", "draft_p")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     POS_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +400,8 @@ class SeqStep(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     FILL_ONLY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_P_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     pos: int
     count: int
@@ -390,7 +410,9 @@ class SeqStep(_message.Message):
     sampling: Sampling
     fill_only: bool
     deadline_ms: float
-    def __init__(self, seq_id: _Optional[str] = ..., pos: _Optional[int] = ..., count: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., deadline_ms: _Optional[float] = ...) -> None: ...
+    drafts: _containers.RepeatedScalarFieldContainer[int]
+    draft_p: Tensor
+    def __init__(self, seq_id: _Optional[str] = ..., pos: _Optional[int] = ..., count: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., deadline_ms: _Optional[float] = ..., drafts: _Optional[_Iterable[int]] = ..., draft_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("seqs", "hidden", "src")
@@ -403,7 +425,7 @@ class StepRequest(_message.Message):
     def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ...) -> None: ...
 
 class SeqResult(_message.Message):
-    __slots__ = ("token", "exit", "tier", "degraded", "reason", "confidence", "tiers", "hops", "length", "total_ms", "error_code", "error")
+    __slots__ = ("token", "exit", "tier", "degraded", "reason", "confidence", "tiers", "hops", "length", "total_ms", "error_code", "error", "drafted", "accepted")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXIT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -416,6 +438,8 @@ class SeqResult(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     token: int
     exit: int
     tier: str
@@ -428,7 +452,9 @@ class SeqResult(_message.Message):
     total_ms: float
     error_code: str
     error: str
-    def __init__(self, token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    drafted: int
+    accepted: int
+    def __init__(self, token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class StepReply(_message.Message):
     __slots__ = ("results", "tier")
