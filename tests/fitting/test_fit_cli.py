@@ -101,6 +101,7 @@ def test_fit_plots_render(csv_runs, tmp_path, capsys):
             assert (tmp_path / "fit" / f"{name}.{ext}").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_paper_figures_from_a_given_profile(tmp_path):
     from fitting.figures import paper_figures
     from fitting.identifiability import paper_design_runs, profile_ab

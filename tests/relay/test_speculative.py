@@ -141,6 +141,7 @@ def test_speculative_requests_are_refused_when_malformed(model):
 
 
 # ---- the sampling rule ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_acceptance_rule_output_is_the_target_distribution():
     """Fixed draft and target distributions over 5 tokens (two draft rows + the bonus row): the first
     emitted token follows p_t row 0, and the second (when the first draft was accepted) p_t row 1."""

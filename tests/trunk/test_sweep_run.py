@@ -160,6 +160,7 @@ def test_time_limit_stops_running_runs(tmp_path, data_dir, capsys):
     assert not _records(tmp_path / "sweep") and not _alive(str(tmp_path / "sweep"))
 
 
+@pytest.mark.slow
 def test_torchrun_runs(tmp_path, data_dir, capsys):
     sweep = _small(tmp_path, data_dir, 1e10, {}, sizes=(1.5e4,))
     assert main(["sweep", str(sweep), "--nproc-per-run", "2", "--no-progress"]) == 0

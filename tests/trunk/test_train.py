@@ -78,6 +78,7 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert len((cut / "runs.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(data_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     shared = ("--steps", "4", "--eval-every", "2", "--grad-accum", "2")
