@@ -9,11 +9,12 @@ lengths) is read on the device, so one capture serves every later step (nano-vll
 vLLM's piecewise graphs do the same).
 
 What a graph holds: `Stage.segment_math` for that segment -- the fused blocks, the boundary-log write,
-the exit's branch layers and (head variant) the exit's logits. Eager code before and after it does the
-bookkeeping and sampling (greedy steps take the graph's own argmax). `run_burst` replays the whole-stage graph k
-times in a row for greedy decoding, feeding each step's argmax to the next on the device (vLLM's
-multi-step scheduling): the host pays for one step's bookkeeping per k tokens. Capture happens once at start-up (warm-up run first, so Triton autotuning
-and cuBLAS handle creation stay out of the capture). Not here: prefill or mixed steps (eager).
+the exit's branch layers and (head variant) the exit's logits and their argmax. Eager code before and
+after it does the bookkeeping and sampling (greedy steps take the graph's own argmax). `run_burst`
+replays the whole-stage graph k times in a row for greedy decoding, feeding each step's argmax to the
+next on the device (vLLM's multi-step scheduling): the host pays for one step's bookkeeping per k
+tokens. Capture happens once at start-up (warm-up run first, so Triton autotuning and cuBLAS handle
+creation stay out of the capture). Not here: prefill or mixed steps (eager).
 Legend: B rows (sequences), nb bucket, D d_model, V vocab.
 """
 from __future__ import annotations
