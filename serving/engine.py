@@ -6,8 +6,11 @@ and frees its KV everywhere, `check_health()`, and what the API reports of exits
 (the exit `"exit": "<tier>"` means) and `latency_model()` (for /v1/models).
 The decode loop does not live here: a request is submitted whole to a tier engine (relay/tier.py),
 which batches it with every other request and streams tokens back. What lives here is the exit
-choice: the first exit from the latency budget (`exit_policy.ExitPlanner`), replans as the request
-runs late (sent to the engine as updates), and the latency model fed by what each token took.
+choice: the first exit from the latency budget (`exit_policy.ExitPlanner`), with or without
+speculation, replans as the request runs late (sent to the engine as updates), and the latency model
+fed by what each token took. A speculative round's tokens arrive together, so a round is timed whole:
+the verify's reported tier times go to the (draft, target) pair's verify cost, the rest of the round,
+per draft, to the draft exit's decode time.
 
 - `LocalEngine`: tier engines in this process (one holding every exit, or a chain of them), driven
   directly: the in-process mode, on CPU or CUDA.
@@ -18,6 +21,7 @@ The engines know nothing of HTTP, chat templates or detokenisation: token ids in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -49,6 +53,7 @@ class GenerateRequest:
     ignore_eos: bool = False         # generate max_tokens whatever the model says (benchmarks, tests)
     arrival_s: float = field(default_factory=time.perf_counter)
     speculative: Speculative | None = None  # draft at the head tier, verify at the chosen exit
+    speculative_auto: bool = False           # ... only where the planner finds plain decoding too slow for the budget
 
 
 @dataclass
@@ -75,6 +80,8 @@ class TokenOutput:
     draft: bool = False                 # speculative: an accepted draft
     drafted: int = 0                    # speculative: on a round's last token, drafts checked and accepted
     accepted: int = 0
+    speculative: bool | None = None     # first token only: whether the plan speculates ...
+    tokens_per_round: float | None = None  # ... and the tokens per round it expects
 
 
 @dataclass
@@ -133,7 +140,6 @@ class PlanningEngine:
         self._started = False
         self._start_lock = asyncio.Lock()
         self._live: set[str] = set()
-        self.spec_acceptance: dict[str, tuple[float, float]] = {}  # "draft->target": (drafted, accepted), decayed
 
     async def _setup(self) -> None: ...
 
@@ -171,26 +177,37 @@ class PlanningEngine:
         else:
             self.planner.model.observe_token(g, ms)
 
-    def _first_plan(self, req: GenerateRequest) -> ExitPlan:
-        if req.exit is not None:
-            return self.planner.plan_for(req.exit, len(req.prompt_ids), req.max_tokens)
+    def _draft_exit(self, sp: Speculative) -> int:
+        """The exit that drafts: the request's, or the head tier's deepest."""
+        if sp.draft_exit is not None:
+            return sp.draft_exit
+        return max(e.index for e in self.info.exits if e.tier == self.info.tiers[0])
+
+    def _first_plan(self, req: GenerateRequest, sp: Speculative | None) -> ExitPlan:
         remaining = None
         if req.budget_ms is not None:
             remaining = req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3
-        return self.planner.plan(remaining, len(req.prompt_ids), req.max_tokens)
+        return self.planner.plan(remaining, len(req.prompt_ids), req.max_tokens, sp, req.speculative_auto, req.exit)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         await self.start()
         t_plan = time.perf_counter()
-        plan = self._first_plan(req)
+        sp = req.speculative
+        if sp is not None:
+            sp = dataclasses.replace(sp, draft_exit=self._draft_exit(sp))
+        known = sp is not None and 0 <= sp.draft_exit < len(self.info.exits)  # else the head refuses it
+        plan = self._first_plan(req, sp if known else None)
+        if req.speculative_auto and not plan.speculative:
+            sp = None   # "auto": plain decoding fits (or nothing does), so the head does not draft
         decision_us = (time.perf_counter() - t_plan) * 1e6
         deadline_ms = 0.0
         if req.budget_ms is not None:
             deadline_ms = max(1.0, req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3)
         greq = GenRequest(req.request_id, list(req.prompt_ids), req.max_tokens, req.sampling, plan.exit,
                           ignore_eos=req.ignore_eos, eos_ids=tuple(self.tokenizer.eos_ids),
-                          step_timeout_s=self.step_timeout_s, speculative=req.speculative)
-        g, replan, t_last, i = plan.exit, None, time.perf_counter(), 0
+                          step_timeout_s=self.step_timeout_s, speculative=sp)
+        g, replan, i = plan.exit, None, 0
+        t_last = t_round = time.perf_counter()   # the last token, and the last one that was not an accepted draft
         self._live.add(req.request_id)
         events = self._stream(greq, deadline_ms)
         try:
@@ -202,50 +219,63 @@ class PlanningEngine:
                     return
                 wall = (now - t_last) * 1e3
                 t_last = now
-                if ev.drafted:
-                    self._observe_round(req.speculative, ev.exit, ev.drafted, ev.accepted)
-                if not ev.degraded and (req.speculative is None or ev.index == 0):  # rounds arrive in bursts:
-                    self._observe(ev.exit, ev.index, len(req.prompt_ids), wall)   # no per-token decode time
+                if ev.drafted:     # a round's drafts and verify arrive together: time the round as a whole
+                    self._observe_round(sp, ev, (now - t_round) * 1e3)
+                elif not ev.draft and not ev.degraded:
+                    self._observe(ev.exit, ev.index, len(req.prompt_ids), wall)
+                if not ev.draft:
+                    t_round = now
                 if ev.finish_reason:
                     self.planner.score(plan, ev.index + 1, (now - t_plan) * 1e3)
+                first = i == 0
                 yield TokenOutput(token_id=ev.token, exit=ev.exit, tier=self._tier_of(ev), latency_ms=self._latency_split(ev, wall),
                                   degraded=ev.degraded, reason=ev.reason, replan=replan,
-                                  infeasible=plan.infeasible and i == 0, decision_us=decision_us,
-                                  predicted_ms=plan.predicted_ms if i == 0 else None, finish_reason=ev.finish_reason,
-                                  draft=ev.draft, drafted=ev.drafted, accepted=ev.accepted)
+                                  infeasible=plan.infeasible and first, decision_us=decision_us,
+                                  predicted_ms=plan.predicted_ms if first else None, finish_reason=ev.finish_reason,
+                                  draft=ev.draft, drafted=ev.drafted, accepted=ev.accepted,
+                                  speculative=plan.speculative if first else None,
+                                  tokens_per_round=plan.tokens_per_round if first and plan.speculative else None)
                 if ev.finish_reason:
                     return
                 i, replan, decision_us = i + 1, None, 0.0
                 if req.budget_ms is not None and req.exit is None:
                     t0 = time.perf_counter()
-                    remaining = req.budget_ms - (t0 - req.arrival_s) * 1e3
-                    new = self.planner.replan(g, remaining, req.max_tokens - i)
+                    replan = self._replan(req, g, i, sp if known else None)
                     decision_us = (time.perf_counter() - t0) * 1e6
-                    if new is not None:
-                        replan = Replan(at_token=i, from_exit=g, to_exit=new.exit,
-                                        reason=f"running late: {remaining:.1f} ms left for {req.max_tokens - i} "
-                                               f"tokens; exit {new.exit} predicts {new.predicted_ms:.1f} ms")
-                        g = new.exit
+                    if replan is not None:
+                        g = replan.to_exit
                         self._update(req.request_id, g)
         finally:
             await events.aclose()  # a request left early: its stream aborts it on every tier now, not at GC
             self._live.discard(req.request_id)
 
+    def _replan(self, req: GenerateRequest, g: int, i: int, sp: Speculative | None) -> Replan | None:
+        """A step-down after token i when the rest no longer fits at exit g (speculating as the tier does)."""
+        remaining = req.budget_ms - (time.perf_counter() - req.arrival_s) * 1e3
+        new = self.planner.replan(g, remaining, req.max_tokens - i, sp)
+        if new is None:
+            return None
+        return Replan(at_token=i, from_exit=g, to_exit=new.exit,
+                      reason=f"running late: {remaining:.1f} ms left for {req.max_tokens - i} "
+                             f"tokens; exit {new.exit} predicts {new.predicted_ms:.1f} ms")
+
     def _tier_of(self, ev: TokenEvent) -> str:
         return ev.tier
 
-    def _observe_round(self, sp: Speculative | None, target: int, drafted: int, accepted: int) -> None:
-        """Live acceptance per (draft exit, target exit): decayed sums, so recent rounds weigh most."""
-        draft = sp.draft_exit if sp is not None and sp.draft_exit is not None else \
-            max(e.index for e in self.info.exits if e.tier == self.info.tiers[0])
-        key = f"{draft}->{target}"
-        d, a = self.spec_acceptance.get(key, (0.0, 0.0))
-        self.spec_acceptance[key] = (0.98 * d + drafted, 0.98 * a + accepted)
+    def _observe_round(self, sp: Speculative | None, ev: TokenEvent, round_ms: float) -> None:
+        """A verified round (closing event `ev`, `round_ms` since the previous round): its acceptance for
+        the (draft, verifying exit) pair; unless degraded, the verify's round trip (the tiers' reported
+        times) for the pair and the rest, per draft, as decode steps of the draft exit."""
+        draft = self._draft_exit(sp if sp is not None else Speculative())
+        verify_ms = sum(ev.timings.values()) if ev.timings and not ev.degraded else None
+        self.planner.model.observe_round(draft, ev.exit, ev.drafted, ev.accepted, verify_ms)
+        if verify_ms is not None:
+            self.planner.model.observe_token(draft, max(0.0, round_ms - verify_ms) / ev.drafted)
 
     def acceptance(self, draft: int, target: int) -> float | None:
         """Live fraction of drafts accepted for this pair (None before any round)."""
-        d, a = self.spec_acceptance.get(f"{draft}->{target}", (0.0, 0.0))
-        return a / d if d > 0 else None
+        p = self.planner.model.pairs.get((draft, target)) if self.planner is not None else None
+        return p.accepted / p.drafted if p is not None and p.drafted > 0 else None
 
     def _latency_split(self, ev: TokenEvent, wall_ms: float) -> dict[str, float]:
         return _split(ev, wall_ms)
@@ -261,10 +291,7 @@ class PlanningEngine:
         return next((e.index for e in by_quality(self.info.exits) if e.tier == tier), None)
 
     def latency_model(self) -> dict:
-        snap = self.planner.snapshot() if self.planner is not None else {}
-        if self.spec_acceptance:
-            snap = {**snap, "speculative_acceptance": {k: a / d for k, (d, a) in self.spec_acceptance.items() if d}}
-        return snap
+        return self.planner.snapshot() if self.planner is not None else {}
 
 
 def _split(ev: TokenEvent, wall_ms: float) -> dict[str, float]:
@@ -324,8 +351,6 @@ class LocalEngine(PlanningEngine):
         return cls(model, tok, meta, device=device, **kw)
 
     async def _setup(self) -> None:
-        import dataclasses
-
         from relay.node import NodeConfig, make_pool
         from relay.tier import LocalDownstream, TierConfig, TierEngine
         from trunk.stage import Stage

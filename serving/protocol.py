@@ -88,7 +88,10 @@ ExitChoice = Union[int, str]  # "auto" | exit index | tier name
 
 class SpeculativeOptions(OpenAIRequest):
     """`speculative`: the head tier drafts with a shallow exit, the chosen exit verifies k drafts per round
-    trip (greedy: the same tokens as without it; sampled: the same distribution). `true` = all defaults."""
+    trip (greedy: the same tokens as without it; sampled: the same distribution). `true` = all defaults;
+    `"auto"` (or `mode: "auto"`) = the router speculates only where plain decoding of the exit it would
+    choose does not fit the latency budget and speculation does."""
+    mode: Literal["on", "auto"] = "on"             # "on": always (at exits deeper than the draft exit)
     draft_exit: Optional[int] = Field(None, ge=0)  # default: the head tier's deepest exit
     k: int = Field(4, ge=1, le=64)                 # drafts per round (the cap when adaptive)
     adaptive: bool = True                          # choose k per round from acceptance and round-trip time
@@ -154,7 +157,7 @@ class CompletionRequest(_SamplingFields):
     latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)  # arrival to last token
     exit: ExitChoice = "auto"                               # "auto" | exit index | tier name
     ignore_eos: bool = False                                # keep going past end-of-sequence (as vLLM's)
-    speculative: Optional[Union[bool, SpeculativeOptions]] = None  # draft at the head, verify at the exit
+    speculative: Optional[Union[bool, Literal["auto"], SpeculativeOptions]] = None  # draft at the head, verify at the exit
 
     @field_validator("prompt")
     @classmethod
@@ -221,7 +224,7 @@ class ChatCompletionRequest(_SamplingFields):
     latency_budget_ms: Optional[float] = Field(None, gt=0, le=MAX_BUDGET_MS, allow_inf_nan=False)
     exit: ExitChoice = "auto"
     ignore_eos: bool = False
-    speculative: Optional[Union[bool, SpeculativeOptions]] = None
+    speculative: Optional[Union[bool, Literal["auto"], SpeculativeOptions]] = None
 
 
 # ---- Familial extension object on responses -------------------------------------------------------
@@ -274,6 +277,8 @@ class SpeculativeSummary(OpenAIModel):
     accepted: int
     rounds: int
     acceptance: Optional[float] = None   # accepted / drafted
+    planned: Optional[bool] = None       # the admission plan speculates (false: "auto" found plain decoding fits)
+    predicted_tokens_per_round: Optional[float] = None  # the plan's expected tokens per round
 
 
 # ---- responses ------------------------------------------------------------------------------------

@@ -18,22 +18,7 @@ from serving.detokenize import TextStream
 from serving.engine import Engine, EngineError, GenerateRequest, TokenOutput
 from serving.errors import APIError
 from serving.metrics import Metrics
-from relay.work import Speculative
-from serving.protocol import FamilialInfo, LatencySplit, ReplanInfo, SpeculativeOptions, SpeculativeSummary, UsageInfo
-
-
-def speculative_of(opt, engine: Engine) -> Speculative | None:
-    """The request's `speculative` field (None, a bool or SpeculativeOptions) as the engine's option; the
-    draft exit defaults to the head tier's deepest and must be held by the head tier (else a 400)."""
-    if opt is None or opt is False:
-        return None
-    o = SpeculativeOptions() if opt is True else opt
-    head = [e.index for e in engine.info.exits if e.tier == engine.info.tiers[0]]
-    draft = max(head) if o.draft_exit is None else o.draft_exit
-    if draft not in head:
-        raise APIError(400, f"speculative.draft_exit must be an exit of the head tier {engine.info.tiers[0]!r} "
-                            f"({', '.join(map(str, head))}), got {draft}", param="speculative")
-    return Speculative(draft, o.k, o.adaptive)
+from serving.protocol import FamilialInfo, LatencySplit, ReplanInfo, SpeculativeSummary, UsageInfo
 
 
 @dataclass
@@ -66,6 +51,8 @@ class RequestRun:
     draft: list[bool] = field(default_factory=list)      # speculative, per token (see FamilialInfo)
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    spec_planned: bool | None = None                     # the admission plan speculates
+    tokens_per_round: float | None = None                # ... expecting this many tokens per round
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one carries finish_reason. Raises APIError(503) if nothing could be made."""
@@ -122,6 +109,9 @@ class RequestRun:
             self.infeasible = True
         if out.predicted_ms is not None:
             self.predicted_ms = round(out.predicted_ms, 3)
+        if out.speculative is not None:
+            self.spec_planned = out.speculative
+            self.tokens_per_round = None if out.tokens_per_round is None else round(out.tokens_per_round, 3)
         if out.replan:
             self.replans.append(ReplanInfo.model_validate(out.replan, from_attributes=True))
         return now
@@ -170,5 +160,6 @@ class RequestRun:
         if self.req.speculative is not None:
             d, a = sum(self.drafted), sum(self.accepted)
             info.speculative = SpeculativeSummary(drafted=d, accepted=a, rounds=sum(1 for x in self.drafted if x),
-                                                  acceptance=round(a / d, 4) if d else None)
+                                                  acceptance=round(a / d, 4) if d else None, planned=self.spec_planned,
+                                                  predicted_tokens_per_round=self.tokens_per_round)
         return info

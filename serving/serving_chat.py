@@ -17,7 +17,7 @@ from serving.errors import APIError
 from serving.protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionChunkChoice,
                               ChatCompletionRequest, ChatCompletionResponse, ChatMessage, ChatResponseMessage,
                               DeltaMessage, FamilialInfo, random_id)
-from serving.request_run import RequestRun, speculative_of
+from serving.request_run import RequestRun
 from serving.serving_base import OpenAIServing
 from serving.validation import build_request, check_model, encode_prompt
 
@@ -52,7 +52,6 @@ class OpenAIServingChat(OpenAIServing):
             prompt, template_stops = await encode_prompt(self.engine, self.settings, render_chat(req.messages)), [CHAT_STOP]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         gen = build_request(self.engine, self.settings, prompt, max_tokens, req, arrival_s)
-        gen.speculative = speculative_of(req.speculative, self.engine)
         run = RequestRun(self.engine, self.metrics, gen, [*(req.stop or []), *template_stops], exit_requested=req.exit)
         stack = await self.start(run)
         if req.stream:

@@ -9,7 +9,7 @@ import time
 
 from serving.encoding import dump
 from serving.protocol import CompletionChoice, CompletionRequest, CompletionResponse, FamilialInfo, random_id
-from serving.request_run import RequestRun, speculative_of
+from serving.request_run import RequestRun
 from serving.serving_base import OpenAIServing
 from serving.validation import build_request, check_model, encode_prompt
 
@@ -23,7 +23,6 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt = (await encode_prompt(self.engine, self.settings, req.prompt) if isinstance(req.prompt, str)
                   else list(req.prompt))
         gen = build_request(self.engine, self.settings, prompt, req.max_tokens, req, arrival_s)
-        gen.speculative = speculative_of(req.speculative, self.engine)
         run = RequestRun(self.engine, self.metrics, gen, req.stop or [], exit_requested=req.exit)
         stack = await self.start(run)
         if req.stream:

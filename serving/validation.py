@@ -3,7 +3,8 @@ turned into the engine's `GenerateRequest` (every refusal a 400 or 404 naming th
 
 A prompt too long is refused by its byte count before it is tokenized when its bytes alone prove it
 (see `encode_prompt`); tokenizing runs in a worker thread, off the event loop. `exit` is resolved here
-("auto", an index or a tier name), through the engine interface. Admission (429) is `admission.py`'s.
+("auto", an index or a tier name), through the engine interface, and so is `speculative` (true, "auto"
+or options; the draft exit on the head tier). Admission (429) is `admission.py`'s.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import contextlib
 import uuid
 import weakref
 
+from relay.work import Speculative
 from serving.engine import Engine, GenerateRequest, SamplingParams
 from serving.errors import APIError
+from serving.protocol import SpeculativeOptions
 from serving.settings import ServeSettings
 
 _MAX_TOKEN_BYTES: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
@@ -75,6 +78,30 @@ def resolve_exit(engine: Engine, exit) -> int | None:
     return g
 
 
+def speculative_options(opt) -> SpeculativeOptions | None:
+    """The request's `speculative` field (None, a bool, "auto" or SpeculativeOptions) as options."""
+    if opt is None or opt is False:
+        return None
+    if opt == "auto":
+        return SpeculativeOptions(mode="auto")
+    return SpeculativeOptions() if opt is True else opt
+
+
+def speculative_of(opt, engine: Engine) -> Speculative | None:
+    """The request's `speculative` field as the engine's option; the draft exit defaults to the head
+    tier's deepest and must be held by the head tier (else a 400). Whether the planner decides ("auto")
+    is `GenerateRequest.speculative_auto`, set by `build_request`."""
+    o = speculative_options(opt)
+    if o is None:
+        return None
+    head = [e.index for e in engine.info.exits if e.tier == engine.info.tiers[0]]
+    draft = max(head) if o.draft_exit is None else o.draft_exit
+    if draft not in head:
+        raise APIError(400, f"speculative.draft_exit must be an exit of the head tier {engine.info.tiers[0]!r} "
+                            f"({', '.join(map(str, head))}), got {draft}", param="speculative")
+    return Speculative(draft, o.k, o.adaptive)
+
+
 def check_model(settings: ServeSettings, engine: Engine, model: str | None) -> str:
     name = settings.model_name or engine.info.name
     if model not in (None, "", name):
@@ -101,8 +128,10 @@ def build_request(engine: Engine, settings: ServeSettings, prompt_ids: list[int]
         raise APIError(400, f"prompt ({len(prompt_ids)}) + max_tokens ({n}) exceeds the context length "
                             f"{engine.info.max_seq_len}", param="max_tokens", code="context_length_exceeded")
     seed = req.seed if req.seed is not None else uuid.uuid4().int & 0x7FFFFFFF
+    spec = speculative_options(req.speculative)
     return GenerateRequest(request_id=uuid.uuid4().hex, prompt_ids=list(prompt_ids), max_tokens=n,
                            sampling=SamplingParams(req.temperature if req.temperature is not None else 1.0,
                                                    req.top_p if req.top_p is not None else 1.0, seed),
                            exit=resolve_exit(engine, req.exit), budget_ms=req.latency_budget_ms, arrival_s=arrival_s,
-                           ignore_eos=req.ignore_eos)
+                           ignore_eos=req.ignore_eos, speculative=speculative_of(spec, engine),
+                           speculative_auto=spec is not None and spec.mode == "auto")

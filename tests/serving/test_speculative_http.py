@@ -62,3 +62,37 @@ def test_speculative_draft_exit_off_the_head_tier_is_a_400(server):
     r = httpx.post(server.url + "/v1/completions", timeout=30,
                    json={"model": "tiny", "prompt": "ab", "max_tokens": 4, "speculative": {"draft_exit": 1}})
     assert r.status_code == 400 and "speculative" in r.text
+
+
+# ---- planning: a latency budget buys the deep exit through speculation -----------------------------
+
+EDGE_MS = 60.0   # every edge step sleeps this long: exits 1 and 2 cost >= 60 ms a token, exit 0 ~1 ms
+
+
+@pytest.fixture(scope="module")
+def slow_edge(tiny_ckpt):
+    from serving_helpers import ServerThread
+
+    eng = LocalEngine.from_checkpoint(tiny_ckpt, name="tiny", delays_ms={"edge": EDGE_MS})
+    with ServerThread(build_app(eng)) as s:
+        s.engine = eng
+        yield s
+
+
+def test_budget_buys_the_target_exit_with_speculation(slow_edge):
+    budget = 600.0   # 16 plain tokens at exit 1 or 2: ~1 s; speculating exit 2 at this family's acceptance: ~0.25 s
+    plain = complete(slow_edge, max_tokens=16, exit="auto", latency_budget_ms=budget)["familial"]
+    assert plain["exits"][0] == 0 and plain.get("speculative") is None
+    # one request at a fixed exit measures the pair (drafts by exit 0, verified at exit 2) ...
+    complete(slow_edge, max_tokens=16, speculative={"k": 8})
+    pair = slow_edge.engine.latency_model()["speculative"]["0->2"]
+    assert pair["rounds_measured"] >= 1 and pair["alpha"] > 0.5
+    # ... so the planner now predicts the deep exit's speculative time inside the budget
+    fam = complete(slow_edge, max_tokens=16, exit="auto", latency_budget_ms=budget,
+                   speculative={"mode": "auto", "k": 8})["familial"]
+    s = fam["speculative"]
+    assert fam["exits"][0] == 2 and s["planned"] and s["predicted_tokens_per_round"] > 2 and s["drafted"] > 0
+    assert fam["predicted_ms"] < budget
+    # a budget plain decoding fits: "auto" does not speculate
+    fam = complete(slow_edge, max_tokens=4, exit="auto", latency_budget_ms=20_000.0, speculative="auto")["familial"]
+    assert fam["exits"] == [2] * 4 and fam["speculative"]["planned"] is False and fam["speculative"]["drafted"] == 0
