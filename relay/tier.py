@@ -555,7 +555,7 @@ class TierEngine:
     def _burst_len(self, chunks: list[_Chunk]) -> int:
         """Greedy decode steps to run in one burst (Stage.decode_burst): > 1 only on CUDA graphs at the
         last tier, when the batch is every queued item and each is a one-token greedy step of a request
-        running here that answers at this stage's deepest exit. Bounded by the longest remaining
+        running here that answers at one of this stage's exits. Bounded by the longest remaining
         request (shorter ones drop what they do not need) and by the pool's positions."""
         stage = self.stage
         if (self.conf.decode_burst < 2 or self.down is not None or getattr(stage, "graphs", None) is None
@@ -564,7 +564,7 @@ class TierEngine:
         left, room = 0, self.pool.shape.max_len
         for c in chunks:
             it, gs = c.item, c.item.tag
-            if (it.sink != self._gen_result or it.n != 1 or c.take != 1 or it.want != stage.deepest_exit
+            if (it.sink != self._gen_result or it.n != 1 or c.take != 1 or it.want not in stage.exits
                     or it.verify is not None or it.draft
                     or not it.sampling.greedy or it.policy.kind != FIXED or not isinstance(gs, GenSeq)):
                 return 1
@@ -581,10 +581,11 @@ class TierEngine:
         for i, c in enumerate(chunks):
             s, it, gs = c.seq, c.item, c.item.tag
             want, start, took = it.want, it.pos, 0
+            used = self.stage.local(want) + 1        # segments the burst advanced for this sequence
             s.running = False
             while took < k and not it.resolved and it.want == want and not s.closing:
                 took += 1
-                s.seg_lens = [start + took] * self.n_seg
+                s.seg_lens = [start + took] * used + s.seg_lens[used:]
                 it.done = it.n
                 resolved.add(id(it))
                 it.resolve(Result(toks[took - 1][i], want, self.tier, length=start + took,

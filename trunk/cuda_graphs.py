@@ -13,7 +13,9 @@ the exit's branch layers and (head variant) the exit's logits and their argmax. 
 after it does the bookkeeping and sampling (greedy steps take the graph's own argmax). `run_burst`
 replays the whole-stage graph k times in a row for greedy decoding, feeding each step's argmax to the
 next on the device (vLLM's multi-step scheduling): the host pays for one step's bookkeeping per k
-tokens. Capture happens once at start-up (warm-up run first, so Triton autotuning and cuBLAS handle
+tokens; its "mixed" graph does the same when rows answer at different exits of the stage (a row
+above a segment's exit is a padding row there: matmul rows, but no KV read or write of its own).
+Capture happens once at start-up (warm-up run first, so Triton autotuning and cuBLAS handle
 creation stay out of the capture). Not here: prefill or mixed steps (eager).
 Legend: B rows (sequences), nb bucket, D d_model, V vocab.
 """
@@ -40,6 +42,7 @@ class DecodeGraphs:
         self.inp[2] = pool.scratch_slot
         self.ids, self.pos, self.slot64 = self.inp[0], self.inp[1], self.inp[2]
         self.h = torch.zeros(n, stage.cfg.d_model, dtype=stage.dtype, device=dev)
+        self.row_seg = torch.zeros(n, dtype=torch.long, device=dev)   # "mixed": each row's exit segment
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         # pinned host staging per segment: a segment's copies are still in flight while the next fills its own
         self.host = [torch.zeros(3, n, dtype=torch.long).pin_memory() for _ in stage.segments]
@@ -65,8 +68,21 @@ class DecodeGraphs:
 
         st = self.stage
         meta = AttnMeta.static(self.pos[:nb], self.slot64[:nb].to(torch.int32), self.cu[:nb + 1])
-        first = 0 if s == "all" else s
+        first = 0 if s in ("all", "mixed") else s
         x = st.model.embed(self.ids[:nb]) if first == 0 and st.has_embedding else self.h[:nb]
+        if s == "mixed":  # every segment, each row answering at its own exit (row_seg)
+            rs, tok, last = self.row_seg[:nb], None, len(st.segments) - 1
+            for k in range(last + 1):
+                m = meta
+                if k > 0:  # rows whose exit lies above k run here as padding rows: no KV read, no KV kept
+                    live = rs >= k
+                    m = AttnMeta.static(torch.where(live, self.pos[:nb], 0),
+                                        torch.where(live, self.slot64[:nb], self.pool.scratch_slot).to(torch.int32),
+                                        self.cu[:nb + 1])
+                x, xb, logits = st.segment_math(k, x, m, self.pool, True)
+                t = logits.argmax(-1)
+                tok = t if tok is None else torch.where(rs == k, t, tok)
+            return x, xb, None, tok
         if s != "all":
             x, xb, logits = st.segment_math(s, x, meta, self.pool, head)
         else:
@@ -81,10 +97,12 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         self.mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
-        segs = list(range(len(self.stage.segments))) + (["all"] if len(self.stage.segments) > 1 else [])
+        multi = len(self.stage.segments) > 1
+        segs = list(range(len(self.stage.segments))) + (["all"] if multi else [])
+        segs += ["mixed"] if multi and not self.stage.has_next and self.stage.has_embedding else []
         for s in segs:
             for nb in reversed(self.buckets):
-                for head in (True, False):
+                for head in ((True,) if s == "mixed" else (True, False)):
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
                         self._body(s, nb, head)       # warm-up: autotuning, handles, lazy init
@@ -106,8 +124,8 @@ class DecodeGraphs:
         nb = self.bucket(B)
         if nb is None or (s, nb, head) not in self.graphs:
             return None
-        host = self.host[0 if s == "all" else s]
-        ids = s in (0, "all") and self.stage.has_embedding
+        host = self.host[0 if s in ("all", "mixed") else s]
+        ids = s in (0, "all", "mixed") and self.stage.has_embedding
         if ids and x.device.type == "cpu":
             host[0, :B] = x
         host[1, :B] = torch.as_tensor(meta.offs)
@@ -123,17 +141,22 @@ class DecodeGraphs:
         self.replays += 1
         return h[:B], xb[:B], (logits[:B] if logits is not None else None), (tok[:B] if tok is not None else None)
 
-    def run_burst(self, x, meta, k: int):
+    def run_burst(self, x, meta, k: int, row_seg: list[int] | None = None):
         """k greedy decode steps of the whole stage back to back, without the host in between: step j+1
-        reads step j's argmax (on the device) as its token and every position advanced by one. Returns
-        the (k, B) tokens on the device (one copy to the host for all k), or None if no graph fits."""
+        reads step j's argmax (on the device) as its token and every position advanced by one. With
+        row_seg (each row's exit segment, some above the last) the "mixed" graph runs: row i answers at
+        segment row_seg[i]'s exit and deeper segments treat it as padding (its KV there is not kept).
+        Returns the (k, B) tokens on the device (one copy to the host for all k), or None if no graph fits."""
         B = len(meta.counts)
         nb = self.bucket(B)
-        key = "all" if len(self.stage.segments) > 1 else 0
+        key = "mixed" if row_seg is not None else "all" if len(self.stage.segments) > 1 else 0
         if nb is None or (key, nb, True) not in self.graphs or not self.stage.has_embedding:
             return None
         if self.toks is None or self.toks.shape[0] < k:
             self.toks = torch.empty(max(k, 8), self.buckets[-1], dtype=torch.long, device=self.stage.device)
+        if row_seg is not None:
+            self.row_seg[:B].copy_(torch.as_tensor(row_seg), non_blocking=False)
+            self.row_seg[B:nb].zero_()
         got = self.run(key, x, meta, True)
         g, (_, _, _, tok) = self.graphs[(key, nb, True)]
         self.toks[0, :B].copy_(got[3])

@@ -305,25 +305,35 @@ class Stage:
         return out
 
     def decode_burst(self, x, runs: list[SeqRun], k: int) -> list[list[int]] | None:
-        """k greedy decode steps for sequences that each bring one token and answer at this stage's
-        deepest exit (the whole-step case, CUDA graphs): step j's tokens are the inputs of step j+1.
-        Returns tokens[j][i] (run i's answer at step j), with every run's seg_lens advanced by k; or
-        None (nothing run) when the batch is not such a case -- the caller steps once instead.
-        The caller keeps what it uses: positions past a sequence's kept tokens hold KV it must not
-        count (truncate seg_lens to them)."""
+        """k greedy decode steps for sequences that each bring one token and answer at one of this
+        stage's exits, nothing pending in the segments they use (CUDA graphs; a last stage when the
+        exits differ): step j's tokens are the inputs of step j+1. Returns tokens[j][i] (run i's answer
+        at step j), with the seg_lens of the segments each run uses advanced by k (deeper ones stay
+        pending); or None (nothing run) when the batch is not such a case -- the caller steps once
+        instead. The caller keeps what it uses: positions past a sequence's kept tokens hold KV it
+        must not count (truncate seg_lens to them)."""
         g_last = self.deepest_exit
         if self.graphs is None or not runs or not self.has_embedding or k < 1:
             return None
+        segs = []
         for r in runs:
-            if (r.count != 1 or not r.evaluate or r.policy.kind != FIXED or r.want != g_last or r.keep_logits
-                    or not r.sampling.greedy or r.seg_lens[-1] != r.start or r.seg_lens[0] != r.start):
+            if (r.count != 1 or not r.evaluate or r.policy.kind != FIXED or r.want not in self.exits
+                    or r.keep_logits or not r.sampling.greedy):
                 return None
+            s = self.local(r.want)
+            if any(n != r.start for n in r.seg_lens[:s + 1]):
+                return None
+            segs.append(s)
+        last = len(self.segments) - 1
+        mixed = any(g != last for g in segs)
+        if mixed and (self.has_next or max(segs) != last):  # all shallower: segment graphs, one step
+            return None
         meta = AttnMeta([r.slot for r in runs], [r.start for r in runs], [1] * len(runs), self.device)
-        toks = self.graphs.run_burst(x, meta, k)
+        toks = self.graphs.run_burst(x, meta, k, row_seg=segs if mixed else None)
         if toks is None:
             return None
-        for r in runs:
-            r.seg_lens[:] = [r.start + k] * len(self.segments)
+        for r, s in zip(runs, segs):
+            r.seg_lens[:s + 1] = [r.start + k] * (s + 1)
         return toks.tolist()
 
     def _segment(self, s: int, h, meta: AttnMeta, pool: KVPool, head: bool):

@@ -52,7 +52,8 @@ def test_graphs_and_fused_kernels_keep_greedy_tokens_exact():
     got = asyncio.run(go())
     want = [ref(r) for r in reqs]
     assert got == want
-    assert stage.graphs.replays > 50
+    assert stage.graphs.replays > 15
+    assert eng.counters["bursts"] > 0, "requests at different exits decode in bursts (the mixed graph)"
 
 
 def test_decode_bursts_keep_greedy_tokens_exact():
