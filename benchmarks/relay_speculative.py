@@ -1,12 +1,13 @@
 """Relay speculative decoding: per-request tokens/s of the target exit, speculative vs not, at injected
 round trips between the device tier and the deeper tiers.
 
-The built-in family (trunk/builtin: exits after layers 2, 4, 6) is split device = exit 0, edge = exit
-1, cloud = exit 2, and served by three real relay nodes over gRPC loopback in this process
-(`relay.cli.start_node`). The device -> edge hop gets a round trip of RTT ms per step message
+The built-in family (trunk/builtin: exits after layers 2, 4, 6), or the family --checkpoint names, is
+split by --tiers (default device = exit 0, edge = exit 1, cloud = exit 2) and served by three real
+relay nodes over gRPC loopback in this process (`relay.cli.start_node`), on --device. The device -> edge hop gets a round trip of RTT ms per step message
 (`tests.hop_delay`: the harness wraps the head engine's downstream; no production flag). Each
-request is batch-1 greedy, `ignore_eos`, prompts are the openings of Python files (what the family
-was trained on), and every mode's tokens are checked equal to plain decoding at the final exit.
+request is batch-1 greedy, `ignore_eos`; prompts are the openings of Python files (what the built-in
+family was trained on) or windows of a prepared corpus' held-out split (--prompt-data), and every
+mode's tokens are checked equal to plain decoding at the final exit.
 
 Modes: `plain` (one target step, one round trip per token), `spec` (draft exit 0 on the device,
 verify at the final exit, k adaptive with a cap of --k), `spec-k<N>` (fixed k = N).
@@ -18,6 +19,8 @@ results/relay_speculative_<tag>.json and .png under --out.
 
     python3 benchmarks/relay_speculative.py --quick            # 2-core CPU, < 3 min
     python3 benchmarks/relay_speculative.py --out "$OUT"       # more prompts and tokens
+    python3 benchmarks/relay_speculative.py --checkpoint runs/fam --prompt-data data --device cuda \
+        --tiers device=0..1,edge=2,cloud=3.. --out "$OUT"     # a trained family on the GPU
 """
 from __future__ import annotations
 
@@ -105,18 +108,28 @@ async def bench(args) -> dict:
     from trunk.tokenizer import load_tokenizer
 
     torch.set_num_threads(max(1, args.threads))
-    ckpt = ROOT / "trunk" / "builtin"
+    ckpt = Path(args.checkpoint)
     tok = load_tokenizer(ckpt)
     model, _, meta = load_checkpoint(ckpt)
     G = model.cfg.G
-    ps = prompts(tok, args.prompts, args.prompt_len)
-    out = {"rtts_ms": args.rtts, "modes": args.modes, "results": {}}
+    if args.prompt_data:
+        from trunk.data import TokenData
+        ps = TokenData(args.prompt_data, args.prompt_len).val_batch(0, args.prompts, 1)[:, :args.prompt_len].tolist()
+    else:
+        ps = prompts(tok, args.prompts, args.prompt_len)
+    out = {"rtts_ms": args.rtts, "modes": args.modes, "results": {},
+           "exits": [{k: e.get(k) for k in ("index", "layer", "val_loss")} for e in meta.get("exits", [])],
+           "architecture": {k: getattr(model.cfg, k) for k in ("vocab_size", "d_model", "n_layers", "exit_layers")},
+           "params": sum(p.numel() for p in model.parameters()), "tokens_seen": meta.get("tokens_seen"),
+           "prompts_from": f"{args.prompt_data} (held-out val split)" if args.prompt_data else "stdlib file openings"}
+    del model
     with tempfile.TemporaryDirectory() as tmp:
         split_checkpoint(ckpt, Path(tmp) / "shards", args.tiers)
         names = [part.split("=")[0] for part in args.tiers.split(",") if "=" in part]
         handles, nxt = [], None
         for t in reversed(names):
-            h = await start_node(stage=load_tier(Path(tmp) / "shards", t, dtype=torch.float32),
+            h = await start_node(stage=load_tier(Path(tmp) / "shards", t, device=args.device,
+                                                 dtype=getattr(torch, args.dtype)),
                                  **({"next": f"127.0.0.1:{nxt}"} if nxt else {}))
             handles.insert(0, h)
             nxt = h.port
@@ -181,18 +194,36 @@ def main(argv=None) -> int:
     ap.add_argument("--tiers", default="device=0,edge=1,cloud=2..",
                     help="tiers as familial-deploy split takes them; the head drafts with its deepest exit")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--checkpoint", default=str(ROOT / "trunk" / "builtin"),
+                    help="family checkpoint to split and serve (default: the built-in family)")
+    ap.add_argument("--prompt-data", default=None,
+                    help="take prompts from this prepared data directory's held-out val split (default: openings "
+                         "of standard-library files)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda: where every tier runs")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                  "bfloat16 on CUDA)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON and PNG")
     ap.add_argument("--tag", default=None, help="file name tag (default: cpu_<date> or <device>_<date>)")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.tokens = 3, 32
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        ap.error(f"--dtype {args.dtype!r}: expected float32, bfloat16 or float16")
+    if not (Path(args.checkpoint) / "family.json").is_file():
+        ap.error(f"--checkpoint {args.checkpoint}: no family.json there")
     if "plain" not in args.modes:
         args.modes = ["plain"] + args.modes
     t0 = time.time()
     res = asyncio.run(bench(args))
     date = datetime.date.today().isoformat()
-    tag = args.tag or f"{'cpu' if not torch.cuda.is_available() else 'gpu'}_{date}"
-    res.update({"date": date, "wall_s": round(time.time() - t0, 1), "quick": args.quick, "family": "builtin",
+    dev = "cpu" if args.device == "cpu" else torch.cuda.get_device_name().split()[-1].lower()
+    tag = args.tag or f"{dev}_{date}"
+    family = "builtin" if Path(args.checkpoint).resolve() == (ROOT / "trunk" / "builtin").resolve() else args.checkpoint
+    res.update({"date": date, "wall_s": round(time.time() - t0, 1), "quick": args.quick, "family": family,
+                "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(), "dtype": args.dtype,
                 "tiers": args.tiers, "draft_exit": "the head tier's deepest", "target_exit": "final",
                 "rtt_hop": "head -> next tier (tests.hop_delay); deeper hops loopback only",
                 "prompts": args.prompts, "prompt_len": args.prompt_len, "tokens": args.tokens, "k_cap": args.k,
@@ -202,7 +233,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"relay_speculative_{tag}.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / f"relay_speculative_{tag}.png", f"built-in family, {args.tiers}, batch 1, {tag}")
+    name = "built-in family" if family == "builtin" else f"{Path(family).name} ({res['params'] / 1e6:.0f}M)"
+    plot(res, out / f"relay_speculative_{tag}.png", f"{name}, {args.tiers}, batch 1, {tag}")
     print(f"wrote {out / f'relay_speculative_{tag}.json'} and .png in {res['wall_s']} s")
     return 0
 
