@@ -468,7 +468,9 @@ class Bench:
         t_start = time.perf_counter()
         stream = c.generate_stream()
 
-        async def one(req):
+        split: dict[str, list[float]] = {}
+
+        async def one(req, timings=False):
             first = last = None
             n = 0
             async for ev in stream.submit(req):
@@ -476,6 +478,9 @@ class Bench:
                     now = time.perf_counter()
                     first, last, n = first or now, now, n + 1
                     prog["tokens"] = prog.get("tokens", 0) + 1
+                    if timings and n > 1:  # where a batch-1 token's time goes: each tier, each hop
+                        for key, ms in ev.timings.items():
+                            split.setdefault(key, []).append(ms)
                 if ev.error:
                     raise RuntimeError(ev.error)
             prog["finished"] = prog.get("finished", 0) + 1
@@ -487,7 +492,7 @@ class Bench:
         await one(GenRequest("warm", list(range(16)), 16, ignore_eos=True))
         n_b1 = 64 if self.quick else 256
         phase("b1")
-        n, first, last = await one(GenRequest("b1", list(range(16)), n_b1, ignore_eos=True))
+        n, first, last = await one(GenRequest("b1", list(range(16)), n_b1, ignore_eos=True), timings=True)
         b1_ms = (last - first) * 1e3 / (n - 1)
         phase("nano")
         n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
@@ -500,7 +505,8 @@ class Bench:
         stats = [await RelayClient(a).stats() for a in [head]]
         await stream.close()
         await c.close()
-        r = {"b1_ms_per_token": round(b1_ms, 3), "b1_tok_s": round(1e3 / b1_ms, 1), "nano_output_tokens": toks,
+        r = {"b1_ms_per_token": round(b1_ms, 3), "b1_tok_s": round(1e3 / b1_ms, 1),
+             "b1_ms_split": {k: round(sum(v) / len(v), 3) for k, v in split.items()}, "nano_output_tokens": toks,
              "nano_wall_s": round(wall, 2), "nano_tok_s": round(toks / wall, 1), "head_stats": stats[0]["engine"]}
         if self.R.get("nano_tok_s"):
             r["over_inproc"] = round(r["nano_tok_s"] / self.R["nano_tok_s"], 3)

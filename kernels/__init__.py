@@ -9,11 +9,14 @@ kernels/backend.py):
   add_rmsnorm, rope_qkv, silu_mul   a serving decoder block's elementwise work, one kernel each
   linear_1row         a linear layer on one row (batch-1 decode), optionally after silu(gate) * up
   add_rmsnorm_linear  add_rmsnorm then a linear layer, one kernel on one row
+  add_rmsnorm_qkv_rope  add_rmsnorm, the q/k/v projection and rope_qkv, one kernel on one row
   multi_exit_linear_cross_entropy   training loss and gradients of G exits, chunked
 Each `<op>_reference` has the same signature. Layouts and numerics: docs/kernels.md.
 This package imports only torch (and triton when present); it knows nothing of the model.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,8 +28,8 @@ from kernels.backend import mode, use_triton
 from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
 from kernels.fused_block import (add_rmsnorm_reference, add_rmsnorm_triton, rope_qkv_reference, rope_qkv_triton,
                                  silu_mul_reference, silu_mul_triton)
-from kernels.gemv import (norm_linear_reference, norm_linear_triton, rows_config, skinny_linear_reference,
-                          skinny_linear_triton)
+from kernels.gemv import (norm_linear_reference, norm_linear_rope_reference, norm_linear_rope_triton,
+                          norm_linear_triton, rows_config, skinny_linear_reference, skinny_linear_triton)
 from kernels.linear_ce import (multi_exit_linear_cross_entropy_reference,
                                multi_exit_linear_cross_entropy_triton)
 
@@ -117,6 +120,22 @@ def add_rmsnorm_linear(h, d, norm_weight, w, *, eps: float):
         return norm_linear_triton(h, d, norm_weight, eps, w, **rows_config(w.shape[0], w.shape[1], False))
     h, x = add_rmsnorm(h, d, norm_weight, eps=eps)
     return h, linear_1row(x, w)
+
+
+def add_rmsnorm_qkv_rope(h, d, norm_weight, w_qkv, pos, slots, cos, sin, k_cache, v_cache, *, eps: float,
+                         n_heads: int, n_kv_heads: int):
+    """add_rmsnorm, the fused q/k/v projection and rope_qkv: (h + d, q (N, H, E)), k and v written into
+    the cache at (slot, pos). One row on CUDA is one kernel (kernels/gemv.py's NORM prologue and ROPE
+    epilogue; FAMILIAL_FUSED_ROPE=0 turns it off); anything else is add_rmsnorm_linear then rope_qkv."""
+    E = k_cache.shape[-1]
+    if (_one_row(h, w_qkv) and E % 8 == 0 and (d is None or d.stride(-1) == 1)
+            and os.environ.get("FAMILIAL_FUSED_ROPE", "1").strip().lower() not in ("0", "false", "off", "no")):
+        cfg = rows_config(w_qkv.shape[0], w_qkv.shape[1], False)
+        if E % cfg["block_n"] == 0:
+            return norm_linear_rope_triton(h, d, norm_weight, eps, w_qkv, pos, slots, cos, sin, k_cache, v_cache,
+                                           n_heads, n_kv_heads, **cfg)
+    h, qkv = add_rmsnorm_linear(h, d, norm_weight, w_qkv, eps=eps)
+    return h, rope_qkv(qkv, pos, slots, cos, sin, k_cache, v_cache, n_heads=n_heads, n_kv_heads=n_kv_heads)
 
 
 def linear_1row(x, w, *, silu: bool = False):

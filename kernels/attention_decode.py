@@ -21,11 +21,12 @@ Not here: writing the new tokens' K/V (see `kernels.attention_prefill.write_kv_c
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from kernels.attention_prefill import KERNEL_HEAD_DIMS, _int32
-from kernels.backend import config, jit, next_pow2, num_sms, tl
+from kernels.backend import config, jit, next_pow2, num_sms, pdl, tl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -41,14 +42,18 @@ _SPLIT_CONFIGS = [
 @jit(configs=_SPLIT_CONFIGS, key=["HEAD_DIM", "GROUP", "N_Q", "SPLITS", "LEN_BUCKET"],
      default=dict(BLOCK_N=64, num_warps=4, num_stages=3), interpret_default=dict(BLOCK_N=32))
 def _decode_split_kernel(
-    Q, K, V, LENS, SLOTS, O_PART, LSE_PART, O,
+    Q, K, V, LENS, SLOTS, O_PART, LSE_PART, O, LOCKS,
     sqb, sqt, sqh, skb, skh, skt, svb, svh, svt, sob, sot, soh,
     qk_scale, H_KV, LEN_BUCKET,
     SPLITS, N_Q: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False, FUSE_COMBINE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     p = tl.program_id(1)
+    if PDL:  # kernels.backend.pdl: the new K/V rows and q are the previous kernel's output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = pid_bh // H_KV
     hk = pid_bh % H_KV
     L = tl.load(LENS + b)
@@ -100,14 +105,40 @@ def _decode_split_kernel(
         base = ((b * (H_KV * GROUP) + hq) * N_Q + t).to(tl.int64) * SPLITS + p
         tl.store(LSE_PART + base, lse, mask=row_ok)
         tl.store(O_PART + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        if FUSE_COMBINE:  # the last program of (b, kv head) to finish merges the chunks: no combine launch
+            tl.debug_barrier()  # every thread's partials stored before the release below
+            done = tl.atomic_add(LOCKS + pid_bh, 1, sem="acq_rel")
+            if done == SPLITS - 1:
+                tl.store(LOCKS + pid_bh, 0)  # ready for the next launch (stream order; PDL waits first)
+                first = base - p
+                m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                den = tl.zeros([BLOCK_M], tl.float32)
+                acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                for sp in range(0, SPLITS):  # .cg: other SMs wrote these; never a stale L1 line
+                    lse_s = tl.load(LSE_PART + first + sp, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(O_PART + (first + sp)[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m, lse_s)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    a = tl.math.exp2(m - m_safe)
+                    w = tl.math.exp2(lse_s - m_safe)  # 0 for empty chunks
+                    den = den * a + w
+                    acc = acc * a[:, None] + o_s * w[:, None]
+                    m = m_new
+                res = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+                o_ptrs = O + b.to(tl.int64) * sob + t[:, None] * sot + hq[:, None] * soh + offs_d[None, :]
+                tl.store(o_ptrs, res.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
 @jit(default=dict(num_warps=4), interpret_default=dict())
 def _decode_combine_kernel(
     O_PART, LSE_PART, O, sob, sot, soh, H_Q, SPLITS,
-    N_Q: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    N_Q: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0)  # over (b, hq, t)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = row % N_Q
     hq = (row // N_Q) % H_Q
     b = row // (N_Q * H_Q)
@@ -133,9 +164,28 @@ def choose_splits(batch: int, n_kv_heads: int, s_max: int, device=None, max_spli
     return int(max(1, min(max_splits, want, math.ceil(s_max / 128))))
 
 
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(dev: torch.device, n: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters, one per (sequence, kv head), for the fused combine; each launch
+    leaves them zero again. Kept per device for the process. None while a CUDA graph is being captured
+    and none is big enough yet (a buffer made in capture would be zeroed only on replay): the caller
+    then launches the combine kernel instead."""
+    buf = _LOCKS.get(dev)
+    if buf is None or buf.numel() < n:
+        if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _LOCKS[dev] = torch.zeros(max(n, 4096, 2 * (buf.numel() if buf is not None else 0)),
+                                        dtype=torch.int32, device=dev)
+    return buf
+
+
 def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
                             cache_slots=None, num_splits=None):
-    """Triton split-KV decode attention; same signature and result as `decode_attention_reference`."""
+    """Triton split-KV decode attention; same signature and result as `decode_attention_reference`.
+    With P > 1 chunks the last program of each (sequence, kv head) to finish merges them, unless
+    FAMILIAL_FUSED_COMBINE=0: then a second kernel does."""
     B, n_q, hq, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     _check(q, k_cache, n_q, hq, hkv, d, kernel=True)
@@ -152,8 +202,11 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     lse_part = torch.empty((B, hq, n_q, P) if P > 1 else (1,), device=dev, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     fp32 = q.dtype == torch.float32
+    fuse_combine = os.environ.get("FAMILIAL_FUSED_COMBINE", "1").strip().lower() not in ("0", "false", "off", "no")
+    locks = _locks(dev, B * hkv) if P > 1 and fuse_combine else None
     _decode_split_kernel[(B * hkv, P)](
         q, k_cache, v_cache, lens, lens if slots is None else slots, o_part, lse_part, o,
+        locks if locks is not None else lens,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -161,12 +214,13 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
         scale * LOG2E, hkv, next_pow2(s_max), P,
         N_Q=n_q, GROUP=G, HEAD_DIM=d, BLOCK_M=max(16, next_pow2(n_q * G)),
         PRECISION="ieee" if fp32 else "tf32", HAS_SLOTS=slots is not None,
-        meta=dict(BLOCK_N=32, num_warps=4, num_stages=2) if fp32 else None,
+        meta=dict(BLOCK_N=32, num_warps=4, num_stages=2) if fp32 else None, **pdl(q, "attention"),
+        FUSE_COMBINE=locks is not None,
     )
-    if P > 1:
+    if P > 1 and locks is None:
         _decode_combine_kernel[(B * hq * n_q,)](
             o_part, lse_part, o, o.stride(0), o.stride(1), o.stride(2), hq, P,
-            N_Q=n_q, SPLITS_P2=next_pow2(P), HEAD_DIM=d,
+            N_Q=n_q, SPLITS_P2=next_pow2(P), HEAD_DIM=d, **pdl(o, "attention"),
         )
     return o
 

@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 
 ENV = "FAMILIAL_KERNELS"
 MODES = ("auto", "torch", "triton")
+PDL_ENV = "FAMILIAL_PDL"
 
 
 def mode() -> str:
@@ -162,6 +163,29 @@ def config(num_warps: int = 4, num_stages: int = 2, pre_hook=None, **meta):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pdl(t: torch.Tensor, kind: str = "matmul") -> dict:
+    """Launch arguments for programmatic dependent launch (PDL) of a kernel on t's device: {"PDL": True,
+    "launch_pdl": True} on Hopper or newer with compiled Triton, else {"PDL": False}. A kernel taking
+    `PDL: tl.constexpr` then lets the next kernel in the stream launch as soon as all its own programs
+    have started (`gdc_launch_dependents`), and waits for the previous kernel's writes (`gdc_wait`) before
+    it reads anything an earlier kernel wrote; work that reads only weights may run before the wait.
+    Inside a CUDA graph this overlaps each kernel's start-up with the previous one's tail: at batch-1
+    decode a layer is a few short kernels, so the gaps are a large part of a step. Off unless asked:
+    measured on the H200 (2026-12-03, `1b` shape, batch-1 final exit) it cost 3-7 % (901-933 tok/s
+    with it, 947-962 without), so `FAMILIAL_PDL` is 0 by default; 1 turns it on for every kernel that
+    supports it, or one kind (`matmul`: kernels/gemv.py; `attention`: rope_qkv and decode attention)."""
+    want = os.environ.get(PDL_ENV, "0").strip().lower()
+    on = (t.is_cuda and HAS_TRITON and not interpreting() and want not in ("0", "false", "no", "off")
+          and want in ("1", "true", "yes", "on", kind)
+          and _cuda_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def num_sms(device: torch.device | None = None) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import jit, next_pow2, tl
+from kernels.backend import jit, next_pow2, pdl, tl
 
 
 # ---- add_rmsnorm -----------------------------------------------------------------------------------
@@ -63,8 +63,11 @@ def add_rmsnorm_reference(h, d, w, eps: float):
 @jit(default=dict(num_warps=4), interpret_default=dict())
 def _rope_qkv_kernel(QKV, POS, SLOTS, COS, SIN, Q_OUT, KC, VC, s_row, s_cos, s_qn, s_qh,
                      s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                     H: tl.constexpr, K: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr):
+                     H: tl.constexpr, K: tl.constexpr, E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if PDL:  # kernels.backend.pdl: let the attention launch now, read qkv once its kernel has finished
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     p = tl.load(POS + row).to(tl.int64)
     slot = tl.load(SLOTS + row).to(tl.int64)
     e = tl.arange(0, E)
@@ -100,7 +103,7 @@ def rope_qkv_triton(qkv, pos, slots, cos, sin, k_cache, v_cache, H: int, K: int)
         _rope_qkv_kernel[(N,)](qkv, pos, slots, cos, sin, q, k_cache, v_cache, qkv.stride(0), cos.stride(0),
                                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-                               H=H, K=K, E=E, BLOCK_H=next_pow2(max(H, K)))
+                               H=H, K=K, E=E, BLOCK_H=next_pow2(max(H, K)), **pdl(qkv, "attention"))
     return q
 
 

@@ -13,6 +13,10 @@ streams a (BLOCK_N, BLOCK_K) tile of W per iteration and reduces it against the 
                       stores the residual h + d.
   dot kernel    grid (N / BLOCK_N, SPLIT_K): every row of x at once through tl.dot (M padded to 16).
 SPLIT_K > 1 adds fp32 partial sums with atomics into a zeroed fp32 output (the caller rounds it).
+AHEAD loads each W tile one iteration ahead, the first before anything else; with PDL (Hopper,
+kernels.backend.pdl) the kernel then lets the next kernel launch and waits for the previous kernel's
+writes before it touches x, so consecutive matmuls of a decode step overlap their start-up and tail
+instead of leaving HBM idle between kernels.
 
 Reference: `skinny_linear_reference` (F.linear, and silu(gate) * up first for SILU). Forward only.
 Legend: M rows, N outputs, K inputs.
@@ -22,15 +26,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import jit, tl
+from kernels.backend import jit, pdl, tl
 
 
 @jit(default=dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4, num_stages=1), interpret_default=dict(BLOCK_N=8, BLOCK_K=64))
-def _rows_kernel(X, W, Y, D_IN, LNW, H_OUT, N, K, s_xm, s_wn, s_ym, s_dm, s_hm, eps, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr, NORM: tl.constexpr,
-                 HAS_D: tl.constexpr, EVEN: tl.constexpr):
+def _rows_kernel(X, W, Y, D_IN, LNW, H_OUT, N, K, s_xm, s_wn, s_ym, s_dm, s_hm, eps,
+                 POS, SLOTS, COS, SIN, KC, VC, s_cos, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
+                 NORM: tl.constexpr, HAS_D: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr,
+                 ROPE: tl.constexpr = False, E: tl.constexpr = 64, NH: tl.constexpr = 1, NKV: tl.constexpr = 1):
     pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # W is [q | k | v] heads of E rows: a program takes HB dims of one head and their RoPE partners
+        HB: tl.constexpr = BLOCK_N // 2
+        head = pid_n // (E // BLOCK_N)
+        t = tl.arange(0, BLOCK_N)
+        dim = tl.where(t < HB, 0, E // 2 - HB) + (pid_n % (E // BLOCK_N)) * HB + t
+        rn = head * E + dim
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk0 = tl.arange(0, BLOCK_K)
     span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     lo = pid_k * span
@@ -38,6 +51,14 @@ def _rows_kernel(X, W, Y, D_IN, LNW, H_OUT, N, K, s_xm, s_wn, s_ym, s_dm, s_hm, 
     w_ptr = W + rn[:, None].to(tl.int64) * s_wn
     x_ptr = X + m * s_xm
     r = 0.0
+    if AHEAD:  # W is no earlier kernel's output: its first tile streams in while the previous kernel ends
+        if EVEN:
+            w = tl.load(w_ptr + (lo + rk0)[None, :])
+        else:
+            w = tl.load(w_ptr + (lo + rk0)[None, :], mask=(rn < N)[:, None] & ((lo + rk0) < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     if NORM:  # x = add_rmsnorm(h, d): the residual h' = round(h + d) (program 0 stores it), then 1/rms(h')
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         first = (pid_n == 0) & (pid_k == 0)
@@ -55,10 +76,11 @@ def _rows_kernel(X, W, Y, D_IN, LNW, H_OUT, N, K, s_xm, s_wn, s_ym, s_dm, s_hm, 
     for k in range(lo, lo + span, BLOCK_K):
         rk = k + rk0
         ok = rk < K
-        if EVEN:
-            w = tl.load(w_ptr + rk[None, :])
-        else:
-            w = tl.load(w_ptr + rk[None, :], mask=(rn < N)[:, None] & ok[None, :], other=0.0)
+        if not AHEAD:  # (AHEAD: w is this tile already, loaded one iteration ahead)
+            if EVEN:
+                w = tl.load(w_ptr + rk[None, :])
+            else:
+                w = tl.load(w_ptr + rk[None, :], mask=(rn < N)[:, None] & ok[None, :], other=0.0)
         if SILU:
             g = tl.load(x_ptr + rk, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(x_ptr + K + rk, mask=ok, other=0.0).to(tl.float32)
@@ -73,9 +95,32 @@ def _rows_kernel(X, W, Y, D_IN, LNW, H_OUT, N, K, s_xm, s_wn, s_ym, s_dm, s_hm, 
         else:
             x = tl.load(x_ptr + rk, mask=ok, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * x[None, :]
+        if AHEAD:  # the next tile (masked off after the last)
+            nk = rk + BLOCK_K
+            w = tl.load(w_ptr + nk[None, :], mask=(rn < N)[:, None] & ((nk < K) & (nk < lo + span))[None, :], other=0.0)
     y = tl.sum(acc, 1)
     out = Y + m * s_ym + rn
-    if SPLIT_K == 1:
+    if ROPE:  # kernels/fused_block.py's rope_qkv on the rounded outputs: q to Y, k and v into the cache
+        yv = y.to(Y.dtype.element_ty).to(tl.float32)
+        pos = tl.load(POS + m).to(tl.int64)
+        slot = tl.load(SLOTS + m).to(tl.int64)
+        if head < NH + NKV:
+            halves = tl.reshape(yv, [2, HB])
+            r2 = tl.arange(0, 2)[:, None]
+            lo_ = tl.sum(tl.where(r2 == 0, halves, 0.0), 0)
+            hi_ = tl.sum(tl.where(r2 == 1, halves, 0.0), 0)
+            partner = tl.reshape(tl.where(r2 == 0, hi_[None, :], lo_[None, :]), [BLOCK_N])
+            sign = tl.where(t < HB, -1.0, 1.0)
+            cos = tl.load(COS + pos * s_cos + dim).to(tl.float32)
+            sin = tl.load(SIN + pos * s_cos + dim).to(tl.float32)
+            rot = yv * cos + sign * partner * sin
+            if head < NH:
+                tl.store(out, rot.to(Y.dtype.element_ty))
+            else:
+                tl.store(KC + slot * s_kb + (head - NH) * s_kh + pos * s_kt + dim, rot.to(KC.dtype.element_ty))
+        else:
+            tl.store(VC + slot * s_vb + (head - NH - NKV) * s_vh + pos * s_vt + dim, yv.to(VC.dtype.element_ty))
+    elif SPLIT_K == 1:
         tl.store(out, y.to(Y.dtype.element_ty), mask=rn < N)
     else:
         tl.atomic_add(out, y, mask=rn < N)
@@ -115,8 +160,18 @@ def skinny_linear_reference(x, w, silu: bool = False):
     return F.linear(x, w)
 
 
+_NO_ROPE = (None,) * 6 + (0,) * 7  # the ROPE epilogue's pointers and strides, unused
+
+
+def _launch(t, ahead: bool | None) -> dict:
+    """PDL launch arguments (kernels.backend.pdl) plus AHEAD: on with PDL unless `ahead` says."""
+    kw = pdl(t)
+    kw["AHEAD"] = kw["PDL"] if ahead is None else ahead
+    return kw
+
+
 def skinny_linear_triton(x, w, *, silu: bool = False, block_n: int = 16, block_k: int = 512, split_k: int = 1,
-                         num_warps: int = 4, num_stages: int = 2, dot: bool = False):
+                         num_warps: int = 4, num_stages: int = 2, dot: bool = False, ahead: bool | None = None):
     """y = x @ w^T (silu: x = [gate | up] -> silu(gate) * up first), with explicit launch parameters."""
     M, Kx = x.shape
     N, K = w.shape
@@ -134,13 +189,13 @@ def skinny_linear_triton(x, w, *, silu: bool = False, block_n: int = 16, block_k
             SPLIT_K=split_k, EVEN=even, PREC="ieee" if x.dtype == torch.float32 else "tf32", meta=meta)
     else:
         _rows_kernel[(N // block_n + (N % block_n > 0), split_k, M)](
-            x, w, y, x, x, x, N, K, x.stride(0), w.stride(0), y.stride(0), 0, 0, 0.0, SPLIT_K=split_k, SILU=silu,
-            NORM=False, HAS_D=False, EVEN=even, meta=meta)
+            x, w, y, x, x, x, N, K, x.stride(0), w.stride(0), y.stride(0), 0, 0, 0.0, *_NO_ROPE, SPLIT_K=split_k, SILU=silu,
+            NORM=False, HAS_D=False, EVEN=even, meta=meta, **_launch(x, ahead))
     return y if split_k == 1 else y.to(x.dtype)
 
 
 def norm_linear_triton(h, d, ln_w, eps: float, w, *, block_n: int = 8, block_k: int = 1024, num_warps: int = 4,
-                       num_stages: int = 1):
+                       num_stages: int = 1, ahead: bool | None = None):
     """add_rmsnorm then a linear layer in one kernel: (h + d, bf(bf(h' / rms(h')) * ln_w) @ w^T), the
     normalised rows made on the fly by every program (kernels/fused_block.py's arithmetic exactly)."""
     M, K = h.shape
@@ -152,9 +207,42 @@ def norm_linear_triton(h, d, ln_w, eps: float, w, *, block_n: int = 8, block_k: 
     dd = d if d is not None else h
     _rows_kernel[(N // block_n + (N % block_n > 0), 1, M)](
         h, w, y, dd, ln_w, h_out, N, K, h.stride(0), w.stride(0), y.stride(0), dd.stride(0), h_out.stride(0),
-        float(eps), SPLIT_K=1, SILU=False, NORM=True, HAS_D=d is not None, EVEN=N % block_n == 0 and K % block_k == 0,
-        meta=dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages))
+        float(eps), *_NO_ROPE, SPLIT_K=1, SILU=False, NORM=True, HAS_D=d is not None, EVEN=N % block_n == 0 and K % block_k == 0,
+        meta=dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages), **_launch(h, ahead))
     return h_out, y
+
+
+def norm_linear_rope_triton(h, d, ln_w, eps: float, w, pos, slots, cos, sin, k_cache, v_cache, H: int, K: int, *,
+                            block_n: int = 8, block_k: int = 1024, num_warps: int = 4, num_stages: int = 1,
+                            ahead: bool | None = None):
+    """add_rmsnorm, the q/k/v projection and rope_qkv in one kernel (one row per program row m):
+    returns (h + d, q (M, H, E)); k and v go into the caches at (slots[m], pos[m]). Each program reads
+    block_n // 2 dims of one head and the dims E/2 further on (their RoPE partners), so no weight is
+    copied or permuted; the arithmetic is norm_linear's then rope_qkv's, rounding in between."""
+    M, Kd = h.shape
+    E = k_cache.shape[-1]
+    if (w.shape != ((H + 2 * K) * E, Kd) or E % block_n or block_n % 2 or h.stride(-1) != 1 or not w.is_contiguous()
+            or (d is not None and d.shape != h.shape) or cos.stride(-1) != 1 or k_cache.stride(-1) != 1
+            or v_cache.stride(-1) != 1):
+        raise ValueError(f"norm_linear_rope: h {tuple(h.shape)}, w {tuple(w.shape)}, {H}+2x{K} heads of {E}, "
+                         f"block_n {block_n}")
+    q = torch.empty(M, H, E, device=h.device, dtype=h.dtype)
+    h_out = torch.empty_like(h) if d is not None else h
+    dd = d if d is not None else h
+    N = w.shape[0]
+    _rows_kernel[(N // block_n, 1, M)](
+        h, w, q, dd, ln_w, h_out, N, Kd, h.stride(0), w.stride(0), q.stride(0), dd.stride(0), h_out.stride(0),
+        float(eps), pos, slots, cos, sin, k_cache, v_cache, cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), SPLIT_K=1, SILU=False, NORM=True,
+        HAS_D=d is not None, EVEN=Kd % block_k == 0, ROPE=True, E=E, NH=H, NKV=K,
+        meta=dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages), **_launch(h, ahead))
+    return h_out, q
+
+
+def norm_linear_rope_reference(h, d, ln_w, eps: float, w, pos, slots, cos, sin, k_cache, v_cache, H: int, K: int):
+    from kernels.fused_block import rope_qkv_reference
+    h, qkv = norm_linear_reference(h, d, ln_w, eps, w)
+    return h, rope_qkv_reference(qkv, pos, slots, cos, sin, k_cache, v_cache, H, K)
 
 
 def norm_linear_reference(h, d, ln_w, eps: float, w):

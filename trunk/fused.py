@@ -71,11 +71,12 @@ def block_step(fb: FusedBlock, h, delta, cos, sin, pos, row_slots, k_cache, v_ca
     """One block on packed rows h (N, D) with the previous block's output `delta` pending (or None).
     attend(q (N, H, E)) -> (N, H, E) reads the pool (k/v already written). Returns (h, delta)."""
     if fb.b_qkv is None:
-        h, qkv = kernels.add_rmsnorm_linear(h, delta, fb.ln1, fb.w_qkv, eps=fb.eps)
+        h, q = kernels.add_rmsnorm_qkv_rope(h, delta, fb.ln1, fb.w_qkv, pos, row_slots, cos, sin, k_cache, v_cache,
+                                            eps=fb.eps, n_heads=fb.n_heads, n_kv_heads=fb.n_kv)
     else:
         h, x = kernels.add_rmsnorm(h, delta, fb.ln1, eps=fb.eps)
         qkv = F.linear(x, fb.w_qkv, fb.b_qkv)
-    q = kernels.rope_qkv(qkv, pos, row_slots, cos, sin, k_cache, v_cache, n_heads=fb.n_heads, n_kv_heads=fb.n_kv)
+        q = kernels.rope_qkv(qkv, pos, row_slots, cos, sin, k_cache, v_cache, n_heads=fb.n_heads, n_kv_heads=fb.n_kv)
     o = kernels.linear_1row(attend(q).flatten(-2), fb.w_o)
     h, gu = kernels.add_rmsnorm_linear(h, o, fb.ln2, fb.w_gu, eps=fb.eps)
     return h, kernels.linear_1row(gu, fb.w_d, silu=True)

@@ -9,8 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import attention_decode
 from kernels.attention_decode import choose_splits, decode_attention_reference, decode_attention_triton
 from ktest import DEVICE, rel_err
+
+
+@pytest.fixture(params=["fused", "combine-kernel"])
+def combine(request, monkeypatch):
+    """Both ways of merging the chunks: the last program of each (sequence, kv head), or a second kernel."""
+    monkeypatch.setenv("FAMILIAL_FUSED_COMBINE", "1" if request.param == "fused" else "0")
+    return request.param
 
 
 def _case(B, n_q, hq, hkv, D, S_max, dtype=torch.float32):
@@ -26,7 +34,7 @@ def _ref(q, kc, vc, lens, **kw):
 
 @pytest.mark.parametrize("n_q", [1, 3, 8])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
-def test_ragged_lengths_gqa(n_q, ratio):
+def test_ragged_lengths_gqa(n_q, ratio, combine):
     lens = torch.tensor([9, 41, 341, n_q], device=DEVICE)
     q, kc, vc = _case(4, n_q, 8, 8 // ratio, 64, 352)
     out = decode_attention_triton(q, kc, vc, lens)
@@ -34,12 +42,15 @@ def test_ragged_lengths_gqa(n_q, ratio):
 
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
-def test_fixed_split_counts_agree(splits):
+def test_fixed_split_counts_agree(splits, combine):
     # More chunks than blocks leaves some chunks empty (lse = -inf): the combine must ignore them.
     lens = torch.tensor([41, 5], device=DEVICE)
     q, kc, vc = _case(2, 2, 4, 2, 32, 64)
-    out = decode_attention_triton(q, kc, vc, lens, num_splits=splits)
-    assert rel_err(out, _ref(q, kc, vc, lens)) < 1e-5
+    for _ in range(2):  # the fused combine's arrival counters are left at zero for the next launch
+        out = decode_attention_triton(q, kc, vc, lens, num_splits=splits)
+        assert rel_err(out, _ref(q, kc, vc, lens)) < 1e-5
+    if combine == "fused" and splits > 1:
+        assert int(attention_decode._LOCKS[q.device].abs().sum()) == 0
 
 
 def test_long_cache_head_dim_128_fp16():
@@ -76,7 +87,20 @@ def test_bf16_gpu(ratio, n_q):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_with_new_lengths():
+def test_fused_combine_many_launches_gpu(combine):
+    """The last-program merge relies on the GPU's memory ordering across SMs: many launches at random
+    lengths with every chunk count, each checked (a missed or stale partial shows as a large error)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, hq, hkv, D, S = 16, 32, 4, 64, 2048
+    q, kc, vc = _case(B, 1, hq, hkv, D, S, torch.bfloat16)
+    for i in range(60):
+        lens = torch.randint(1, S + 1, (B,), generator=g).to(DEVICE)
+        out = decode_attention_triton(q, kc, vc, lens, num_splits=[2, 5, 16, 33, 64][i % 5])
+        assert rel_err(out, _ref(q, kc, vc, lens)) < 1e-2, i
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_with_new_lengths(combine):
     """Captured once, replayed after the lengths (and cache contents) change in place."""
     B, hq, hkv, D, S = 8, 32, 8, 128, 4096
     q, kc, vc = _case(B, 1, hq, hkv, D, S, torch.bfloat16)
