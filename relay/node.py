@@ -38,6 +38,7 @@ from trunk.kv_pool import KVPool, plan_slots
 from trunk.sampling import SamplingError
 
 log = logging.getLogger("familial.relay")
+INLINE_ENCODE_BYTES = 256 << 10  # step messages up to this many hidden-state bytes are encoded on the loop
 
 TOKEN_HEADER = "x-familial-node-token"
 ADMIN_HEADER = "x-familial-admin-token"
@@ -61,6 +62,7 @@ class NodeConfig:
     inject_delay_ms: float = 0.0            # TEST ONLY: added to every engine step here
     onnx: bool = False                      # the stage runs on ONNX Runtime (reported in FamilyInfo)
     cuda_graphs: bool = True                # CUDA: capture decode steps as graphs at start-up
+    step_stream: bool = True                # steps to the next tier over one StepStream (False: a unary Step each)
 
 
 class GrpcDownstream:
@@ -73,14 +75,76 @@ class GrpcDownstream:
         self.channel = make_channel(target, tls, conf.max_message_bytes)
         self.stub = pb_grpc.RelayStub(self.channel)
         self.metadata = ((TOKEN_HEADER, conf.node_token),) if conf.node_token else None
+        self._unary = not conf.step_stream
+        self._call = self._reader = None
+        self._next_id = 0
+        self._waiting: dict[int, tuple[object, asyncio.Future]] = {}
+        self._write_lock = asyncio.Lock()
 
     async def step(self, msg: StepMessage, timeout: float) -> StepReply:
-        req = await asyncio.to_thread(wire.step_to_pb, msg, self.wire)  # device -> host copy off the loop
+        if msg.hidden.numel() * msg.hidden.element_size() > INLINE_ENCODE_BYTES:
+            req = await asyncio.to_thread(wire.step_to_pb, msg, self.wire)  # big device -> host copy off the loop
+        else:
+            req = wire.step_to_pb(msg, self.wire)
         req.src = self.node_id  # as in Sync: the next tier keys sequences by node, and heads share a tier name
-        rep = await self.stub.Step(req, timeout=max(0.001, timeout), metadata=self.metadata)
+        timeout = max(0.001, timeout)
+        if self._unary:
+            rep = await self.stub.Step(req, timeout=timeout, metadata=self.metadata)
+        else:
+            try:
+                rep = await self._stream_step(req, timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._unary = True  # a peer without StepStream: unary Step from now on
+                rep = await self.stub.Step(req, timeout=timeout, metadata=self.metadata)
         out = wire.reply_from_pb(rep, len(msg.seqs))
         self.tier = out.tier or self.tier
         return out
+
+    async def _stream_step(self, req, timeout: float):
+        """One step over the long-lived StepStream (opened on first use and after it broke): the
+        request goes out under a fresh call_id, the reader task hands back the reply with that id."""
+        if self._call is None:
+            self._call = call = self.stub.StepStream(metadata=self.metadata)
+            self._reader = asyncio.ensure_future(self._read(call))
+        call = self._call
+        self._next_id += 1
+        req.call_id = cid = self._next_id
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[cid] = (call, fut)
+        try:
+            async with self._write_lock:
+                await asyncio.wait_for(call.write(req), timeout)
+            rep = await asyncio.wait_for(fut, timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            raise
+        except Exception:
+            if self._call is call:  # a write on a broken stream: the next step opens a new one
+                self._call = None
+            raise
+        finally:
+            self._waiting.pop(cid, None)
+        if rep.error_code:
+            raise StepCallError(rep.error_code, rep.error)
+        return rep
+
+    async def _read(self, call) -> None:
+        err: BaseException = ConnectionError(f"StepStream to {self.target} ended")
+        try:
+            async for rep in call:
+                entry = self._waiting.get(rep.call_id)
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(rep)
+        except asyncio.CancelledError:
+            err = ConnectionError(f"StepStream to {self.target} closed")
+        except Exception as e:  # noqa: BLE001 - UNAVAILABLE, CANCELLED, ...: every waiting step gets it
+            err = e
+        if self._call is call:
+            self._call = None
+        for c, fut in list(self._waiting.values()):
+            if c is call and not fut.done():
+                fut.set_exception(err)
 
     async def release(self, seq_ids: list[str]) -> None:
         await self.stub.Release(pb.ReleaseRequest(seq_ids=seq_ids), timeout=5.0, metadata=self.metadata)
@@ -89,7 +153,26 @@ class GrpcDownstream:
         await self.stub.Sync(pb.SyncRequest(src=self.node_id, live=live), timeout=5.0, metadata=self.metadata)
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._call is not None:
+            self._call.cancel()
         await self.channel.close()
+
+
+class StepCallError(Exception):
+    """A step answered over StepStream with the status a unary Step would have ended with."""
+
+    def __init__(self, code: str, msg: str):
+        super().__init__(msg)
+        self._code = grpc.StatusCode[code] if code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+        self._msg = msg
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._msg
 
 
 class Abort(Exception):
@@ -130,16 +213,22 @@ class RelayNode(pb_grpc.RelayServicer):
     async def _guard(self, ctx, coro):
         try:
             return await coro
-        except (Abort, EngineError) as e:
-            code, msg = e.code, str(e)
-        except (CodecError, SamplingError) as e:
-            code, msg = "INVALID_ARGUMENT", str(e)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # a bug, not the caller's fault: say so, keep serving
-            log.exception("internal error")
+        except Exception as e:  # noqa: BLE001 - mapped to a status; bugs are logged there
+            code, msg = self._status(e)
+        await ctx.abort(grpc.StatusCode[code], msg)
+
+    def _status(self, e: Exception) -> tuple[str, str]:
+        """The gRPC status name and message a failed call answers with."""
+        if isinstance(e, (Abort, EngineError)):
+            code, msg = e.code, str(e)
+        elif isinstance(e, (CodecError, SamplingError)):
+            code, msg = "INVALID_ARGUMENT", str(e)
+        else:  # a bug, not the caller's fault: say so, keep serving
+            log.exception("internal error", exc_info=e)
             code, msg = "INTERNAL", f"{type(e).__name__}: {e}"
-        await ctx.abort(grpc.StatusCode[code], f"[{self.tier}] {msg}")
+        return code, f"[{self.tier}] {msg}"
 
     def _has(self, ctx, header: str, token: str | None) -> bool:
         if not token:
@@ -238,6 +327,47 @@ class RelayNode(pb_grpc.RelayServicer):
         if msg.src:  # any message from an upstream says it is alive
             self._synced[msg.src] = time.monotonic()
         return wire.reply_to_pb(await self.engine.step(msg))
+
+    async def StepStream(self, request_iterator, ctx):
+        """Step over one long-lived stream: each request is served as it arrives (concurrently, as
+        unary Steps are) and answered when done, with its call_id; a failed step answers with
+        error_code/error and the stream stays open. Ends when the upstream stops writing."""
+        try:
+            self._need_node(ctx)
+        except Abort as e:
+            await ctx.abort(grpc.StatusCode[e.code], f"[{self.tier}] {e}")
+        replies: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def one(req):
+            try:
+                rep = await self._step(req, ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - answered, not raised: the stream carries other steps
+                code, msg = self._status(e)
+                rep = pb.StepReply(tier=self.tier, error_code=code, error=msg)
+            rep.call_id = req.call_id
+            replies.put_nowait(rep)
+
+        async def pump():
+            try:
+                async for req in request_iterator:
+                    t = asyncio.ensure_future(one(req))
+                    running.add(t)
+                    t.add_done_callback(running.discard)
+                await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.ensure_future(pump())
+        try:
+            while (rep := await replies.get()) is not None:
+                yield rep
+        finally:
+            reader.cancel()
+            for t in list(running):
+                t.cancel()
 
     async def Release(self, req, ctx):
         async def go():

@@ -415,14 +415,16 @@ class SeqStep(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., pos: _Optional[int] = ..., count: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., deadline_ms: _Optional[float] = ..., drafts: _Optional[_Iterable[int]] = ..., draft_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("seqs", "hidden", "src")
+    __slots__ = ("seqs", "hidden", "src", "call_id")
     SEQS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     seqs: _containers.RepeatedCompositeFieldContainer[SeqStep]
     hidden: Tensor
     src: str
-    def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ...) -> None: ...
+    call_id: int
+    def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ..., call_id: _Optional[int] = ...) -> None: ...
 
 class SeqResult(_message.Message):
     __slots__ = ("token", "exit", "tier", "degraded", "reason", "confidence", "tiers", "hops", "length", "total_ms", "error_code", "error", "drafted", "accepted")
@@ -457,12 +459,18 @@ class SeqResult(_message.Message):
     def __init__(self, token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class StepReply(_message.Message):
-    __slots__ = ("results", "tier")
+    __slots__ = ("results", "tier", "call_id", "error_code", "error")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SeqResult]
     tier: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ..., tier: _Optional[str] = ...) -> None: ...
+    call_id: int
+    error_code: str
+    error: str
+    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ..., tier: _Optional[str] = ..., call_id: _Optional[int] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)

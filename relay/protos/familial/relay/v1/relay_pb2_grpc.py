@@ -44,6 +44,11 @@ class RelayStub:
                 request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
                 response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.StepStream = channel.stream_stream(
+                '/familial.relay.v1.Relay/StepStream',
+                request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
+                response_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/familial.relay.v1.Relay/Release',
                 request_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.ReleaseRequest.SerializeToString,
@@ -93,6 +98,15 @@ class RelayServicer:
 
     def Step(self, request, context):
         """Tier to tier: one engine step's sequences that go deeper, in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepStream(self, request_iterator, context):
+        """Tier to tier, the same steps over one long-lived stream per tier pair (a unary call's set-up cost
+        goes once, not per step): replies carry their request's call_id and may come in any order; a
+        step that fails carries error_code/error instead of ending the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +171,11 @@ def add_RelayServicer_to_server(servicer, server):
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
+                    request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.FromString,
+                    response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.SerializeToString,
+            ),
+            'StepStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepStream,
                     request_deserializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.FromString,
                     response_serializer=familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.SerializeToString,
             ),
@@ -248,6 +267,33 @@ class Relay:
             request,
             target,
             '/familial.relay.v1.Relay/Step',
+            familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
+            familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/familial.relay.v1.Relay/StepStream',
             familial_dot_relay_dot_v1_dot_relay__pb2.StepRequest.SerializeToString,
             familial_dot_relay_dot_v1_dot_relay__pb2.StepReply.FromString,
             options,
