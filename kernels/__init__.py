@@ -128,7 +128,7 @@ def add_rmsnorm_qkv_rope(h, d, norm_weight, w_qkv, pos, slots, cos, sin, k_cache
     the cache at (slot, pos). One row on CUDA is one kernel (kernels/gemv.py's NORM prologue and ROPE
     epilogue; FAMILIAL_FUSED_ROPE=0 turns it off); anything else is add_rmsnorm_linear then rope_qkv."""
     E = k_cache.shape[-1]
-    if (_one_row(h, w_qkv) and E % 8 == 0 and (d is None or d.stride(-1) == 1)
+    if (_one_row(h, w_qkv) and (d is None or d.stride(-1) == 1)
             and os.environ.get("FAMILIAL_FUSED_ROPE", "1").strip().lower() not in ("0", "false", "off", "no")):
         cfg = rows_config(w_qkv.shape[0], w_qkv.shape[1], False)
         if E % cfg["block_n"] == 0:

@@ -165,17 +165,22 @@ def choose_splits(batch: int, n_kv_heads: int, s_max: int, device=None, max_spli
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # smaller counters that captured CUDA graphs may still point at
 
 
 def _locks(dev: torch.device, n: int) -> torch.Tensor | None:
     """Zeroed int32 arrival counters, one per (sequence, kv head), for the fused combine; each launch
-    leaves them zero again. Kept per device for the process. None while a CUDA graph is being captured
-    and none is big enough yet (a buffer made in capture would be zeroed only on replay): the caller
-    then launches the combine kernel instead."""
+    leaves them zero again. Kept per device for the life of the process (a grown buffer keeps the old
+    one alive too: graphs captured with it read it on every replay). Launches sharing counters must not
+    overlap, so they go on one stream (the engine's). None while a CUDA graph is being captured and no
+    buffer is big enough yet (one made in capture would be zeroed only on replay): the caller then
+    launches the combine kernel instead."""
     buf = _LOCKS.get(dev)
     if buf is None or buf.numel() < n:
         if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buf is not None:
+            _OUTGROWN.append(buf)
         buf = _LOCKS[dev] = torch.zeros(max(n, 4096, 2 * (buf.numel() if buf is not None else 0)),
                                         dtype=torch.int32, device=dev)
     return buf
