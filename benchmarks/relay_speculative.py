@@ -183,7 +183,7 @@ def plot(res: dict, path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--quick", action="store_true", help="2-core CPU mode: 3 prompts x 32 tokens (< 3 min)")
     ap.add_argument("--rtts", type=float, nargs="+", default=[0, 10, 40, 100], help="device<->edge round trips, ms")
     ap.add_argument("--modes", nargs="+", default=["plain", "spec", "spec-k4"], help="plain | spec | spec-kN")
