@@ -3,7 +3,8 @@ round trips between the device tier and the deeper tiers.
 
 The built-in family (trunk/builtin: exits after layers 2, 4, 6), or the family --checkpoint names, is
 split by --tiers (default device = exit 0, edge = exit 1, cloud = exit 2) and served by three real
-relay nodes over gRPC loopback in this process (`relay.cli.start_node`), on --device. The device -> edge hop gets a round trip of RTT ms per step message
+relay nodes over gRPC loopback in this process (`relay.cli.start_node`), on --device. The device ->
+edge hop gets a round trip of RTT ms per step message
 (`tests.hop_delay`: the harness wraps the head engine's downstream; no production flag). Each
 request is batch-1 greedy, `ignore_eos`; prompts are the openings of Python files (what the built-in
 family was trained on) or windows of a prepared corpus' held-out split (--prompt-data), and every

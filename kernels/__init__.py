@@ -16,15 +16,13 @@ This package imports only torch (and triton when present); it knows nothing of t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kernels import dispatch
 from kernels.attention_decode import MAX_SPLITS, decode_attention_reference, decode_attention_triton
 from kernels.attention_prefill import (KERNEL_HEAD_DIMS, prefill_attention_reference, prefill_attention_triton,
                                        write_kv_cache_reference, write_kv_cache_triton)
-from kernels.backend import mode, use_triton
+from kernels.backend import env_on, mode, use_triton
 from kernels.exit_head import ExitHeadOut, exit_head_reference, exit_head_triton
 from kernels.fused_block import (add_rmsnorm_reference, add_rmsnorm_triton, rope_qkv_reference, rope_qkv_triton,
                                  silu_mul_reference, silu_mul_triton)
@@ -129,7 +127,7 @@ def add_rmsnorm_qkv_rope(h, d, norm_weight, w_qkv, pos, slots, cos, sin, k_cache
     epilogue; FAMILIAL_FUSED_ROPE=0 turns it off); anything else is add_rmsnorm_linear then rope_qkv."""
     E = k_cache.shape[-1]
     if (_one_row(h, w_qkv) and (d is None or d.stride(-1) == 1)
-            and os.environ.get("FAMILIAL_FUSED_ROPE", "1").strip().lower() not in ("0", "false", "off", "no")):
+            and env_on("FAMILIAL_FUSED_ROPE", True)):
         cfg = rows_config(w_qkv.shape[0], w_qkv.shape[1], False)
         if E % cfg["block_n"] == 0:
             return norm_linear_rope_triton(h, d, norm_weight, eps, w_qkv, pos, slots, cos, sin, k_cache, v_cache,

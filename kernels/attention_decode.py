@@ -21,12 +21,11 @@ Not here: writing the new tokens' K/V (see `kernels.attention_prefill.write_kv_c
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from kernels.attention_prefill import KERNEL_HEAD_DIMS, _int32
-from kernels.backend import config, jit, next_pow2, num_sms, pdl, tl
+from kernels.backend import config, env_on, jit, next_pow2, num_sms, pdl, tl
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -207,8 +206,7 @@ def decode_attention_triton(q, k_cache, v_cache, cache_lens, *, sm_scale=None, m
     lse_part = torch.empty((B, hq, n_q, P) if P > 1 else (1,), device=dev, dtype=torch.float32)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     fp32 = q.dtype == torch.float32
-    fuse_combine = os.environ.get("FAMILIAL_FUSED_COMBINE", "1").strip().lower() not in ("0", "false", "off", "no")
-    locks = _locks(dev, B * hkv) if P > 1 and fuse_combine else None
+    locks = _locks(dev, B * hkv) if P > 1 and env_on("FAMILIAL_FUSED_COMBINE", True) else None
     _decode_split_kernel[(B * hkv, P)](
         q, k_cache, v_cache, lens, lens if slots is None else slots, o_part, lse_part, o,
         locks if locks is not None else lens,

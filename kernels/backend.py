@@ -66,6 +66,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+OFF = ("0", "false", "no", "off")
+
+
+def env_on(name: str, default: bool) -> bool:
+    """A kernel switch from the environment: unset -> default; 0 / false / no / off -> False; else True."""
+    v = os.environ.get(name)
+    return default if v is None or not v.strip() else v.strip().lower() not in OFF
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """Whether an op on these tensors should run its Triton kernel (see the module docstring)."""
     m = mode()
@@ -84,7 +93,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
 def autotune_enabled() -> bool:
     """`FAMILIAL_KERNELS_AUTOTUNE=0` launches every kernel with its default config (tests use it:
     autotuning each small test shape would compile every config for every specialisation)."""
-    return os.environ.get("FAMILIAL_KERNELS_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+    return env_on("FAMILIAL_KERNELS_AUTOTUNE", True)
 
 
 class LazyKernel:
@@ -177,7 +186,7 @@ def pdl(t: torch.Tensor, kind: str = "matmul") -> dict:
     with it, 947-962 without), so `FAMILIAL_PDL` is 0 by default; 1 turns it on for every kernel that
     supports it, or one kind (`matmul`: kernels/gemv.py; `attention`: rope_qkv and decode attention)."""
     want = os.environ.get(PDL_ENV, "0").strip().lower()
-    on = (t.is_cuda and HAS_TRITON and not interpreting() and want not in ("0", "false", "no", "off")
+    on = (t.is_cuda and HAS_TRITON and not interpreting() and want not in OFF
           and want in ("1", "true", "yes", "on", kind)
           and _cuda_capability(t.device.index if t.device.index is not None else torch.cuda.current_device()) >= 9)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
