@@ -22,6 +22,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 import torch
@@ -114,10 +115,11 @@ class GrpcDownstream:
         fut = asyncio.get_running_loop().create_future()
         self._waiting[cid] = (call, fut)
         try:
-            async with self._write_lock:
-                await asyncio.wait_for(call.write(req), timeout)
-            rep = await asyncio.wait_for(fut, timeout)
-        except (asyncio.CancelledError, asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):  # not wait_for: no task per write, the write starts now
+                async with self._write_lock:
+                    await call.write(req)
+                rep = await fut
+        except (asyncio.CancelledError, TimeoutError):
             raise
         except Exception:
             if self._call is call:  # a write on a broken stream: the next step opens a new one
@@ -320,44 +322,63 @@ class RelayNode(pb_grpc.RelayServicer):
         return await self._guard(ctx, self._step(req, ctx))
 
     async def _step(self, req, ctx):
+        fut = asyncio.get_running_loop().create_future()
+        self._start_step(req, ctx, lambda reply: fut.done() or fut.set_result(reply))
+        return wire.reply_to_pb(await fut)
+
+    def _start_step(self, req, ctx, done: Callable[[StepReply], None]) -> None:
+        """Decode an upstream's step and hand it to the engine; `done` gets the engine's reply once every
+        sequence has its result (called from the engine's loop). Raises what the step is refused with."""
         self._need_node(ctx)
         if self.stage.has_embedding:
             raise Abort("FAILED_PRECONDITION", f"tier {self.tier} takes token ids; Step goes to deeper tiers")
         msg = wire.step_from_pb(req, self.cfg.d_model, self.dtype, self.pool.shape.max_len * 4096, self.cfg.G)
         if msg.src:  # any message from an upstream says it is alive
             self._synced[msg.src] = time.monotonic()
-        return wire.reply_to_pb(await self.engine.step(msg))
+        self.engine.submit_step(msg, done)
 
     async def StepStream(self, request_iterator, ctx):
-        """Step over one long-lived stream: each request is served as it arrives (concurrently, as
-        unary Steps are) and answered when done, with its call_id; a failed step answers with
-        error_code/error and the stream stays open. Ends when the upstream stops writing."""
+        """Step over one long-lived stream: each request goes to the engine as it arrives (concurrently,
+        as unary Steps do; no task per step) and is answered when done, with its call_id; a failed step
+        answers with error_code/error and the stream stays open. Ends when the upstream stops writing
+        and every step it sent is answered."""
         try:
             self._need_node(ctx)
         except Abort as e:
             await ctx.abort(grpc.StatusCode[e.code], f"[{self.tier}] {e}")
         replies: asyncio.Queue = asyncio.Queue()
-        running: set[asyncio.Task] = set()
+        state = {"open": 0, "eof": False}  # steps not yet answered; the upstream stopped writing
 
-        async def one(req):
+        def answer(call_id: int, reply: StepReply | None, err: Exception | None = None) -> None:
             try:
-                rep = await self._step(req, ctx)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001 - answered, not raised: the stream carries other steps
-                code, msg = self._status(e)
+                rep = wire.reply_to_pb(reply) if err is None else None
+            except Exception as e:  # noqa: BLE001 - a bug: answered as INTERNAL, the engine's loop goes on
+                err = e
+            if err is not None:
+                code, msg = self._status(err)
                 rep = pb.StepReply(tier=self.tier, error_code=code, error=msg)
-            rep.call_id = req.call_id
+            rep.call_id = call_id
             replies.put_nowait(rep)
+            state["open"] -= 1
+            if state["eof"] and state["open"] == 0:
+                replies.put_nowait(None)
+
+        def start(req) -> None:
+            state["open"] += 1
+            try:
+                self._start_step(req, ctx, lambda reply, cid=req.call_id: answer(cid, reply))
+            except Exception as e:  # noqa: BLE001 - answered, not raised: the stream carries other steps
+                answer(req.call_id, None, e)
 
         async def pump():
             try:
                 async for req in request_iterator:
-                    t = asyncio.ensure_future(one(req))
-                    running.add(t)
-                    t.add_done_callback(running.discard)
-                await asyncio.gather(*running, return_exceptions=True)
-            finally:
+                    start(req)
+            except BaseException:
+                replies.put_nowait(None)  # the stream broke: nobody reads what is still running
+                raise
+            state["eof"] = True
+            if state["open"] == 0:
                 replies.put_nowait(None)
 
         reader = asyncio.ensure_future(pump())
@@ -366,8 +387,6 @@ class RelayNode(pb_grpc.RelayServicer):
                 yield rep
         finally:
             reader.cancel()
-            for t in list(running):
-                t.cancel()
 
     async def Release(self, req, ctx):
         async def go():
