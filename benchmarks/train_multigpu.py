@@ -130,7 +130,7 @@ def _bench(res, cfg, t, d, amp, plan, args, total) -> None:
             res["warmup_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
         res["phase"] = f"step {step}"
-        losses.append(train_step(step, net, opt, data, t, plan, d, amp))  # returns a float: synchronised
+        losses.append(float(train_step(step, net, opt, data, t, plan, d, amp)))  # float(): synchronised
     sec = (time.perf_counter() - t0) / args.steps
     tok_s = plan.global_batch * args.seq_len / sec
     res.update(phase="done", step_s=sec, tokens_per_s=tok_s, tokens_per_s_per_gpu=tok_s / d.world,

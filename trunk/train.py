@@ -351,8 +351,9 @@ def _autocast(device, amp):
     return torch.autocast(device.type, dtype=amp)
 
 
-def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: TrainPlan, d: Dist, amp) -> float:
-    """One optimizer step over grad_accum micro-batches; returns the global mean loss."""
+def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: TrainPlan, d: Dist, amp) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the global mean loss as a 0-d tensor on
+    the device, unread: the host goes on launching the next step (float() it only where it is shown)."""
     lr = lr_at(step, t, plan.steps)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -372,7 +373,7 @@ def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Train
     if d.world > 1:
         dist.all_reduce(total)
         total /= d.world
-    return float(total)
+    return total
 
 
 def _parallel_config(t: TrainConfig) -> parallel.ParallelConfig:
@@ -445,18 +446,23 @@ def _loop(run: TrainRun, start: int, record_extra: dict | None = None) -> dict:
     try:
         for step in range(start, stop):
             ts = time.perf_counter()
-            loss = train_step(step, net, opt, data, t, plan, d, amp)  # returns a float: the step has finished
-            step_s += (time.perf_counter() - ts) if step > start else 0.0
+            loss_t = train_step(step, net, opt, data, t, plan, d, amp)  # not read yet: no host sync per step
             done = step + 1
-            rec = {"step": done, "loss": loss, "lr": lr_at(step, t, plan.steps)}
-            if (t.eval_every and done % t.eval_every == 0) or done == plan.steps:
+            rec = {"step": done, "lr": lr_at(step, t, plan.steps)}
+            eval_now = (t.eval_every and done % t.eval_every == 0) or done == plan.steps
+            shown = eval_now or done % max(1, t.log_every) == 0 or done == start + 1
+            if shown:  # reading the loss waits for the steps launched so far: step_s sums GPU time
+                loss = rec["loss"] = float(loss_t)
+            step_s += (time.perf_counter() - ts) if step > start else 0.0
+            if eval_now:
                 val = evaluate(model, data, t, d, amp, net)
                 rec["exit_val_loss"] = val
-            if metrics and (done % max(1, t.log_every) == 0 or "exit_val_loss" in rec or done == start + 1):
+            if shown:
+                bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val[-1]:.4f}"} if val else {}))
+            if metrics and shown:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", **({"val": f"{val[-1]:.4f}"} if val else {}))
             if t.save_every and done % t.save_every == 0 and done < stop:
                 save_state(run, done, val)
         done = stop
