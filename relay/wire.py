@@ -12,7 +12,7 @@ from relay import codec
 from relay.codec import CodecError
 from relay.pb import pb
 from relay.work import INF, GenRequest, Result, SeqStep, Speculative, StepMessage, StepReply, TokenEvent, Verify
-from trunk.sampling import ENTROPY, FIXED, MARGIN, MAX_PROB, ExitPolicy, SamplingParams
+from trunk.sampling import ENTROPY, FIXED, FIXED_POLICY, GREEDY, MARGIN, MAX_PROB, ExitPolicy, SamplingParams
 
 _KIND_TO_PB = {FIXED: pb.ExitPolicy.FIXED, MAX_PROB: pb.ExitPolicy.MAX_PROB, ENTROPY: pb.ExitPolicy.ENTROPY,
                MARGIN: pb.ExitPolicy.MARGIN}
@@ -25,6 +25,8 @@ def sampling_to_pb(s: SamplingParams) -> "pb.Sampling":
 
 
 def sampling_from_pb(m: "pb.Sampling") -> SamplingParams:
+    if not (m.temperature or m.top_p or m.seed):  # unset: greedy, as most steps are
+        return GREEDY
     top_p = m.top_p if m.top_p != 0.0 else 1.0  # unset on the wire
     return SamplingParams(float(m.temperature), float(top_p), int(m.seed)).validate()
 
@@ -34,6 +36,8 @@ def policy_to_pb(p: ExitPolicy) -> "pb.ExitPolicy":
 
 
 def policy_from_pb(m: "pb.ExitPolicy") -> ExitPolicy:
+    if m.kind == pb.ExitPolicy.FIXED and not m.threshold:  # unset: a fixed exit, as most steps have
+        return FIXED_POLICY
     if m.kind not in _KIND_FROM_PB:
         raise CodecError(f"unknown exit policy kind {m.kind}")
     return ExitPolicy(_KIND_FROM_PB[m.kind], float(m.threshold)).validate()
@@ -69,9 +73,12 @@ def confidence_from_pb(conf) -> list[tuple[int, float, float, float]]:
 def step_to_pb(msg: StepMessage, wire: str) -> "pb.StepRequest":
     seqs = []
     for s in msg.seqs:
-        m = pb.SeqStep(seq_id=s.seq_id, pos=s.pos, count=s.count, policy=policy_to_pb(s.policy),
-                       sampling=sampling_to_pb(s.sampling), fill_only=s.fill_only,
+        m = pb.SeqStep(seq_id=s.seq_id, pos=s.pos, count=s.count, fill_only=s.fill_only,
                        deadline_ms=s.deadline_ms if math.isfinite(s.deadline_ms) else 0.0)
+        if s.policy != FIXED_POLICY:  # the defaults go unset (they read back as themselves)
+            m.policy.CopyFrom(policy_to_pb(s.policy))
+        if s.sampling != GREEDY:
+            m.sampling.CopyFrom(sampling_to_pb(s.sampling))
         if s.want is not None:
             m.max_exit = s.want
         if s.verify is not None:
