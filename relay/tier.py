@@ -120,6 +120,7 @@ class _Chunk:
     take: int
     run: SeqRun | None = None
     epoch: int = 0          # the sequence's forward count when this chunk went deeper
+    timer: asyncio.TimerHandle | None = None  # its deadline while deeper (cancelled once answered)
 
 
 @dataclass
@@ -788,7 +789,7 @@ class TierEngine:
                 continue
             live.append((c, k))
             if math.isfinite(left):
-                loop.call_later(left, self._on_deadline, c, k, out)
+                c.timer = loop.call_later(left, self._on_deadline, c, k, out)
         if live:
             self._spawn(self._send(live, out))
 
@@ -799,6 +800,14 @@ class TierEngine:
             self._wake.set()
 
     async def _send(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool = True) -> None:
+        try:
+            await self._send_once(group, out, retry)
+        finally:  # an answered chunk's deadline timer would hold `out` until it fires
+            for c, _ in group:
+                if c.item.resolved and c.timer is not None:
+                    c.timer.cancel()
+
+    async def _send_once(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool) -> None:
         t_send = time.perf_counter()
         try:
             pieces = self._pieces(group)
