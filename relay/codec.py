@@ -112,6 +112,10 @@ def decode(t: "pb.Tensor", *, d_model: int | None = None, out_dtype: torch.dtype
     if len(t.data) != B * T * D * size:
         raise CodecError(f"{len(t.data)} data bytes for shape {list(shape)} {name}, expected {B * T * D * size}")
     arr = np.frombuffer(t.data, dtype=_NUMPY[name]).reshape(B, T, D)
+    if name == "bfloat16" and out_dtype == torch.bfloat16:  # bits as they came: no float32 round trip
+        if ((arr & 0x7F80) == 0x7F80).any():  # all exponent bits set: Inf or NaN
+            raise CodecError("hidden states contain NaN or Inf")
+        return torch.from_numpy(arr.astype(np.int16)).view(torch.bfloat16)  # astype copies (read-only buffer)
     if name == "int8":
         if len(t.scales) != 4 * B * T:
             raise CodecError(f"int8 needs {B * T} float32 scales ({4 * B * T} bytes), got {len(t.scales)} bytes")
