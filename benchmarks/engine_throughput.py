@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -67,6 +68,8 @@ class Bench:
         self.R: dict = {"device": self._device(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                         "python": platform.python_version(), "preset": "builtin" if args.quick else "1b",
                         "vocab": 2048, "dtype": str(self.dtype), "targets": TARGETS, "sections": {}}
+        if args.relay_node_args:
+            self.R["relay_node_args"] = args.relay_node_args
         try:
             import triton
             self.R["triton"] = triton.__version__
@@ -400,6 +403,7 @@ class Bench:
                 cmd += ["--dtype", "bfloat16"]
             if nxt:
                 cmd += ["--next", nxt]
+            cmd += shlex.split(self.args.relay_node_args)
             procs.append(subprocess.Popen(cmd, env=env, stdout=open(tmp / f"{t}.log", "w"), stderr=subprocess.STDOUT))
             nxt = f"127.0.0.1:{ports[t]}"
         try:
@@ -684,6 +688,9 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=540, help="skip sections once this much wall time is spent")
     p.add_argument("--section-timeout-s", type=float, default=300,
                    help="give up on the relay/http section after this long (tier logs go into the JSON)")
+    p.add_argument("--relay-node-args", default="", metavar="ARGS",
+                   help="extra `python -m relay.cli` options for every relay node, e.g. '--micro-batches 3' "
+                        "(recorded in the JSON)")
     args = p.parse_args(argv)
     b = Bench(args)
     b.section("roofline", b.roofline)
