@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -109,6 +110,7 @@ def isoflop_curves(runs: list[dict], p: LawParams, out: Path) -> Path:
                     ax.scatter([r["N"] for r in sel], [r["loss"] for r in sel], s=18, facecolor=face,
                                edgecolor=c if role == "dense" else "k", lw=0.6, zorder=3)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # less than a decade: labels overlap
             ax.set_title(f"G = {G}")
             ax.set_xlabel("N (non-embedding parameters)")
         for ax in axes[:, 0]:
