@@ -176,3 +176,18 @@ def test_sampling_is_reproducible_whatever_the_batch(model):
     mixed = run_all(chain(model, [[0], [1], [2]], [8, 8, 8]), reqs, concurrent=True)
     assert mixed[:3] == alone
     assert len({tuple(t for t, _ in o) for o in alone}) > 1   # different exits really sample differently
+
+
+def test_rows_is_a_view_when_chunks_are_consecutive_else_a_copy():
+    """A step's rows from one upstream message in order become one view of it (no copy); any gap,
+    reordering or second buffer falls back to cat. Values are the same either way."""
+    from relay.tier import _rows
+
+    h = torch.randn(64, 8)
+    got = _rows([h[0:5], h[5:6], h[6:40]])
+    assert got.data_ptr() == h.data_ptr() and got.shape == (40, 8) and torch.equal(got, h[:40])
+    for xs in ([h[0:5], h[6:8]], [h[10:12], h[0:2]], [h[0:2], torch.randn(3, 8)], [h[0:4, :4], h[4:8, :4]]):
+        got = _rows(xs)
+        assert torch.equal(got, torch.cat(xs)) and got.data_ptr() != h.data_ptr()
+    one = h[3:9]
+    assert _rows([one]) is one
