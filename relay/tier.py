@@ -120,7 +120,6 @@ class _Chunk:
     take: int
     run: SeqRun | None = None
     epoch: int = 0          # the sequence's forward count when this chunk went deeper
-    timer: asyncio.TimerHandle | None = None  # its deadline while deeper (cancelled once answered)
 
 
 @dataclass
@@ -776,36 +775,52 @@ class TierEngine:
                                       f"{self._down_bad_until - time.monotonic():.2f} s)")
             return
         margin = self.conf.deadline_margin_ms / 1e3
-        loop = asyncio.get_running_loop()
-        live = []
+        now = time.monotonic()
+        live, first = [], math.inf
         for c, k in group:
             c.seq.epoch += 1
             c.seq.running = True
             c.epoch = c.seq.epoch
-            left = c.item.deadline - time.monotonic() - margin
+            left = c.item.deadline - now - margin
             if left <= 0:
                 c.seq.running = False
                 self._degrade([(c, k)], out, "DEADLINE_EXCEEDED: no time left for the next tier")
                 continue
             live.append((c, k))
-            if math.isfinite(left):
-                c.timer = loop.call_later(left, self._on_deadline, c, k, out)
+            first = min(first, left)
         if live:
-            self._spawn(self._send(live, out))
+            timer: list = [None]  # one timer for the group (a TimerHandle per sequence cost a sixth of the
+            if math.isfinite(first):  # head tier's loop time at 128 rows a step)
+                timer[0] = asyncio.get_running_loop().call_later(first, self._on_deadline, live, out, timer)
+            self._spawn(self._send(live, out, timer=timer))
 
-    def _on_deadline(self, c: _Chunk, k: int, out: StageOut) -> None:
-        if not c.item.resolved:
+    def _on_deadline(self, group: list[tuple[_Chunk, int]], out: StageOut, timer: list) -> None:
+        """The earliest deadline of a group sent deeper passed: the chunks past theirs answer degraded,
+        and the timer is set again for the next deadline of the rest."""
+        now, margin = time.monotonic(), self.conf.deadline_margin_ms / 1e3
+        nxt, late = math.inf, []
+        for c, k in group:
+            if c.item.resolved:
+                continue
+            left = c.item.deadline - now - margin
+            if left > 1e-3:  # (asyncio fires up to its clock resolution early)
+                nxt = min(nxt, left)
+                continue
             c.seq.running = False
-            self._degrade([(c, k)], out, f"next tier {self.down.tier}: DEADLINE_EXCEEDED (no answer in time)")
+            late.append((c, k))
+        if late:
+            self._degrade(late, out, f"next tier {self.down.tier}: DEADLINE_EXCEEDED (no answer in time)")
             self._wake.set()
+        timer[0] = (asyncio.get_running_loop().call_later(nxt, self._on_deadline, group, out, timer)
+                    if math.isfinite(nxt) else None)
 
-    async def _send(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool = True) -> None:
+    async def _send(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool = True,
+                    timer: list | None = None) -> None:
         try:
             await self._send_once(group, out, retry)
-        finally:  # an answered chunk's deadline timer would hold `out` until it fires
-            for c, _ in group:
-                if c.item.resolved and c.timer is not None:
-                    c.timer.cancel()
+        finally:  # an answered group's deadline timer would hold `out` until it fires
+            if timer is not None and timer[0] is not None and all(c.item.resolved for c, _ in group):
+                timer[0].cancel()
 
     async def _send_once(self, group: list[tuple[_Chunk, int]], out: StageOut, retry: bool) -> None:
         t_send = time.perf_counter()
