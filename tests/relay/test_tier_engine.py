@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
@@ -191,3 +192,38 @@ def test_rows_is_a_view_when_chunks_are_consecutive_else_a_copy():
         assert torch.equal(got, torch.cat(xs)) and got.data_ptr() != h.data_ptr()
     one = h[3:9]
     assert _rows([one]) is one
+
+
+def test_one_group_two_deadlines_each_answered_at_its_own(model):
+    """Two sequences go deeper in one step (one deadline timer for the group): the one whose deadline
+    passes while the deeper tier works answers degraded from this tier's exit at its deadline; the other,
+    with time left, waits for the deeper tier's answer."""
+    G = model.cfg.G
+
+    async def go():
+        engines = chain(model, [[0], list(range(1, G))], [4, 4], deadline_margin_ms=0, micro_batches=1)
+        engines[1].conf.step_delay_ms = 1500
+        for e in engines:
+            e.start()
+        toks = [3, 1, 4, 1, 5]
+        for sid in ("early", "late"):
+            engines[0].open(sid)
+        now, t0 = time.monotonic(), time.perf_counter()
+        early = asyncio.ensure_future(engines[0].forward(Item("early", 0, torch.tensor(toks), G - 1,
+                                                              deadline=now + 0.25)))
+        late = asyncio.ensure_future(engines[0].forward(Item("late", 0, torch.tensor(toks), G - 1,
+                                                             deadline=now + 10.0)))
+        r_early = await early
+        t_early = time.perf_counter() - t0
+        r_late = await late
+        t_late = time.perf_counter() - t0
+        assert engines[0].counters["steps"] == 1, "both went deeper from one step"
+        assert r_early.degraded and "DEADLINE_EXCEEDED" in r_early.reason and r_early.exit == 0, r_early
+        assert r_early.token == greedy_ref(model, toks, 0, 1)[0]
+        assert 0.2 < t_early < 1.2, t_early  # at its deadline, not with the deeper tier's answer (1.5 s)
+        assert not r_late.degraded and r_late.exit == G - 1, r_late
+        assert r_late.token == greedy_ref(model, toks, G - 1, 1)[0]
+        assert t_late >= 1.5, t_late
+        for e in engines:
+            await e.stop()
+    asyncio.run(go())
