@@ -244,7 +244,7 @@ def _check(q, k_cache, n_q, hq, hkv, d, kernel=False):
 def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None, max_splits=MAX_SPLITS,
                                cache_slots=None, num_splits=None):
     """PyTorch reference, batched: gather every sequence's cache rows up to the longest length, mask
-    each row to its own causal window, one SDPA call (GQA by repeating kv heads)."""
+    each row to its own causal window, one SDPA call (GQA by SDPA's own grouping)."""
     B, n_q, hq, d = q.shape
     hkv = k_cache.shape[1]
     _check(q, k_cache, n_q, hq, hkv, d)
@@ -256,13 +256,13 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None
     if L <= 0:
         return torch.zeros_like(q)
     slots = torch.arange(B, device=q.device) if cache_slots is None else cache_slots.to(q.device).long()
-    k = k_cache[slots, :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=1)  # (B, Hq, L, D)
-    v = v_cache[slots, :, :L].to(q.dtype).repeat_interleave(hq // hkv, dim=1)
+    k = k_cache[slots, :, :L].to(q.dtype)  # (B, Hkv, L, D)
+    v = v_cache[slots, :, :L].to(q.dtype)
     i = torch.arange(n_q, device=q.device)
     j = torch.arange(L, device=q.device)
     # query t of sequence b sits at position lens_b - n_q + t and sees keys j <= that position
     mask = j[None, None, :] <= (lens[:, None, None] - n_q + i[None, :, None])   # (B, n_q, L)
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
-                                                         scale=scale)  # (B, Hq, n_q, D)
+                                                         scale=scale, enable_gqa=hq != hkv)  # (B, Hq, n_q, D)
     o = torch.where(mask.any(-1)[:, None, :, None], o, torch.zeros_like(o))
     return o.transpose(1, 2)

@@ -365,7 +365,7 @@ def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=N
 
 def write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
                              max_seqlen=None):
-    start, length, B, _, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
+    start, length, B, max_len, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
     if B == 0:
         return
     dev = k_cache.device
@@ -375,6 +375,10 @@ def write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlen
     if bool(over.any()):
         b = int(over.nonzero()[0])
         raise ValueError(f"sequence {b}: positions up to {int(offs[b] + length[b])} exceed the cache's {k_cache.shape[2]}")
+    if varlen and max_len == 1 and k.shape[0] == B:  # a decode step: one row per sequence, at its offset
+        k_cache[slots, :, offs] = k.to(k_cache.dtype)  # (the general path's index arithmetic is 9x this)
+        v_cache[slots, :, offs] = v.to(v_cache.dtype)
+        return
     # one row per new token: its sequence, its index within the sequence's new rows, its cache position
     seq = torch.repeat_interleave(torch.arange(B, device=dev), length)
     within = torch.arange(seq.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
