@@ -6,8 +6,9 @@
     familial-serve --tier router ... --tls-cert C --tls-key K [--tls-ca CA --require-client-cert]   # HTTPS (mTLS)
     familial-serve demo [--host H] [--port P]                                             # built-in family on loopback
 
-The demo splits the built-in family with `deploy`, starts device, edge and cloud nodes and the router
-in this process (one event loop; nodes talk real gRPC over loopback) and prints a curl line.
+The demo splits the built-in family with `deploy`, starts device, edge and cloud nodes as processes
+(`serving/local_family.py`; real gRPC over loopback), serves the router in this process and prints a
+curl line.
 A flag that the chosen role does not use (`--shards` for the router, `--api-key` for a node) is an
 error, not silently ignored. Bad input of any kind is one line on stderr and exit status 2
 (`trunk/cmdline.py`). This file only parses flags and wires parts together; the parts live in app.py,
@@ -287,51 +288,44 @@ def curl_line(url: str, model: str, api_key: str | None, chat: bool = False) -> 
     return f"curl -N {url}/v1/{path} -H 'Content-Type: application/json'{auth} -d '{json.dumps(body)}'"
 
 
-async def start_family(shards: Path, tiers: list[str], delays: dict[str, float] | None = None) -> list:
-    """Start one in-process relay node per tier, deepest first so each knows its next; head first in the result.
-    `delays` (tier -> ms after every engine step) makes tiers slow on purpose, for tests and benchmarks.
-
-    No micro-batches: they let tiers on their own processors work on different groups at once, but
-    tiers sharing one process and its interpreter lock cannot overlap, and splitting only adds steps
-    (README demo on 2 CPU cores, 16 clients: 336-431 tok/s without, 300-388 with two)."""
-    from relay.cli import start_node
-    from relay.tier import TierConfig
-
-    handles, nxt = [], None
-    for tier in reversed(tiers):
-        h = await start_node(str(shards), tier, next=nxt, inject_delay_ms=(delays or {}).get(tier, 0.0),
-                             engine=TierConfig(micro_batches=1))
-        handles.insert(0, h)
-        nxt = f"127.0.0.1:{h.port}"
-    return handles
-
-
 def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
     args = build_demo_parser().parse_args(argv)
     from deploy.shards import split_checkpoint
 
     from serving.app import build_app
     from serving.engine import RelayEngine
+    from serving.local_family import LocalFamily
     from trunk.tokenizer import load_tokenizer
 
     ckpt = Path(args.checkpoint) if args.checkpoint else builtin_checkpoint()
     work = Path(tempfile.mkdtemp(prefix="familial-demo-"))
-    if "OMP_NUM_THREADS" not in os.environ:  # three tiers step at once in this process: one torch thread each
-        import torch                          # (their shared intra-op pool oversubscribed the cores: 2-core CPU,
-        torch.set_num_threads(1)              # 16 clients 498-526 -> 671-700 tok/s, 1 client 145-152 -> 172-198)
     settings = settings_from_args(args)
+    died: dict[str, int] = {}
+
+    async def watch(family: LocalFamily) -> None:
+        """A node that exits on its own stops the demo (SIGTERM to this process: the HTTP server drains)."""
+        import signal
+
+        while not family.stopping:
+            gone = family.dead()
+            if gone:
+                died.update(gone)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            await asyncio.sleep(0.5)
 
     async def main():
         manifest = split_checkpoint(ckpt, work / "shards", args.tiers)
         tiers = [t.name for t in manifest.tiers]
-        handles = await start_family(work / "shards", tiers, delays)
+        family = await asyncio.to_thread(LocalFamily(work / "shards", tiers, delays).start)
+        watcher = asyncio.create_task(watch(family))
         name = args.model_name or f"familial-{ckpt.resolve().name}"
-        engine = RelayEngine(f"127.0.0.1:{handles[0].port}", load_tokenizer(work / "shards"), name=name,
+        engine = RelayEngine(family.addresses[tiers[0]], load_tokenizer(work / "shards"), name=name,
                              max_seq_len=manifest.architecture.max_seq_len)
         try:
             await engine.start(args.calibrate_rounds)
-            for t, h in zip(tiers, handles):
-                print(f"  {t:>6} node on 127.0.0.1:{h.port}", flush=True)
+            for t in tiers:
+                print(f"  {t:>6} node on {family.addresses[t]} (pid {family.procs[t].pid})", flush=True)
 
             def ready(port):
                 url = f"http://{args.host}:{port}"
@@ -341,9 +335,10 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
 
             await serve_http(build_app(engine, settings), args.host, args.port, args.log_level, on_ready=ready)
         finally:
+            family.stopping = True
+            watcher.cancel()
             await engine.close()
-            for h in handles:
-                await h.stop(grace=0.5)
+            await asyncio.to_thread(family.stop)
 
     try:
         asyncio.run(main())
@@ -352,6 +347,8 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         print("familial demo stopped", flush=True)
+    if died:
+        fail("demo stopped: " + ", ".join(f"the {t} node exited with status {c}" for t, c in died.items()))
 
 
 def main(argv: list[str] | None = None, *, step_delays_ms: dict[str, float] | None = None) -> int:

@@ -34,6 +34,22 @@ class ServerThread:
         self.sock.close()
 
 
+async def start_family(shards, tiers: list[str], delays: dict[str, float] | None = None) -> list:
+    """One in-process relay node per tier, deepest first so each knows its next; head first in the result.
+    `delays` (tier -> ms after every engine step) makes tiers slow on purpose. No micro-batches: tiers
+    sharing one process and its interpreter lock cannot overlap."""
+    from relay.cli import start_node
+    from relay.tier import TierConfig
+
+    handles, nxt = [], None
+    for tier in reversed(tiers):
+        h = await start_node(str(shards), tier, next=nxt, inject_delay_ms=(delays or {}).get(tier, 0.0),
+                             engine=TierConfig(micro_batches=1))
+        handles.insert(0, h)
+        nxt = f"127.0.0.1:{h.port}"
+    return handles
+
+
 class NodeChain:
     """Real relay nodes (device -> edge -> cloud) on loopback, hosted on an event loop in a daemon thread."""
 
@@ -50,8 +66,6 @@ class NodeChain:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self):
-        from serving.cli import start_family
-
         self.thread.start()
         self.handles = self.call(start_family(self.shards, self.tiers, self.delays))
         self.addresses = {t: f"127.0.0.1:{h.port}" for t, h in zip(self.tiers, self.handles)}

@@ -68,3 +68,54 @@ def test_router_from_family_yaml(tiny_ckpt, tmp_path):
         finally:
             rest = stop(proc)
         assert proc.returncode == 0, rest
+
+
+def _node_pids(out: str) -> dict[str, int]:
+    import re
+
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+) node on \S+ \(pid (\d+)\)", out)}
+
+
+def _gone(pid: int, timeout: float = 15) -> bool:
+    import os
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) counts as gone
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_demo_stops_with_one_line_when_a_node_dies(tiny_ckpt):
+    import os
+    import signal
+
+    proc = spawn_serve(["demo", "--checkpoint", str(tiny_ckpt), "--port", "0"])
+    _, out = wait_for(proc, r"curl -N http://\S+/v1/chat")
+    pids = _node_pids(out)
+    assert set(pids) == {"device", "edge", "cloud"}, out
+    os.kill(pids["cloud"], signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, rest
+    assert "familial-serve: error: demo stopped: the cloud node exited with status -9" in rest, rest
+    assert _gone(pids["device"]) and _gone(pids["edge"])
+
+
+def test_demo_nodes_die_with_the_demo(tiny_ckpt):
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    proc = spawn_serve(["demo", "--checkpoint", str(tiny_ckpt), "--port", "0"])
+    _, out = wait_for(proc, r"curl -N http://\S+/v1/chat")
+    proc.send_signal(signal.SIGKILL)  # no clean-up runs in the demo: the nodes must still go
+    proc.wait(10)
+    assert all(_gone(pid) for pid in _node_pids(out).values()), out

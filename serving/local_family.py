@@ -1,0 +1,134 @@
+"""The demo's relay nodes: one `python -m relay.cli` process per tier on loopback, as a real family runs.
+
+Each tier is its own process (its own interpreter, event loop and torch threads), so the tiers and the
+router do not take turns on one interpreter lock. Measured on the 2-core CPU with the built-in family
+(2026-12-03, 32-token streams): in one process 1 client 155 and 16 clients 540-600 tok/s (the one event
+loop at 100 % of a core); as processes 135-142 and 726-741 tok/s.
+
+Nodes run without micro-batches (`--micro-batches 1`): on 2 cores the tiers cannot all compute at once,
+and splitting a step only adds steps (16 clients: 626-684 tok/s with two, 726-741 without). Each node gets
+an equal share of the cores as torch threads unless OMP_NUM_THREADS is set.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from trunk.cmdline import fail
+
+READY = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the demo process dies, even by SIGKILL."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+try:  # resolved before any fork: the child only calls it
+    import ctypes
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+class LocalFamily:
+    """Start `tiers` (head first) as node processes on free loopback ports, all at once (a node dials its
+    --next lazily), and wait until each serves. Node output goes to stderr prefixed with the tier.
+    `delays` (tier -> ms after every engine step; tests and benchmarks only) runs the nodes through
+    `tests/slow_tiers.py`, which only a checkout has."""
+
+    def __init__(self, shards: Path, tiers: list[str], delays: dict[str, float] | None = None,
+                 start_timeout_s: float = 120.0):
+        self.shards, self.tiers, self.delays = Path(shards), list(tiers), dict(delays or {})
+        self.start_timeout_s = start_timeout_s
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.addresses: dict[str, str] = {}
+        self._ready: dict[str, threading.Event] = {t: threading.Event() for t in self.tiers}
+        self._tail: dict[str, list[str]] = {t: [] for t in self.tiers}
+        self.stopping = False
+
+    def _command(self, tier: str, port: int, nxt: str | None) -> list[str]:
+        if self.delays:  # familial-serve with a per-step delay on this tier (no production flag does that)
+            cmd = [sys.executable, "-m", "tests.slow_tiers", f"{tier}={self.delays.get(tier, 0.0)}"]
+        else:
+            cmd = [sys.executable, "-m", "relay.cli"]
+        cmd += ["--tier", tier, "--shards", str(self.shards), "--port", str(port), "--micro-batches", "1"]
+        return cmd + (["--next", nxt] if nxt else [])
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.tiers))))
+        root = str(Path(__file__).resolve().parents[1])  # a checkout run without installing; tests.slow_tiers
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        return env
+
+    def _pump(self, tier: str) -> None:
+        for line in self.procs[tier].stdout:
+            line = line.rstrip("\n")
+            self._tail[tier] = (self._tail[tier] + [line])[-20:]
+            if not self._ready[tier].is_set() and READY.search(line):
+                self._ready[tier].set()
+            print(f"[{tier}] {line}", file=sys.stderr, flush=True)
+
+    def start(self) -> "LocalFamily":
+        ports = _free_ports(len(self.tiers))
+        self.addresses = {t: f"127.0.0.1:{p}" for t, p in zip(self.tiers, ports)}
+        env = self._env()
+        try:
+            for i, (tier, port) in enumerate(zip(self.tiers, ports)):
+                nxt = self.addresses[self.tiers[i + 1]] if i + 1 < len(self.tiers) else None
+                self.procs[tier] = subprocess.Popen(
+                    self._command(tier, port, nxt), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True, start_new_session=True,  # Ctrl-C reaches
+                    preexec_fn=_die_with_parent)                                            # the demo only
+                threading.Thread(target=self._pump, args=(tier,), daemon=True, name=f"{tier}-output").start()
+            deadline = time.time() + self.start_timeout_s
+            for tier in self.tiers:
+                while not self._ready[tier].wait(0.1):
+                    code = self.procs[tier].poll()
+                    if code is not None or time.time() > deadline:
+                        last = next((l for l in reversed(self._tail[tier]) if l.strip()), "no output")
+                        why = f"exited with status {code}" if code is not None else \
+                            f"not serving after {self.start_timeout_s:.0f} s"
+                        fail(f"the {tier} node {why}: {last.strip()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def dead(self) -> dict[str, int]:
+        """Tiers whose process has exited, with its status."""
+        return {t: p.returncode for t, p in self.procs.items() if p.poll() is not None}
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every node (each drains and stops its gRPC server), then wait; kill any that is late."""
+        self.stopping = True
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.time() + timeout_s
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
