@@ -323,7 +323,13 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
         engine = RelayEngine(family.addresses[tiers[0]], load_tokenizer(work / "shards"), name=name,
                              max_seq_len=manifest.architecture.max_seq_len)
         try:
-            await engine.start(args.calibrate_rounds)
+            try:
+                await family.chain_complete()
+                await engine.start(args.calibrate_rounds)
+            except CLIError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one line, not a traceback
+                fail(f"cannot start the router: {type(e).__name__}: {e}")
             for t in tiers:
                 print(f"  {t:>6} node on {family.addresses[t]} (pid {family.procs[t].pid})", flush=True)
 

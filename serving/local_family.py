@@ -115,6 +115,28 @@ class LocalFamily:
             raise
         return self
 
+    async def chain_complete(self, timeout_s: float = 60.0) -> None:
+        """Wait until the head reports the whole chain (FamilyInfo complete). The nodes start at once, so a
+        node may have dialled its --next before it listened; gRPC then retries after a backoff (~1 s)."""
+        import asyncio
+
+        from relay.client import RelayClient
+
+        deadline, why = time.monotonic() + timeout_s, "no answer"
+        async with RelayClient(self.addresses[self.tiers[0]], timeout_s=5) as c:
+            while time.monotonic() < deadline:
+                try:
+                    info = await c.family_info()
+                    if info["complete"]:
+                        return
+                    why = f"tiers {[t['tier'] for t in info['tiers']]} of {self.tiers}"
+                except Exception as e:  # noqa: BLE001 - not up yet: ask again
+                    why = f"{type(e).__name__}: {e}"
+                if self.dead():
+                    break
+                await asyncio.sleep(0.2)
+        fail(f"the relay chain {' -> '.join(self.tiers)} did not come up in {timeout_s:.0f} s: {why}")
+
     def dead(self) -> dict[str, int]:
         """Tiers whose process has exited, with its status."""
         return {t: p.returncode for t, p in self.procs.items() if p.poll() is not None}
