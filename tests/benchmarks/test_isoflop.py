@@ -154,3 +154,44 @@ def test_study_smoke_twice(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:]
     assert "10 runs already done (10 carried in)" in second.stdout
     assert (tmp_path / "o2" / "runs.jsonl").read_text() == (tmp_path / "o1" / "runs.jsonl").read_text()
+
+
+def test_paper_ours_table(tmp_path, capsys):
+    from fitting.leverage import efficiency_leverage
+
+    tab = _load("table")
+    recs = _synthetic_runs(tmp_path / "runs.jsonl")
+    ours = PAPER.replace(gamma=0.1, alpha=0.35)
+    fit = {"law": "family", "params": ours.as_dict(), "n_runs": len(recs),
+           "ci": {"gamma": [0.05, 0.15], "N_opt_exponent": [0.4, 0.6]}}
+    (tmp_path / "fit.json").write_text(json.dumps(fit))
+    (tmp_path / "branch.json").write_text(json.dumps({"law": "branch", "n_runs": 7, "params": {
+        "alpha_P": 0.002, "beta_Q": 0.03, "D_d": 2.75e6, "a": 0.5}}))
+    assert tab.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json"),
+                     "--branch", str(tmp_path / "branch.json")]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")}
+    assert rows["gamma (small, positive), 95 % CI"] == ["0.0333", "0.1 [0.05, 0.15] |"]
+    assert rows["N_opt exponent beta / (alpha + beta)"][1] == f"{ours.beta / (ours.alpha + ours.beta):.4g} [0.4, 0.6] |"
+    assert rows["branch law: upstream exits cheap (alpha_P << beta_Q)"] == [
+        "alpha_P 0.001, beta_Q 0.0397", "alpha_P 0.002, beta_Q 0.03 |"]
+    # EL cells: the fitted law's values under each reading, at the smallest and largest budget and 1e21
+    budgets = sorted({r["sweep"]["budget"] for r in recs})
+    el_row = next(v for k, v in rows.items() if k.startswith("EL > 1"))
+    for side in ("matched", "same-tokens", "budget-split"):
+        want = ", ".join(f"{float(efficiency_leverage(C, 4, ours, side)):.4g}" for C in (budgets[0], budgets[-1], 1e21))
+        assert f"G=4: {want}" in el_row[1].split(f"*{side}*")[1].split("<br>")[0]
+    # the runs' own verdict: the synthetic losses (branch law on top of the dense law) rise with G at every size
+    n_sizes = {C: len({(r["config"]["model"]["d_model"], r["n_layers"]) for r in recs
+                       if r["sweep"]["budget"] == C and r["sweep"]["role"] == "grid"}) for C in budgets}
+    assert rows["mean exit loss rises with G (runs, no law: sizes per budget)"][1] == \
+        "; ".join(f"{C:.0e}: {n} of {n}" for C, n in n_sizes.items()) + " |"
+    assert f"{len(recs)} runs, {len(recs)} in the family fit, 7 in the branch fit." in out
+
+    # a branch fit passed as the family fit (or nonsense) is one line and status 2
+    assert tab.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "branch.json")]) == 2
+    assert tab.main([str(tmp_path / "runs.jsonl"), "--fit", str(tmp_path / "fit.json"),
+                     "--branch", str(tmp_path / "fit.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("table.py: error: ") for e in err), err
