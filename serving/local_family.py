@@ -63,7 +63,7 @@ class LocalFamily:
         self.procs: dict[str, subprocess.Popen] = {}
         self.addresses: dict[str, str] = {}
         self._ready: dict[str, threading.Event] = {t: threading.Event() for t in self.tiers}
-        self._tail: dict[str, list[str]] = {t: [] for t in self.tiers}
+        self.tail: dict[str, list[str]] = {t: [] for t in self.tiers}   # each node's last 20 output lines
         self.stopping = False
 
     def _command(self, tier: str, port: int, nxt: str | None) -> list[str]:
@@ -84,7 +84,7 @@ class LocalFamily:
     def _pump(self, tier: str) -> None:
         for line in self.procs[tier].stdout:
             line = line.rstrip("\n")
-            self._tail[tier] = (self._tail[tier] + [line])[-20:]
+            self.tail[tier] = (self.tail[tier] + [line])[-20:]
             if not self._ready[tier].is_set() and READY.search(line):
                 self._ready[tier].set()
             print(f"[{tier}] {line}", file=sys.stderr, flush=True)
@@ -106,7 +106,7 @@ class LocalFamily:
                 while not self._ready[tier].wait(0.1):
                     code = self.procs[tier].poll()
                     if code is not None or time.time() > deadline:
-                        last = next((l for l in reversed(self._tail[tier]) if l.strip()), "no output")
+                        last = next((l for l in reversed(self.tail[tier]) if l.strip()), "no output")
                         why = f"exited with status {code}" if code is not None else \
                             f"not serving after {self.start_timeout_s:.0f} s"
                         fail(f"the {tier} node {why}: {last.strip()}")

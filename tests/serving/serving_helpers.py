@@ -142,45 +142,31 @@ def stop(proc, sig=None) -> str:
 
 
 class NodeProcesses:
-    """device -> edge -> cloud as `familial-serve --tier T` processes on loopback, all started at once (a
-    node dials its --next lazily), so a test can stop, continue or kill one with `signal(tier, sig)`."""
+    """device -> edge -> cloud as node processes on loopback, started as the demo starts them
+    (`serving/local_family.py`), so a test can stop, continue or kill one with `signal(tier, sig)`;
+    `output[tier]` holds a node's last lines."""
 
     def __init__(self, shards, tiers=("device", "edge", "cloud")):
-        self.shards, self.tiers = shards, list(tiers)
-        self.procs: dict = {}
-        self.output: dict[str, list[str]] = {t: [] for t in self.tiers}
+        from serving.local_family import LocalFamily
+
+        self.family = LocalFamily(shards, list(tiers))
 
     def __enter__(self):
-        import socket
+        import asyncio
 
-        socks = [socket.socket() for _ in self.tiers]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        self.addresses = {t: f"127.0.0.1:{s.getsockname()[1]}" for t, s in zip(self.tiers, socks)}
-        for s in socks:
-            s.close()
-        self.head = self.addresses[self.tiers[0]]
-        for tier, nxt in zip(self.tiers, [*self.tiers[1:], None]):
-            args = ["--tier", tier, "--shards", self.shards, "--port", self.addresses[tier].rsplit(":", 1)[1]]
-            self.procs[tier] = spawn_serve(args + (["--next", self.addresses[nxt]] if nxt else []))
+        f = self.family.start()
         try:
-            for tier, p in self.procs.items():
-                _, out = wait_for(p, r"serving on 127\.0\.0\.1:\d+")
-                self.output[tier].append(out)
-                threading.Thread(target=self._drain, args=(tier,), daemon=True).start()  # a full pipe would block it
+            asyncio.run(f.chain_complete())
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self.addresses, self.head, self.output = f.addresses, f.addresses[f.tiers[0]], f.tail
         return self
 
-    def _drain(self, tier: str) -> None:
-        for line in self.procs[tier].stdout:
-            self.output[tier].append(line)
-
     def signal(self, tier: str, sig) -> None:
-        self.procs[tier].send_signal(sig)
+        self.family.procs[tier].send_signal(sig)
 
     def __exit__(self, *exc):
         from tests.processes import stop_processes
 
-        stop_processes(self.procs.values())
+        stop_processes(self.family.procs.values())  # continues a stopped node first
