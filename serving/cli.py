@@ -318,7 +318,7 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
         manifest = split_checkpoint(ckpt, work / "shards", args.tiers)
         tiers = [t.name for t in manifest.tiers]
         family = await asyncio.to_thread(LocalFamily(work / "shards", tiers, delays).start)
-        watcher = asyncio.create_task(watch(family))
+        watcher = []  # from when the router listens (its SIGTERM handler then drains and stops everything)
         name = args.model_name or f"familial-{ckpt.resolve().name}"
         engine = RelayEngine(family.addresses[tiers[0]], load_tokenizer(work / "shards"), name=name,
                              max_seq_len=manifest.architecture.max_seq_len)
@@ -334,6 +334,7 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
                 print(f"  {t:>6} node on {family.addresses[t]} (pid {family.procs[t].pid})", flush=True)
 
             def ready(port):
+                watcher.append(asyncio.get_running_loop().create_task(watch(family)))
                 url = f"http://{args.host}:{port}"
                 print(f"familial demo: router on {url}/v1 (model {name!r}); Ctrl-C stops everything.\n"
                       f"Try:\n  {curl_line(url, name, settings.api_key)}\n"
@@ -342,7 +343,8 @@ def run_demo(argv: list[str], delays: dict[str, float] | None = None) -> None:
             await serve_http(build_app(engine, settings), args.host, args.port, args.log_level, on_ready=ready)
         finally:
             family.stopping = True
-            watcher.cancel()
+            for w in watcher:
+                w.cancel()
             await engine.close()
             await asyncio.to_thread(family.stop)
 
