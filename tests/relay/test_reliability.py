@@ -137,7 +137,9 @@ def test_hung_cloud_answers_within_the_deadline_then_exact_again(family, tmp_pat
                 t0 = time.perf_counter()
                 hung = await c.forward(sid, prompt, 0, exit=G - 1, deadline_s=DEADLINE_S)  # too late: RelayError
                 forward_s = time.perf_counter() - t0
-                assert forward_s <= DEADLINE_S, forward_s
+                # gRPC holds the call to its deadline (a later answer is a DEADLINE_EXCEEDED RelayError, not a
+                # Result); the wall time adds the client's own work around the call, a few ms on a loaded box
+                assert forward_s <= DEADLINE_S + 0.1, forward_s
                 assert hung.degraded and hung.exit < G - 1 and "DEADLINE_EXCEEDED" in hung.reason, hung
                 assert hung.token == family.ref_token(prompt, hung.exit)
 
