@@ -134,15 +134,21 @@ class FamilyModel(nn.Module):
     def __init__(self, cfg: FamilyConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # on the meta device (a structure for names and shapes: deploy, HF import) nothing is initialised:
+        # torch's meta kernels for normal_ and the RoPE arithmetic import torch._dynamo (~1 s of a node's start)
+        meta = torch.empty(0).is_meta
+        self.embed = (nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+                      if meta else nn.Embedding(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.heads = nn.ModuleList(ExitHead(cfg) for _ in cfg.exit_layers)  # shallow exits 0..G-2
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)                       # final exit G-1
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = ((torch.empty(cfg.max_seq_len, cfg.head_dim),) * 2 if meta
+                    else rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if not meta:
+            self.reset_parameters()
 
     # ---- init ----------------------------------------------------------------------------------
     def reset_parameters(self, std: float = 0.02) -> None:
