@@ -66,7 +66,7 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.R: dict = {"device": self._device(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                        "python": platform.python_version(), "preset": "builtin" if args.quick else "1b",
+                        "python": platform.python_version(), "preset": args.preset or ("builtin" if args.quick else "1b"),
                         "vocab": 2048, "dtype": str(self.dtype), "targets": TARGETS, "sections": {}}
         if args.relay_node_args:
             self.R["relay_node_args"] = args.relay_node_args
@@ -104,7 +104,7 @@ class Bench:
     # ---- the model and the in-process engine ---------------------------------------------------
     def config(self):
         from trunk.config import get_preset
-        return get_preset("builtin" if self.quick else "1b").replace(vocab_size=2048)
+        return get_preset(self.R["preset"]).replace(vocab_size=2048)
 
     def model(self):
         from trunk.model import FamilyModel
@@ -684,6 +684,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for JSON + PNG")
     p.add_argument("--quick", action="store_true", help="CPU smoke run at the builtin shape, small workloads")
+    p.add_argument("--preset", default="", help="model shape (default: 1b, builtin with --quick); `--quick --preset tiny "
+                   "--only b1,relay` measures the relay's host work (the stage's compute is negligible)")
     p.add_argument("--only", default="", help="comma-separated sections (default: all)")
     p.add_argument("--budget-s", type=float, default=540, help="skip sections once this much wall time is spent")
     p.add_argument("--section-timeout-s", type=float, default=300,
