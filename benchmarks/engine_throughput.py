@@ -408,7 +408,7 @@ class Bench:
             nxt = f"127.0.0.1:{ports[t]}"
         try:
             return asyncio.run(asyncio.wait_for(
-                self._relay_client(f"127.0.0.1:{ports['device']}", dict(zip(("cloud", "edge", "device"), procs))),
+                self._relay_client(f"127.0.0.1:{ports['device']}", dict(zip(("cloud", "edge", "device"), procs)), ports),
                 self.args.section_timeout_s))
         except BaseException:
             self.R["relay_stats_at_failure"] = asyncio.run(self._tier_stats(ports))
@@ -453,7 +453,18 @@ class Bench:
         if time.time() - t0 > limit_s:
             raise RuntimeError(f"{what}: not up after {limit_s:.0f} s")
 
-    async def _relay_client(self, head: str, procs: dict) -> dict:
+    @staticmethod
+    async def _tier_load(ports: dict) -> dict:
+        """Each tier's engine steps, rows, stage seconds, process CPU seconds and uptime (for deltas)."""
+        from relay.client import RelayClient
+        out = {}
+        for t, port in ports.items():
+            async with RelayClient(f"127.0.0.1:{port}", timeout_s=10) as c:
+                st = await c.stats()
+            out[t] = {k: st["engine"][k] for k in ("steps", "rows", "stage_s")} | st["process"]
+        return out
+
+    async def _relay_client(self, head: str, procs: dict, ports: dict) -> dict:
         from relay.client import RelayClient
         from relay.work import GenRequest
 
@@ -501,9 +512,18 @@ class Bench:
         phase("nano")
         n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
         reqs = self.nano_requests(n_req, lo, hi)
+        load0 = await self._tier_load(ports)
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(one(r) for r in reqs))
         wall = time.perf_counter() - t0
+        load1 = await self._tier_load(ports)
+        # where the nano phase's time went at each tier: rows per step, the share of the wall in the stage
+        # (GPU work and its launch) and the process's CPU seconds per wall second (host work, all threads)
+        load = {t: {"steps": load1[t]["steps"] - load0[t]["steps"],
+                    "rows_per_step": round((load1[t]["rows"] - load0[t]["rows"])
+                                           / max(1, load1[t]["steps"] - load0[t]["steps"]), 1),
+                    "stage_share": round((load1[t]["stage_s"] - load0[t]["stage_s"]) / wall, 3),
+                    "cpu_per_wall": round((load1[t]["cpu_s"] - load0[t]["cpu_s"]) / wall, 3)} for t in ports}
         phase("done")
         toks = sum(o[0] for o in outs)
         stats = [await RelayClient(a).stats() for a in [head]]
@@ -511,7 +531,8 @@ class Bench:
         await c.close()
         r = {"b1_ms_per_token": round(b1_ms, 3), "b1_tok_s": round(1e3 / b1_ms, 1),
              "b1_ms_split": {k: round(sum(v) / len(v), 3) for k, v in split.items()}, "nano_output_tokens": toks,
-             "nano_wall_s": round(wall, 2), "nano_tok_s": round(toks / wall, 1), "head_stats": stats[0]["engine"]}
+             "nano_wall_s": round(wall, 2), "nano_tok_s": round(toks / wall, 1), "head_stats": stats[0]["engine"],
+             "nano_tier_load": load}
         if self.R.get("nano_tok_s"):
             r["over_inproc"] = round(r["nano_tok_s"] / self.R["nano_tok_s"], 3)
         b1 = self.R["sections"].get("b1", {}).get(f"exit{self.config().G - 1}", {})

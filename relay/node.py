@@ -187,6 +187,7 @@ class RelayNode(pb_grpc.RelayServicer):
     def __init__(self, stage, config: NodeConfig | None = None, *, device=None):
         self.stage, self.conf = stage, config or NodeConfig()
         self.cfg, self.tier = stage.cfg, stage.tier
+        self.t_start = time.monotonic()
         self.dtype = stage.dtype
         self.wire = codec.wire_dtype_name(self.dtype) if self.conf.wire_dtype == "auto" else self.conf.wire_dtype
         if self.wire not in codec.WIRE_DTYPES:
@@ -487,7 +488,8 @@ class RelayNode(pb_grpc.RelayServicer):
                              next=self.conf.next or "", live_sessions=st["sequences"], pool_slots=p["slots"],
                              pool_free_slots=p["free_slots"], pool_bytes_per_token=p["bytes_per_token"],
                              pool_max_len=p["max_len"], steps=st["steps"], rows=st["rows"],
-                             degraded=st["degraded"], replays=st["replays"], running=st["running"])
+                             degraded=st["degraded"], replays=st["replays"], running=st["running"],
+                             stage_s=st["stage_s"], cpu_s=time.process_time(), uptime_s=time.monotonic() - self.t_start)
 
     def tier_info(self) -> "pb.TierInfo":
         vl = getattr(self.stage, "val_loss", {}) or {}

@@ -164,6 +164,7 @@ class TierEngine:
         self._down_error = ""
         self._releases: list[str] = []
         self.counters = {"steps": 0, "rows": 0, "items": 0, "evicted": 0, "degraded": 0, "replays": 0, "bursts": 0}
+        self.stage_s = 0.0  # wall seconds in stage calls (the rest of a busy tier's time is host work)
         self.n_seg = len(stage.segments)
         self.out_log = stage.log_index(self.n_seg - 1)
 
@@ -545,6 +546,7 @@ class TierEngine:
             except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
                 self._fail(chunks, e)
                 continue
+            self.stage_s += time.perf_counter() - t0
             if self.conf.step_delay_ms > 0:
                 await asyncio.sleep(self.conf.step_delay_ms / 1e3)
             steps = 1 if toks is None else k
@@ -933,7 +935,7 @@ class TierEngine:
         now = time.monotonic()
         return {"tier": self.tier, "exits": self.stage.exits, "pool": self.pool.describe(),
                 "sequences": len(self.seqs), "resident": sum(1 for s in self.seqs.values() if s.slot is not None),
-                "running": len(self.gens), "queued": len(self.queue), **self.counters,
+                "running": len(self.gens), "queued": len(self.queue), **self.counters, "stage_s": self.stage_s,
                 "seqs": {s.id: {"length": s.length, "acked": s.acked, "resident": s.slot is not None,
                                 "kv_bytes": s.length * self.pool.shape.bytes_per_token(), "idle_s": now - s.last_used}
                          for s in self.seqs.values()}}

@@ -62,6 +62,9 @@ def _exact(fam, stages=None, n_seq=N_SEQ, seed=0):
     assert not bad, f"{len(bad)} tokens differ from the single-process run (seq, step, exit, got, want): {bad[:5]}"
     assert seen == {"device", "edge", "cloud"}
     assert all(s["live_sessions"] == 0 for s in st), "close_session must propagate down the chain"
+    for s in st:  # how busy each tier was: stage time within its process's CPU and its uptime
+        assert s["engine"]["steps"] > 0 and 0 < s["engine"]["stage_s"] < s["process"]["uptime_s"], s
+        assert 0 < s["process"]["cpu_s"], s
 
 
 def test_exact_tiny_family(tiny_family):

@@ -201,7 +201,7 @@ class SessionInfo(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., length: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., log_bytes: _Optional[int] = ..., acked: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("tier", "exits", "start_layer", "stop_layer", "sessions", "total_bytes", "max_sessions", "max_tokens", "max_total_bytes", "evicted", "served", "next", "live_sessions", "pool_slots", "pool_free_slots", "pool_bytes_per_token", "pool_max_len", "steps", "rows", "degraded", "replays", "running")
+    __slots__ = ("tier", "exits", "start_layer", "stop_layer", "sessions", "total_bytes", "max_sessions", "max_tokens", "max_total_bytes", "evicted", "served", "next", "live_sessions", "pool_slots", "pool_free_slots", "pool_bytes_per_token", "pool_max_len", "steps", "rows", "degraded", "replays", "running", "stage_s", "cpu_s", "uptime_s")
     TIER_FIELD_NUMBER: _ClassVar[int]
     EXITS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,9 @@ class StatsReply(_message.Message):
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     REPLAYS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    STAGE_S_FIELD_NUMBER: _ClassVar[int]
+    CPU_S_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     tier: str
     exits: _containers.RepeatedScalarFieldContainer[int]
     start_layer: int
@@ -246,7 +249,10 @@ class StatsReply(_message.Message):
     degraded: int
     replays: int
     running: int
-    def __init__(self, tier: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., evicted: _Optional[int] = ..., served: _Optional[int] = ..., next: _Optional[str] = ..., live_sessions: _Optional[int] = ..., pool_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_bytes_per_token: _Optional[int] = ..., pool_max_len: _Optional[int] = ..., steps: _Optional[int] = ..., rows: _Optional[int] = ..., degraded: _Optional[int] = ..., replays: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
+    stage_s: float
+    cpu_s: float
+    uptime_s: float
+    def __init__(self, tier: _Optional[str] = ..., exits: _Optional[_Iterable[int]] = ..., start_layer: _Optional[int] = ..., stop_layer: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_total_bytes: _Optional[int] = ..., evicted: _Optional[int] = ..., served: _Optional[int] = ..., next: _Optional[str] = ..., live_sessions: _Optional[int] = ..., pool_slots: _Optional[int] = ..., pool_free_slots: _Optional[int] = ..., pool_bytes_per_token: _Optional[int] = ..., pool_max_len: _Optional[int] = ..., steps: _Optional[int] = ..., rows: _Optional[int] = ..., degraded: _Optional[int] = ..., replays: _Optional[int] = ..., running: _Optional[int] = ..., stage_s: _Optional[float] = ..., cpu_s: _Optional[float] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
 class FamilyInfoRequest(_message.Message):
     __slots__ = ()
