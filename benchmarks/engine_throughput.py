@@ -387,56 +387,43 @@ class Bench:
 
     def relay(self) -> dict:
         from deploy.shards import split_checkpoint
+        from serving.local_family import LocalFamily
         tmp = Path(tempfile.mkdtemp(prefix="et-relay-"))
         ckpt = self._checkpoint(tmp)
         split_checkpoint(ckpt, tmp / "shards", "device=0,edge=1,cloud=2..")
-        ports = {t: self._port() for t in ("device", "edge", "cloud")}
-        procs, nxt = [], None
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-        dev = "cpu" if self.quick else "cuda"
+        common = ["--device", "cpu" if self.quick else "cuda", "--max-slots", "64" if self.quick else "256",
+                  "--no-verify", *([] if self.quick else ["--dtype", "bfloat16"]),
+                  *shlex.split(self.args.relay_node_args)]
         frac = {"device": 0.1, "edge": 0.1, "cloud": 0.3}
-        for t in ("cloud", "edge", "device"):
-            cmd = [sys.executable, "-m", "relay.cli", "--tier", t, "--shards", str(tmp / "shards"), "--port",
-                   str(ports[t]), "--device", dev, "--max-slots", "64" if self.quick else "256",
-                   "--kv-memory-fraction", str(frac[t]), "--no-verify"]
-            if not self.quick:
-                cmd += ["--dtype", "bfloat16"]
-            if nxt:
-                cmd += ["--next", nxt]
-            cmd += shlex.split(self.args.relay_node_args)
-            procs.append(subprocess.Popen(cmd, env=env, stdout=open(tmp / f"{t}.log", "w"), stderr=subprocess.STDOUT))
-            nxt = f"127.0.0.1:{ports[t]}"
+        fam = LocalFamily(tmp / "shards", ["device", "edge", "cloud"], start_timeout_s=300, args=common,
+                          node_args={t: ["--kv-memory-fraction", str(f)] for t, f in frac.items()},
+                          log_dir=tmp, echo=False, micro_batches=None)  # the node's default, or --relay-node-args
+        t0 = time.time()
         try:
-            return asyncio.run(asyncio.wait_for(
-                self._relay_client(f"127.0.0.1:{ports['device']}", dict(zip(("cloud", "edge", "device"), procs)), ports),
-                self.args.section_timeout_s))
+            fam.start()
+            return asyncio.run(asyncio.wait_for(self._relay_client(fam, t0), self.args.section_timeout_s))
         except BaseException:
-            self.R["relay_stats_at_failure"] = asyncio.run(self._tier_stats(ports))
-            for p in procs:  # relay.cli prints every thread's stack on SIGUSR1: the logs then say where each was
+            if fam.addresses:
+                self.R["relay_stats_at_failure"] = asyncio.run(self._tier_stats(fam.addresses))
+            for p in fam.procs.values():  # relay.cli prints every thread's stack on SIGUSR1: the logs then say where
                 if p.poll() is None:
                     p.send_signal(signal.SIGUSR1)
             time.sleep(2)
             raise
         finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            for t in ("device", "edge", "cloud"):
-                log = (tmp / f"{t}.log").read_text()[-12000:]
-                self.R.setdefault("relay_logs", {})[t] = log
+            fam.stop()
+            for t in fam.tiers:
+                log = tmp / f"{t}.log"
+                self.R.setdefault("relay_logs", {})[t] = log.read_text()[-12000:] if log.exists() else ""
 
     @staticmethod
-    async def _tier_stats(ports: dict) -> dict:
+    async def _tier_stats(addresses: dict) -> dict:
         """Each tier's engine stats (queue, running, steps), to say where a stalled relay stopped."""
         from relay.client import RelayClient
         out = {}
-        for t, port in ports.items():
+        for t, addr in addresses.items():
             try:
-                c = RelayClient(f"127.0.0.1:{port}", timeout_s=5)
+                c = RelayClient(addr, timeout_s=5)
                 st = await asyncio.wait_for(c.stats(), 5)
                 out[t] = {k: v for k, v in st.items() if k != "sessions"} | {"n_sessions": len(st["sessions"])}
                 await c.close()
@@ -454,31 +441,24 @@ class Bench:
             raise RuntimeError(f"{what}: not up after {limit_s:.0f} s")
 
     @staticmethod
-    async def _tier_load(ports: dict) -> dict:
+    async def _tier_load(addresses: dict) -> dict:
         """Each tier's engine steps, rows, stage seconds, process CPU seconds and uptime (for deltas)."""
         from relay.client import RelayClient
         out = {}
-        for t, port in ports.items():
-            async with RelayClient(f"127.0.0.1:{port}", timeout_s=10) as c:
+        for t, addr in addresses.items():
+            async with RelayClient(addr, timeout_s=10) as c:
                 st = await c.stats()
             out[t] = {k: st["engine"][k] for k in ("steps", "rows", "stage_s")} | st["process"]
         return out
 
-    async def _relay_client(self, head: str, procs: dict, ports: dict) -> dict:
+    async def _relay_client(self, fam, t0: float) -> dict:
         from relay.client import RelayClient
         from relay.work import GenRequest
 
-        c = RelayClient(head, timeout_s=600)
-        t0 = time.time()
-        while True:  # every tier up (FamilyInfo complete)
-            self._check_alive(procs, t0, 300, "relay nodes")
-            try:
-                if await c.health() and (await c.family_info())["complete"]:
-                    break
-            except Exception:  # noqa: BLE001
-                pass
-            await asyncio.sleep(1)
+        await fam.chain_complete(timeout_s=300)
         self.R.setdefault("startup_s", {})["relay"] = round(time.time() - t0, 1)
+        head, ports = fam.addresses["device"], fam.addresses
+        c = RelayClient(head, timeout_s=600)
         prog = self.R.setdefault("relay_progress", {})   # kept when a phase times out: says where it stopped
         t_start = time.perf_counter()
         stream = c.generate_stream()

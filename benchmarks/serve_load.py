@@ -73,34 +73,28 @@ def checkpoint(path: str | None, tmp: Path) -> Path:
 
 
 class Family:
-    """Three node processes and the router process."""
+    """Three node processes (started as the demo starts them: serving/local_family.py) and the router process."""
 
     def __init__(self, shards: Path, tmp: Path, delays: dict[str, float], base_port: int, device: str = "cpu"):
-        self.procs: dict[str, subprocess.Popen] = {}
+        from serving.local_family import LocalFamily
+
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1")
         tiers = ["device", "edge", "cloud"]
-        ports = {t: base_port + i for i, t in enumerate(tiers)}
+        self.logs = tmp / f"family-{base_port}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # tests.slow_tiers (every delay given, 0 included): familial-serve with a per-step delay on a tier
+        self.nodes = LocalFamily(shards, tiers, {t: delays.get(t, 0.0) for t in tiers}, args=["--device", device],
+                                 log_dir=self.logs, echo=False, micro_batches=None).start()
+        self.procs: dict[str, subprocess.Popen] = dict(self.nodes.procs)
         self.router_port = base_port + 10
-        nxt = None
-        for t in reversed(tiers):
-            # tests.slow_tiers: familial-serve with a per-step delay on this tier (no production flag does that)
-            cmd = [sys.executable, "-m", "tests.slow_tiers", f"{t}={delays.get(t, 0.0)}", "--tier", t, "--shards",
-                   str(shards), "--port", str(ports[t]), "--device", device]
-            if nxt:
-                cmd += ["--next", nxt]
-            self.procs[t] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                             stderr=self._log(tmp, f"{t}-{base_port}"))
-            self._wait_port(ports[t])
-            nxt = f"127.0.0.1:{ports[t]}"
-        y = tmp / f"family-{base_port}.yaml"
+        y = self.logs / "family.yaml"
         y.write_text(f"name: bench\ntokenizer: {shards}\ntiers:\n" +
-                     "".join(f"  - name: {t}\n    address: 127.0.0.1:{ports[t]}\n" for t in tiers))
+                     "".join(f"  - name: {t}\n    address: {self.nodes.addresses[t]}\n" for t in tiers))
         self.procs["router"] = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", "--tier", "router", "--family", str(y), "--port", str(self.router_port),
              "--max-concurrency", "64"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-            stderr=self._log(tmp, f"router-{base_port}"))
-        self.logs = tmp
+            stderr=open(self.logs / "router.log", "w"))
         self.url = f"http://127.0.0.1:{self.router_port}"
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -110,38 +104,22 @@ class Family:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError("router did not come up: " + (tmp / f"router-{base_port}.log").read_text()[-3000:])
-
-    @staticmethod
-    def _log(tmp: Path, name: str):
-        return open(tmp / f"{name}.log", "w")
+        raise RuntimeError("router did not come up: " + (self.logs / "router.log").read_text()[-3000:])
 
     def log_tails(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted(self.logs.glob("*.log")))
-
-    @staticmethod
-    def _wait_port(port: int, timeout: float = 120) -> None:
-        import socket
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"nothing listening on {port}")
 
     def rss(self) -> dict[str, float]:
         return {name: round(peak_rss_mb(p.pid), 1) for name, p in self.procs.items()}
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        router = self.procs["router"]
+        router.terminate()
+        try:
+            router.wait(10)
+        except subprocess.TimeoutExpired:
+            router.kill()
+        self.nodes.stop()
 
 
 async def client_loop(url: str, start_at: float, stop_at: float, max_tokens: int, budget, rng: random.Random,

@@ -17,11 +17,7 @@ test_sessions.py and test_tls.py; the same faults seen over HTTP are in tests/se
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import grpc
@@ -33,69 +29,10 @@ from relay.client import RelayClient
 from relay.node import SYNC_PERIOD_S, SYNC_STALE_S, TOKEN_HEADER
 from relay.pb import pb, pb_grpc
 from relay.work import GenRequest, SeqStep, StepMessage
-from tests.processes import stop_processes
-from tests.relay.relay_helpers import ROOT, run
+from tests.processes import NodeProcesses
+from tests.relay.relay_helpers import run
 
 TIERS = ("device", "edge", "cloud")
-START_TIMEOUT_S = 90
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-class NodeProcesses:
-    """device -> edge -> cloud as `python3 -m relay.cli` processes, all started at once (a node dials
-    its --next lazily). `heads` names the head processes, all `--tier device --next edge`; `flags[name]`
-    and `env[name]` add command-line flags and environment."""
-
-    def __init__(self, fam, logdir, flags: dict | None = None, env: dict | None = None, heads=("device",)):
-        self.fam, self.logdir = fam, logdir
-        self.flags, self.env = flags or {}, env or {}
-        self.nodes = [(h, "device", "edge") for h in heads] + [("edge", "edge", "cloud"), ("cloud", "cloud", None)]
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.addr: dict[str, str] = {}
-
-    def __enter__(self) -> "NodeProcesses":
-        self.addr = {name: f"127.0.0.1:{p}" for (name, _, _), p in zip(self.nodes, _free_ports(len(self.nodes)))}
-        for name, tier, nxt in self.nodes:
-            argv = [sys.executable, "-m", "relay.cli", "--tier", tier, "--shards", str(self.fam.shards),
-                    "--port", self.addr[name].rsplit(":", 1)[1], *self.flags.get(name, [])]
-            if nxt:
-                argv += ["--next", self.addr[nxt]]
-            with open(self.logdir / f"{name}.log", "w") as log:   # a file, not a pipe nobody drains
-                self.procs[name] = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                                    env={**os.environ, **self.env.get(name, {})})
-        try:
-            run(self._wait_up())
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    async def _wait_up(self) -> None:
-        t0 = time.monotonic()
-        for name in self.procs:
-            async with RelayClient(self.addr[name], timeout_s=2) as c:
-                while not await c.health():
-                    assert self.procs[name].poll() is None, f"{name} exited:\n{self.log(name)}"
-                    assert time.monotonic() - t0 < START_TIMEOUT_S, f"{name} did not come up:\n{self.log(name)}"
-                    await asyncio.sleep(0.1)
-
-    def signal(self, name: str, sig: int) -> None:
-        os.kill(self.procs[name].pid, sig)
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text()[-4000:]
-
-    def __exit__(self, *exc) -> None:
-        stop_processes(self.procs.values())
 
 
 async def _generate(stream, req: GenRequest, deadline_ms: float = 0.0):
@@ -121,10 +58,10 @@ N = 8
 
 
 @pytest.mark.slow  # 25 s on the shared 2-core box (real processes)
-def test_hung_cloud_answers_within_the_deadline_then_exact_again(family, tmp_path):
+def test_hung_cloud_answers_within_the_deadline_then_exact_again(family):
     G = family.model.cfg.G
     prompt = [5, 6, 7, 8]
-    with NodeProcesses(family, tmp_path) as ch:
+    with NodeProcesses(family.shards, micro_batches=None) as ch:
         async def go():
             async with RelayClient(ch.addr["device"], timeout_s=10) as c:
                 stream = c.generate_stream()
@@ -202,11 +139,11 @@ async def _seqs(clients: dict) -> dict[str, set[str]]:
 
 
 @pytest.mark.slow  # 17 s on the shared 2-core box (real processes)
-def test_crashed_heads_sequences_are_freed_downstream_while_another_head_goes_on(family, tmp_path):
+def test_crashed_heads_sequences_are_freed_downstream_while_another_head_goes_on(family):
     """Heads a and b share the edge; a is killed, then b: each one's sequences go from the edge and the
     cloud within ORPHANS_FREED_S, and b's requests go on meanwhile."""
     G = family.model.cfg.G
-    with NodeProcesses(family, tmp_path, heads=("a", "b")) as ch:
+    with NodeProcesses(family.shards, heads=("a", "b"), micro_batches=None) as ch:
         async def go():
             deeper = {t: RelayClient(ch.addr[t], timeout_s=2) for t in ("edge", "cloud")}
             heads = {h: RelayClient(ch.addr[h], timeout_s=10) for h in ("a", "b")}
@@ -242,11 +179,11 @@ def test_crashed_heads_sequences_are_freed_downstream_while_another_head_goes_on
 
 
 @pytest.mark.slow  # 17 s on the shared 2-core box (real processes)
-def test_crashed_heads_sequences_are_freed_while_the_next_tier_hangs(family, tmp_path):
+def test_crashed_heads_sequences_are_freed_while_the_next_tier_hangs(family):
     """The edge frees a crashed head's sequences in time even while its own next tier (the cloud) hangs:
     its housekeeping must not wait on the cloud."""
     G = family.model.cfg.G
-    with NodeProcesses(family, tmp_path) as ch:
+    with NodeProcesses(family.shards, micro_batches=None) as ch:
         async def go():
             head, edge = RelayClient(ch.addr["device"], timeout_s=10), RelayClient(ch.addr["edge"], timeout_s=2)
             stream = head.generate_stream()
@@ -291,11 +228,11 @@ def _tier_calls(stub, fam, seq_id: str) -> dict:
 
 
 @pytest.mark.slow  # 15 s on the shared 2-core box (real processes)
-def test_node_token_guards_tier_calls_and_a_chain_sharing_it_is_exact(family, tmp_path):
+def test_node_token_guards_tier_calls_and_a_chain_sharing_it_is_exact(family):
     G = family.model.cfg.G
     flags = {"device": ["--node-token", NODE_TOKEN, "--admin-token", ADMIN_TOKEN], "edge": ["--node-token", NODE_TOKEN]}
     env = {"cloud": {"FAMILIAL_NODE_TOKEN": NODE_TOKEN}}   # the flag's default
-    with NodeProcesses(family, tmp_path, flags, env) as ch:
+    with NodeProcesses(family.shards, node_args=flags, env=env, micro_batches=None) as ch:
         async def go():
             good = ((TOKEN_HEADER, NODE_TOKEN),)
             for tier in ("edge", "cloud"):

@@ -139,34 +139,3 @@ def stop(proc, sig=None) -> str:
         proc.kill()
         raise
     return rest
-
-
-class NodeProcesses:
-    """device -> edge -> cloud as node processes on loopback, started as the demo starts them
-    (`serving/local_family.py`), so a test can stop, continue or kill one with `signal(tier, sig)`;
-    `output[tier]` holds a node's last lines."""
-
-    def __init__(self, shards, tiers=("device", "edge", "cloud")):
-        from serving.local_family import LocalFamily
-
-        self.family = LocalFamily(shards, list(tiers))
-
-    def __enter__(self):
-        import asyncio
-
-        f = self.family.start()
-        try:
-            asyncio.run(f.chain_complete())
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.addresses, self.head, self.output = f.addresses, f.addresses[f.tiers[0]], f.tail
-        return self
-
-    def signal(self, tier: str, sig) -> None:
-        self.family.procs[tier].send_signal(sig)
-
-    def __exit__(self, *exc):
-        from tests.processes import stop_processes
-
-        stop_processes(self.family.procs.values())  # continues a stopped node first

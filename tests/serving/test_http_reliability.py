@@ -20,7 +20,9 @@ import pytest
 
 from serving.app import build_app
 from serving.engine import RelayEngine
-from serving_helpers import NodeChain, NodeProcesses, ServerThread
+from serving_helpers import NodeChain, ServerThread
+
+from tests.processes import NodeProcesses
 
 BUDGET_MS = 1500.0
 
