@@ -2,6 +2,8 @@
 
   roofline      HBM copy bandwidth and the batch-1 decode roofline (weight bytes / bandwidth)
   b1            batch-1 decode, final exit, in-process (tokens/s and ms/token)
+  decode        pure decode at batch 1, 16 and 64, final exit, in-process: graph_probe's workload (the
+                project's model math, static cache, torch.compile + CUDA graphs: 582 / 8.9k / 32.7k tok/s)
   profile       (only when named in --only) CUDA kernel time per decode step at batch 1 and 64, top kernels
   anatomy       (only when named in --only) a decode step split: the graph alone, Stage.forward, GEMV bandwidth
   nano          nano-vllm's workload: 256 requests, prompt and output lengths uniform in 100..1024,
@@ -47,7 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TARGETS = {"b1_fraction_of_roofline": 0.5, "nano_tok_s": 20000, "relay_over_inproc": 0.5,
+TARGETS = {"b1_fraction_of_roofline": 0.5, "decode_tok_s_over_probe": {1: 582, 16: 8900, 64: 32700},
+           "nano_tok_s": 20000, "relay_over_inproc": 0.5,
            "relay_b1_latency_ratio": 1.6, "http64_tok_s": 5000, "clients16_over_1": 8.0, "mixed_over_final": 1.0}
 
 
@@ -158,7 +161,8 @@ class Bench:
         ttft = [(s["t_first"] - t0) * 1e3 for s in stats.values() if s["t_first"]]
         return {"requests": len(reqs), "output_tokens": n, "wall_s": round(wall, 3), "tok_s": round(n / wall, 1),
                 "finished": sum(1 for s in stats.values() if s.get("finish") in ("length", "stop")),
-                "ttft_ms_p50": round(pct(ttft, 50), 1), "ttft_ms_p99": round(pct(ttft, 99), 1)}
+                "ttft_ms_p50": round(pct(ttft, 50), 1), "ttft_ms_p99": round(pct(ttft, 99), 1),
+                "ttft_ms_max": round(max(ttft, default=0.0), 1)}
 
     def nano_requests(self, n: int, lo: int, hi: int, exits=None, seed: int = 0):
         from relay.work import GenRequest
@@ -208,6 +212,31 @@ class Bench:
         if roof:
             final["fraction_of_roofline"] = round(final["decode_tok_s"] / roof, 3)
         return res | {"graph_capture_s": round(cap, 1), "graphs": len(eng.stage.graphs.graphs) if eng.stage.graphs else 0}
+
+    def decode(self) -> dict:
+        """graph_probe's workload: B requests submitted at once, each 256 greedy tokens at the final exit
+        after a short prompt; decode tok/s counts the tokens after every request's first one, over the time
+        from the last first token to the end (prefill excluded, as the probe excludes it)."""
+        from relay.work import GenRequest
+        m = self.model()
+        eng, _ = self.engine(m, slots=64)
+        n = 32 if self.quick else 256
+        out = {}
+
+        async def go():
+            for B in (1, 16, 64):
+                warm = [GenRequest(f"dw{B}-{i}", list(range(1, 4)), 16, ignore_eos=True) for i in range(B)]
+                await self.offline(eng, warm)
+                reqs = [GenRequest(f"d{B}-{i}", [1 + i % 97, 2, 3], n, ignore_eos=True) for i in range(B)]
+                r = await self.offline(eng, reqs)
+                dt = r["wall_s"] - r["ttft_ms_max"] / 1e3
+                tok_s = (r["output_tokens"] - B) / dt
+                out[f"b{B}"] = {"decode_tok_s": round(tok_s, 1), "ttft_ms_max": r["ttft_ms_max"]}
+                if self.dev.type == "cuda":  # the probe's figures are the H200's
+                    out[f"b{B}"]["over_probe"] = round(tok_s / TARGETS["decode_tok_s_over_probe"][B], 3)
+            await eng.stop()
+        asyncio.run(go())
+        return out
 
     def profile(self) -> dict:
         """Where a batch-1 and a batch-64 decode step spend their time: CUDA kernel time per step
@@ -698,6 +727,7 @@ def main(argv=None) -> None:
     b = Bench(args)
     b.section("roofline", b.roofline)
     b.section("b1", b.b1)
+    b.section("decode", b.decode)
     b.section("profile", b.profile, default=False)  # opt-in: the CUDA profiler stalled on graph replays (H200, torch 2.11)
     b.section("anatomy", b.anatomy, default=False)  # opt-in: a diagnostic of the batch-1 gap
     b.section("nano", b.nano)
