@@ -252,7 +252,6 @@ class RelayNode(pb_grpc.RelayServicer):
     async def Generate(self, request_iterator, ctx):
         if not self.stage.has_embedding:
             await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, f"[{self.tier}] Generate goes to the head tier")
-        loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         pending: list = []
         live: set[str] = set()
@@ -266,13 +265,13 @@ class RelayNode(pb_grpc.RelayServicer):
 
         def emitter(rid: str):
             def emit(ev):
-                if not pending:
-                    loop.call_soon(flush)
+                if not pending:  # written once this step's work went deeper (TierEngine.after_step)
+                    self.engine.after_step(flush)
                 pending.append(wire.event_to_pb(rid, ev))
                 if ev.finish_reason:
                     live.discard(rid)
                     if state["eof"] and not live:
-                        loop.call_soon(out.put_nowait, None)
+                        self.engine.after_step(lambda: out.put_nowait(None))
             return emit
 
         async def read():

@@ -158,6 +158,7 @@ class TierEngine:
         self.queue: deque[Item] = deque()
         self.gens: dict[str, GenSeq] = {}
         self._wake = asyncio.Event()
+        self._after: list[Callable[[], None]] = []   # after_step callbacks not run yet
         self._task: asyncio.Task | None = None
         self._bg: set[asyncio.Task] = set()
         self._down_bad_until = 0.0
@@ -192,6 +193,7 @@ class TierEngine:
             if t is not None:
                 await asyncio.gather(t, return_exceptions=True)
         self._task = None
+        self._run_after()
         for gs in list(self.gens.values()):
             self._finish_gen(gs, "abort", "engine stopped")
 
@@ -527,10 +529,26 @@ class TierEngine:
         gs.emit(TokenEvent(-1, -1, self.tier, gs.produced, finish_reason=reason, error=msg))
 
     # ---- the loop ------------------------------------------------------------------------------
+    def after_step(self, cb: Callable[[], None]) -> None:
+        """Run cb once the engine's next step has sent its work deeper (at once when it is idle or its step
+        runs in a thread). The head's token events are written to the client this way: a batch-1 token's
+        step goes out to the next tier before the previous token's event takes the event loop."""
+        if self._task is None:
+            asyncio.get_running_loop().call_soon(cb)
+            return
+        self._after.append(cb)
+        self._wake.set()
+
+    def _run_after(self) -> None:
+        todo, self._after = self._after, []
+        for cb in todo:
+            cb()
+
     async def _loop(self) -> None:
         while True:
             chunks = self._schedule()
             if not chunks:
+                self._run_after()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -538,6 +556,8 @@ class TierEngine:
             t0 = time.perf_counter()
             k = self._burst_len(chunks)
             inline = not self.conf.offload or x.shape[0] <= self.conf.inline_rows
+            if not inline:  # the loop serves the network while the stage runs
+                self._run_after()
             try:
                 toks = await self._call(inline, self.stage.decode_burst, x, runs, k) if k > 1 else None
                 out = await self._call(inline, self.stage.forward, x, runs, self.pool) if toks is None else None
@@ -557,6 +577,7 @@ class TierEngine:
             else:
                 self.counters["bursts"] += 1
                 self._post_burst(chunks, toks, k, t0)
+            self._run_after()
             if inline:  # the stage held the loop: let it serve the network before the next step
                 await asyncio.sleep(0)
 
