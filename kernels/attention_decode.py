@@ -255,14 +255,23 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None
     L = int(lens.max())
     if L <= 0:
         return torch.zeros_like(q)
+    gqa = hq != hkv
+    if n_q == 1 and B == 1:  # one query over its whole cache (the CPU batch-1 step): a view, no mask
+        s = 0 if cache_slots is None else int(cache_slots.reshape(-1)[0])
+        k, v = k_cache[s, :, :L][None].to(q.dtype), v_cache[s, :, :L][None].to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2)
     slots = torch.arange(B, device=q.device) if cache_slots is None else cache_slots.to(q.device).long()
     k = k_cache[slots, :, :L].to(q.dtype)  # (B, Hkv, L, D)
     v = v_cache[slots, :, :L].to(q.dtype)
+    if n_q == 1 and bool((lens == L).all()):  # every query sees its whole cache: no mask
+        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2)
     i = torch.arange(n_q, device=q.device)
     j = torch.arange(L, device=q.device)
     # query t of sequence b sits at position lens_b - n_q + t and sees keys j <= that position
     mask = j[None, None, :] <= (lens[:, None, None] - n_q + i[None, :, None])   # (B, n_q, L)
     o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
-                                                         scale=scale, enable_gqa=hq != hkv)  # (B, Hq, n_q, D)
+                                                         scale=scale, enable_gqa=gqa)  # (B, Hq, n_q, D)
     o = torch.where(mask.any(-1)[:, None, :, None], o, torch.zeros_like(o))
     return o.transpose(1, 2)

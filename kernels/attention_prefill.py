@@ -365,6 +365,15 @@ def write_kv_cache_triton(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=N
 
 def write_kv_cache_reference(k_cache, v_cache, k, v, cache_offsets, *, cu_seqlens=None, cache_slots=None,
                              max_seqlen=None):
+    if cu_seqlens is not None and max_seqlen == 1 and k.dim() == 3 and k.shape[0] == 1 == cu_seqlens.numel() - 1:
+        # a batch-1 decode step (the CPU's common step): one row at one offset, by plain indexing
+        s = 0 if cache_slots is None else int(cache_slots.reshape(-1)[0])
+        o = int(cache_offsets.reshape(-1)[0])
+        if o + 1 > k_cache.shape[2]:
+            raise ValueError(f"sequence 0: positions up to {o + 1} exceed the cache's {k_cache.shape[2]}")
+        k_cache[s, :, o] = k[0].to(k_cache.dtype)
+        v_cache[s, :, o] = v[0].to(v_cache.dtype)
+        return
     start, length, B, max_len, varlen = _seq_layout(k, k, cu_seqlens, max_seqlen)
     if B == 0:
         return

@@ -71,6 +71,22 @@ def test_cache_slots_and_empty_sequence():
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("B,lens", [(1, [23]), (3, [23, 23, 23]), (3, [23, 5, 23])])
+def test_reference_paths_against_explicit_softmax(B, lens):
+    """The reference's three ways (one sequence: a view of its slot, no mask; equal lengths: no mask;
+    ragged: masked) against softmax(q k^T / sqrt(D)) v written out per sequence and head."""
+    lens_t = torch.tensor(lens)
+    slots = torch.tensor([2, 0, 1][:B])
+    q = torch.randn(B, 1, 4, 16)
+    kc, vc = torch.randn(3, 2, 32, 16), torch.randn(3, 2, 32, 16)
+    out = decode_attention_reference(q, kc, vc, lens_t, cache_slots=slots)
+    for b in range(B):
+        k, v = kc[slots[b], :, :lens[b]], vc[slots[b], :, :lens[b]]          # (Hkv, L, D)
+        for h in range(4):
+            p = torch.softmax(q[b, 0, h] @ k[h // 2].T / 4.0, dim=-1)            # query head h reads kv head h // 2
+            assert rel_err(out[b, 0, h], p @ v[h // 2]) < 1e-5
+
+
 def test_split_count_depends_on_shapes_only():
     assert 1 <= choose_splits(128, 32, 1024) <= choose_splits(1, 8, 65536)
     assert choose_splits(1, 8, 100) == 1  # a short cache is never cut below 128 keys per chunk

@@ -119,6 +119,25 @@ def test_write_kv_cache_leaves_other_positions():
     assert torch.equal(kc[0, :, :3], before[0, :, :3]) and torch.equal(kc[0, :, 12:], before[0, :, 12:])
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_decode_step_writes_against_the_kernel(B):
+    """One packed row per sequence at its offset and slot (a decode step; B = 1 is the CPU's plain-indexing
+    path), and a write past the cache's end refused."""
+    kc = torch.randn(4, 2, 16, 32, device=DEVICE)
+    vc = torch.randn(4, 2, 16, 32, device=DEVICE)
+    k, v = torch.randn(B, 2, 32, device=DEVICE), torch.randn(B, 2, 32, device=DEVICE)
+    cu = torch.arange(B + 1, dtype=torch.int32, device=DEVICE)
+    offs, slots = torch.tensor([15, 0, 7][:B], device=DEVICE), torch.tensor([2, 0, 3][:B], device=DEVICE)
+    kw = dict(cu_seqlens=cu, cache_slots=slots, max_seqlen=1)
+    kc2, vc2 = kc.clone(), vc.clone()
+    write_kv_cache_triton(kc, vc, k, v, offs, **kw)
+    write_kv_cache_reference(kc2, vc2, k, v, offs, **kw)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(kc2[2, :, 15], k[0]) and torch.equal(vc2[2, :, 15], v[0])
+    with pytest.raises(ValueError, match="exceed"):
+        write_kv_cache_reference(kc2, vc2, k, v, offs + 1, **kw)
+
+
 def test_strided_views_are_read_in_place():
     # q as a transpose view (B, T, H, D) -> (B, H, T, D), like the model's projections
     qt = torch.randn(2, 41, 4, 64, device=DEVICE)
