@@ -256,15 +256,14 @@ def decode_attention_reference(q, k_cache, v_cache, cache_lens, *, sm_scale=None
     if L <= 0:
         return torch.zeros_like(q)
     gqa = hq != hkv
-    if n_q == 1 and B == 1:  # one query over its whole cache (the CPU batch-1 step): a view, no mask
+    if B == 1:  # one sequence (the CPU's batch-1 step): a view of its slot, no gather
         s = 0 if cache_slots is None else int(cache_slots.reshape(-1)[0])
-        k, v = k_cache[s, :, :L][None].to(q.dtype), v_cache[s, :, :L][None].to(q.dtype)
-        o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=gqa)
-        return o.transpose(1, 2)
-    slots = torch.arange(B, device=q.device) if cache_slots is None else cache_slots.to(q.device).long()
-    k = k_cache[slots, :, :L].to(q.dtype)  # (B, Hkv, L, D)
-    v = v_cache[slots, :, :L].to(q.dtype)
-    if n_q == 1 and bool((lens == L).all()):  # every query sees its whole cache: no mask
+        k, v = k_cache[s, :, :L][None].to(q.dtype), v_cache[s, :, :L][None].to(q.dtype)  # (1, Hkv, L, D)
+    else:
+        slots = torch.arange(B, device=q.device) if cache_slots is None else cache_slots.to(q.device).long()
+        k = k_cache[slots, :, :L].to(q.dtype)  # (B, Hkv, L, D)
+        v = v_cache[slots, :, :L].to(q.dtype)
+    if n_q == 1 and (B == 1 or bool((lens == L).all())):  # every query sees its whole cache: no mask
         o = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
     i = torch.arange(n_q, device=q.device)
