@@ -71,11 +71,23 @@ def _chunk_rows(V: int, elt: int, chunk_rows) -> int:
     return int(max(64, min(8192, r // 64 * 64)))
 
 
+_WEIGHTS: dict = {}  # (weights, device) -> the weights on the device, made once
+
+
 def _exit_weights(G: int, weights, device) -> torch.Tensor:
-    w = torch.full((G,), 1.0 / G) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    """The exits' weights as a float32 tensor on the device. Cached: copying them from the host in every
+    step would be a host-to-device copy that a CUDA graph capture of the step cannot record."""
+    if isinstance(weights, torch.Tensor) and weights.device == torch.device(device):
+        w = weights.to(torch.float32)
+    else:
+        key = (G, None if weights is None else tuple(float(x) for x in weights), str(device))
+        w = _WEIGHTS.get(key)
+        if w is None:
+            w = torch.full((G,), 1.0 / G) if weights is None else torch.tensor(key[1], dtype=torch.float32)
+            w = _WEIGHTS.setdefault(key, w.to(device))
     if w.numel() != G:
         raise ValueError(f"{G} exits but {w.numel()} weights")
-    return w.to(device=device, dtype=torch.float32)
+    return w
 
 
 def _ce_chunk(z, targets, scales, loss_rows, n_per, ignore_index, has_grad):

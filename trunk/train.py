@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,9 @@ class TrainConfig:
     run_record: str = _opt("", "JSONL file the run record is appended to (default: <out>/runs.jsonl)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     compile: bool = _opt(False, "torch.compile the model")
+    cuda_graph: bool = _opt(False, "capture the whole optimizer step (forward, backward, clipping, AdamW) in one CUDA "
+                                   "graph and replay it: for small models, whose eager steps are launch-bound "
+                                   "(CUDA, one process, grad_accum 1, no compile)")
     parallel: str = _opt("ddp", "ddp | fsdp: under torchrun, replicate the model (DDP) or shard parameters, "
                                 "gradients and optimizer state over the processes (FSDP2, bf16 compute on CUDA)")
     activation_checkpointing: bool = _opt(False, "recompute each decoder block's activations in the backward "
@@ -224,7 +228,19 @@ def make_optimizer(model: FamilyModel, t: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = next(model.parameters()).is_cuda  # one kernel for the whole update on CUDA
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused)
+    if t.cuda_graph:
+        _capturable(opt, next(model.parameters()).device)
+    return opt
+
+
+def _capturable(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Ready `opt` for a captured step: its learning rate becomes one device tensor (set with fill_
+    before each replay) and its groups capturable. Again after load_state_dict, which restores the
+    saved groups' plain values."""
+    lr = torch.tensor(float(opt.param_groups[0]["lr"]), dtype=torch.float32, device=device)
+    for group in opt.param_groups:
+        group["lr"], group["capturable"] = lr, True
 
 
 # ---- a run -------------------------------------------------------------------------------------
@@ -311,6 +327,11 @@ def load_state(run: TrainRun, directory: Path) -> int:
     else:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if run.t.cuda_graph:
+            _capturable(opt, run.d.device)
+        else:  # a state saved by a --cuda-graph run: back to plain groups
+            for group in opt.param_groups:
+                group["lr"], group["capturable"] = float(group["lr"]), False
     set_rng_state(state["rng"])
     return int(state["step"])
 
@@ -376,6 +397,82 @@ def train_step(step: int, net, opt, data: TokenData, t: TrainConfig, plan: Train
     return total
 
 
+class GraphedStep:
+    """train_step as one CUDA graph: forward, backward, gradient clipping and the fused AdamW update,
+    replayed with one launch per step.
+
+    A model of a few million parameters runs each of its hundreds of kernels per step in microseconds,
+    so its eager step is bound by launching them, and several such runs sharing one GPU time-slice it.
+    Here the first WARMUP steps run eagerly on a side stream (the allocator, cuBLAS and Triton's
+    compilation warm up outside the capture; they are real steps of the run), then one step is captured
+    and every later step replays it. Everything the step touches keeps its address: the batch is copied
+    into a static token buffer (through two pinned host buffers, so the host runs at most two steps
+    ahead), the learning rate into the optimizer's device tensor, and the gradients stay the tensors
+    the captured backward wrote. The same kernels run as in eager mode (the fused linear cross-entropy
+    included), on the same batches in the same order.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, run: TrainRun):
+        t, dev = run.t, run.d.device
+        self.run = run
+        self.tokens = torch.zeros(t.batch_size, t.seq_len + 1, dtype=torch.long, device=dev)
+        self.pinned = [torch.empty(t.batch_size, t.seq_len + 1, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.copied: list = [None, None]  # per pinned buffer: an event once its copy to the device has run
+        self.loads = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+        self.warm = 0
+
+    def _load(self, step: int) -> None:
+        run = self.run
+        arr = run.data.train_batch(step * run.plan.global_batch, run.t.batch_size, run.t.seed)
+        i = self.loads % 2
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()  # the copy that last read this buffer has run
+        self.pinned[i].numpy()[:] = arr
+        self.tokens.copy_(self.pinned[i], non_blocking=True)
+        self.copied[i] = torch.cuda.Event()
+        self.copied[i].record()
+        self.loads += 1
+
+    def _body(self) -> torch.Tensor:
+        run = self.run
+        with _autocast(run.d.device, run.amp):
+            loss, _ = run.net(self.tokens[:, :-1], self.tokens[:, 1:])
+            loss.backward()
+        if run.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.net.parameters(), run.t.grad_clip)
+        run.opt.step()
+        return loss.detach()
+
+    def __call__(self, step: int) -> torch.Tensor:
+        run = self.run
+        run.opt.param_groups[0]["lr"].fill_(lr_at(step, run.t, run.plan.steps))  # shared by every group
+        self._load(step)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.loss
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if self.warm < self.WARMUP:
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")  # eager steps of a capturable opt
+                loss = self._body()
+                run.opt.zero_grad(set_to_none=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += 1
+            return loss
+        # capture (recording, not running) then run the step by replaying it: the gradients are
+        # allocated inside the capture, so the captured backward writes them in place every replay
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.loss = self._body()
+        self.graph.replay()
+        return self.loss
+
+
 def _parallel_config(t: TrainConfig) -> parallel.ParallelConfig:
     pcfg = parallel.ParallelConfig(t.parallel, t.activation_checkpointing, t.compile)
     try:
@@ -383,6 +480,17 @@ def _parallel_config(t: TrainConfig) -> parallel.ParallelConfig:
     except parallel.ParallelError as e:
         raise TrainError(str(e)) from None
     return pcfg
+
+
+def _check_cuda_graph(t: TrainConfig, d: Dist) -> None:
+    if not t.cuda_graph:
+        return
+    why = ("it needs CUDA" if d.device.type != "cuda" else
+           "it runs one process (not under torchrun)" if d.world > 1 else
+           "it captures one micro-batch per step: set grad_accum 1" if t.grad_accum != 1 else
+           "torch.compile makes its own graphs: drop --compile" if t.compile else None)
+    if why:
+        raise TrainError(f"--cuda-graph: {why}")
 
 
 def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
@@ -397,6 +505,7 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
                          f"add --model vocab_size={data.vocab_size} (or prepare the data with a smaller "
                          f"--vocab-size)")
     plan = make_plan(mcfg, t, d.world)
+    _check_cuda_graph(t, d)
     tok = data.tokenizer()
     out = Path(t.out)
     amp = autocast_dtype(t, d.device)
@@ -443,17 +552,20 @@ def _loop(run: TrainRun, start: int, record_extra: dict | None = None) -> dict:
     metrics = open(out / "metrics.jsonl", "a") if d.main else None
     val, t0, loss, step = None, time.time(), float("nan"), start
     step_s = 0.0  # time in train_step after the first step (which pays for compilation and autotuning)
+    graphed = GraphedStep(run) if t.cuda_graph else None
+    untimed = 1 + (GraphedStep.WARMUP if graphed else 0)  # steps that pay for warm-up and capture
     try:
         for step in range(start, stop):
             ts = time.perf_counter()
-            loss_t = train_step(step, net, opt, data, t, plan, d, amp)  # not read yet: no host sync per step
+            loss_t = (graphed(step) if graphed else  # not read yet: no host sync per step
+                      train_step(step, net, opt, data, t, plan, d, amp))
             done = step + 1
             rec = {"step": done, "lr": lr_at(step, t, plan.steps)}
             eval_now = (t.eval_every and done % t.eval_every == 0) or done == plan.steps
             shown = eval_now or done % max(1, t.log_every) == 0 or done == start + 1
             if shown:  # reading the loss waits for the steps launched so far: step_s sums GPU time
                 loss = rec["loss"] = float(loss_t)
-            step_s += (time.perf_counter() - ts) if step > start else 0.0
+            step_s += (time.perf_counter() - ts) if step >= start + untimed else 0.0
             if eval_now:
                 val = evaluate(model, data, t, d, amp, net)
                 rec["exit_val_loss"] = val
@@ -474,7 +586,7 @@ def _loop(run: TrainRun, start: int, record_extra: dict | None = None) -> dict:
         if metrics:
             metrics.close()
     record = run_record(run.mcfg, t, plan, done, val, time.time() - t0, d.world) | (record_extra or {})
-    timed = max(0, done - start - 1)
+    timed = max(0, done - start - untimed)
     record["throughput"] = {"timed_steps": timed, "step_seconds": round(step_s, 4),
                             "tokens_per_s": timed * plan.global_batch * t.seq_len / step_s if step_s > 0 else None}
     if d.main and done == plan.steps:

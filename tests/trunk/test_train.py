@@ -124,6 +124,28 @@ def test_bad_configs_fail_with_one_line(data_dir, tmp_path, capsys):
     cfg = cfg.rename(tmp_path / "c.json")
     _one_line_error(capsys, ["--config", str(cfg), *base], "unknown model config field(s): widht")
     _one_line_error(capsys, ["--no-such-flag"], "unrecognized arguments")
+    _one_line_error(capsys, ["--preset", "tiny", *base, "--device", "cpu", "--cuda-graph"], "--cuda-graph: it needs CUDA")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_steps_train_as_eager_ones_and_resume(data_dir, tmp_path):
+    """--cuda-graph replays one captured step: the same losses as eager steps (fp32), also across a resume."""
+    eager, graph, cut = tmp_path / "eager", tmp_path / "graph", tmp_path / "cut"
+    common = ("--steps", "12", "--save-every", "6", "--eval-every", "6", "--device", "cuda", "--dtype", "float32",
+              "--exit-layers", "1,3")
+    assert main(_args(data_dir, eager, *common)) == 0
+    assert main(_args(data_dir, graph, *common, "--cuda-graph")) == 0
+    assert main(_args(data_dir, cut, *common, "--cuda-graph", "--stop-at", "6")) == 0
+    assert main(_args(data_dir, cut, *common, "--cuda-graph", "--resume", "auto")) == 0
+    a, b, c = _losses(eager), _losses(graph), _losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+        assert c[step] == pytest.approx(b[step], abs=1e-4), step
+    assert b[12] < b[1]
+    ra, rb = (json.loads((d / "runs.jsonl").read_text()) for d in (eager, graph))
+    assert rb["exit_val_loss"] == pytest.approx(ra["exit_val_loss"], abs=1e-4)
+    assert rb["config"]["train"]["cuda_graph"] and rb["throughput"]["timed_steps"] == 12 - 4
 
 
 def test_cli_error_in_a_real_process(tmp_path):
