@@ -10,11 +10,13 @@ Each call
 2. carries on from earlier calls: the sweep's runs.jsonl is the union, by run key, of
    --results/runs.jsonl (commit each call's $OUT/runs.jsonl there) and the one a warm machine still
    holds under --work; runs of another corpus (data fingerprint) are refused, not mixed; runs stopped
-   mid-way on a warm machine resume from their save points;
+   mid-way on a warm machine resume from their save points; finished families still waiting for
+   their dense baselines (commit $OUT/waiting.jsonl too) go back into their run folders;
 3. runs the sweep budget by budget, smallest first, within --seconds (minus a margin for the copy),
    with as many runs at once as --jobs allows while one run still fits the time left;
-4. writes to $OUT: runs.jsonl, tokenizer.json, tokenizer_config.json, data_index.json, study.log and
-   run_logs.tar.gz (every run's config, metrics and log), and prints a table per budget.
+4. writes to $OUT: runs.jsonl, waiting.jsonl (finished runs waiting for baselines), tokenizer.json,
+   tokenizer_config.json, data_index.json, study.log and run_logs.tar.gz (every run's config, metrics
+   and log), and prints a table per budget.
 The figures and the fit come later, on any machine, from runs.jsonl (benchmarks/isoflop/figures.py).
 """
 from __future__ import annotations
@@ -114,6 +116,32 @@ def merge_ledgers(local: Path, carried: Path, fingerprint: str, logf) -> int:
     return len(recs)
 
 
+def waiting_records(sweep: Path) -> list[dict]:
+    """Finished runs not in the sweep's runs.jsonl: families whose dense baselines are not done yet keep
+    their record in their run folder (trunk/sweep_runner.py). Carried out of a call (waiting.jsonl), so a
+    later call on another machine puts them back instead of training them again."""
+    done = {r["sweep"]["key"] for r in _read(sweep / "runs.jsonl")}
+    out = []
+    for d in sorted(p for p in (sweep / "runs").iterdir() if p.is_dir()):
+        recs = _read(d / "runs.jsonl")
+        if recs and d.name.rsplit("-", 1)[-1] not in done:
+            out.append({"dir": d.name, "record": recs[-1]})
+    return out
+
+
+def restore_waiting(sweep: Path, carried: Path, logf) -> None:
+    """Put carried waiting records back into their run folders (where the sweep collects them)."""
+    n = 0
+    for w in _read(carried):
+        d = sweep / "runs" / w["dir"]
+        if not (d / "runs.jsonl").is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "runs.jsonl").write_text(json.dumps(w["record"]) + "\n")
+            n += 1
+    if n:
+        log(f"ledger: {n} finished run(s) put back in their folders, waiting for their dense baselines", logf)
+
+
 def aggregate_rate(records: list[dict], default: float) -> float:
     """FLOP/s of the whole device: per-run FLOP/s (wall, start-up included) times the runs sharing it."""
     rates = sorted(r["flops_total"] / r["sweep"]["wall_seconds"] * r["sweep"]["device"]["jobs"]
@@ -155,6 +183,8 @@ def copy_out(out: Path, work: Path, data: Path, logf) -> None:
     sweep = work / "sweep"
     if (sweep / "runs.jsonl").is_file():
         shutil.copy(sweep / "runs.jsonl", out / "runs.jsonl")
+    if (sweep / "runs").is_dir():
+        (out / "waiting.jsonl").write_text("".join(json.dumps(w) + "\n" for w in waiting_records(sweep)))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (data / name).is_file():
             shutil.copy(data / name, out / name)
@@ -195,6 +225,7 @@ def _study(args, t0, out, work, data, sweep_dir, logf) -> int:
     prepare_corpus(args, data, logf)
     fp = data_summary(str(data))["fingerprint"]
     merge_ledgers(sweep_dir / "runs.jsonl", Path(args.results) / "runs.jsonl", fp, logf)
+    restore_waiting(sweep_dir, Path(args.results) / "waiting.jsonl", logf)
     cfg = load_sweep(args.sweep)
     budgets = sorted(cfg.budgets)
     default = 1e14 if torch.cuda.is_available() else 5e9
@@ -208,7 +239,8 @@ def _study(args, t0, out, work, data, sweep_dir, logf) -> int:
         log(f"C={C:.0e}: {jobs} run(s) at once (device ~{rate:.3g} FLOP/s), {left:.0f} s left", logf)
         cmd = [sys.executable, "-m", "trunk.cli", "sweep", args.sweep, "--out", str(sweep_dir), "--data", str(data),
                "--budgets", repr(C), "--jobs", str(jobs), "--time-limit", f"{left:.0f}", "--no-progress",
-               "--compile" if C >= args.compile_from else "--no-compile"]
+               "--compile" if C >= args.compile_from else "--no-compile",
+               "--cuda-graph" if args.cuda_graph and torch.cuda.is_available() else "--no-cuda-graph"]
         rc = _run(cmd, logf, timeout=left + 60)
         log(f"C={C:.0e}: sweep exited {rc}", logf)
     records = _read(sweep_dir / "runs.jsonl")
@@ -240,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-from", type=float, default=math.inf, metavar="C",
                    help="torch.compile the runs of budgets >= C (default: never; compilation costs ~tens of "
                         "seconds per run, worth it only for runs much longer than that)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay each run's whole optimizer step as one CUDA graph (`familial-train sweep "
+                        "--cuda-graph`; ignored without CUDA)")
     p.add_argument("--tokenizer", default="bpe", help="tokenizer when none is committed yet")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when none is committed yet")
     p.add_argument("--max-corpus-bytes", type=int, default=0, help="cap the corpus (0 = all of it)")

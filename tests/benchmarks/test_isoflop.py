@@ -134,6 +134,29 @@ def test_study_paces_and_merges(tmp_path):
             study.merge_ledgers(local, carried, "y", logf)
 
 
+def test_study_carries_families_waiting_for_baselines(tmp_path):
+    """A family finished before its dense baselines keeps its record in its run folder; the study carries
+    it out (waiting.jsonl) and a call on a fresh machine puts it back, so it is collected, not re-trained."""
+    study = _load("study")
+    sweep = tmp_path / "w1" / "sweep"
+    (sweep / "runs" / "3e15-d96-L4-G2-x2-s0-0123456789").mkdir(parents=True)
+    (sweep / "runs" / "3e15-d96-L4-G1-s0-abcdefabcd").mkdir()
+    (sweep / "runs" / "3e15-d96-L2-G1-s0-5555555555").mkdir()  # stopped mid-way: no record
+    fam = {"N": 1, "G": 2, "exit_val_loss": [2.5, 2.4], "steps": 10}
+    (sweep / "runs" / "3e15-d96-L4-G2-x2-s0-0123456789" / "runs.jsonl").write_text(json.dumps(fam) + "\n")
+    (sweep / "runs" / "3e15-d96-L4-G1-s0-abcdefabcd" / "runs.jsonl").write_text('{"G": 1}\n')
+    (sweep / "runs.jsonl").write_text(json.dumps({"sweep": {"key": "abcdefabcd"}}) + "\n")  # in the ledger
+    assert study.waiting_records(sweep) == [{"dir": "3e15-d96-L4-G2-x2-s0-0123456789", "record": fam}]
+    with open(tmp_path / "log", "w") as logf:
+        study.copy_out(tmp_path / "out", tmp_path / "w1", tmp_path / "w1" / "data", logf)
+        fresh = tmp_path / "w2" / "sweep"
+        study.restore_waiting(fresh, tmp_path / "out" / "waiting.jsonl", logf)
+    back = fresh / "runs" / "3e15-d96-L4-G2-x2-s0-0123456789" / "runs.jsonl"
+    assert json.loads(back.read_text()) == fam
+    assert sorted(p.name for p in (fresh / "runs").iterdir()) == ["3e15-d96-L4-G2-x2-s0-0123456789"]
+    assert "1 finished run(s) put back" in (tmp_path / "log").read_text()
+
+
 @pytest.mark.slow
 def test_study_smoke_twice(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -144,7 +167,8 @@ def test_study_smoke_twice(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     got = sorted(p.name for p in (tmp_path / "o1").iterdir())
     assert got == ["data_index.json", "run_logs.tar.gz", "runs.jsonl", "study.log", "tokenizer.json",
-                   "tokenizer_config.json"]
+                   "tokenizer_config.json", "waiting.jsonl"]
+    assert (tmp_path / "o1" / "waiting.jsonl").read_text() == ""  # every family's baselines ran
     n1 = len((tmp_path / "o1" / "runs.jsonl").read_text().splitlines())
     assert n1 == 10 and "10 of 10 planned runs recorded" in first.stdout
     # a fresh machine: corpus rebuilt with the carried tokenizer, same fingerprint, nothing re-run
