@@ -41,8 +41,8 @@ _SWEEP_SET = {"data", "out", "steps", "tokens", "flops", "seq_len", "batch_size"
               "warmup_steps", "eval_every", "eval_batches", "log_every", "save_every", "seed", "resume",
               "stop_at", "run_record", "threads", "progress"}
 # Fields left out of a run's key: where it writes and how it shows progress do not change its result.
-_NOT_IN_KEY = {"out", "run_record", "resume", "progress", "threads", "compile", "cuda_graph", "device",
-               "stop_at"}
+_NOT_IN_KEY = {"out", "run_record", "resume", "progress", "threads", "compile", "compile_blocks", "cuda_graph",
+               "device", "stop_at"}
 
 
 class SweepError(ValueError):

@@ -65,6 +65,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every run of this call, or not (default: the file's train.compile); "
                         "not part of a run's identity, so finished runs stay done")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each run's decoder blocks, or not (default: the file's train.compile_blocks); "
+                        "the fused loss stays eager, combines with --cuda-graph; not part of a run's identity")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture each run's whole optimizer step in one CUDA graph, or not (default: the file's "
                         "train.cuda_graph); for small models, whose eager steps are launch-bound; not part of a "
@@ -153,6 +156,8 @@ def run_sweep(args) -> int:
         cfg.train.fields["compile"] = args.compile
     if args.cuda_graph is not None:
         cfg.train.fields["cuda_graph"] = args.cuda_graph
+    if args.compile_blocks is not None:
+        cfg.train.fields["compile_blocks"] = args.compile_blocks
     plan = plan_sweep(cfg, world=args.nproc_per_run)
 
     if args.dry_run:

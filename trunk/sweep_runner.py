@@ -381,7 +381,7 @@ class Sweep:
                 continue
             d = prepare_run_dir(self.out, spec, self.plan.config.data, progress=self.opts.progress)
             cfg = json.loads((d / "config.json").read_text())
-            if cfg["train"].get("compile"):
+            if cfg["train"].get("compile") or cfg["train"].get("compile_blocks"):
                 import torch
 
                 torch._dynamo.reset()  # one process, many shapes: do not hit dynamo's recompile limit

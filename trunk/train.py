@@ -91,6 +91,8 @@ class TrainConfig:
     run_record: str = _opt("", "JSONL file the run record is appended to (default: <out>/runs.jsonl)")
     threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
     compile: bool = _opt(False, "torch.compile the model")
+    compile_blocks: bool = _opt(False, "torch.compile each decoder block (regional: the fused exit loss stays eager; "
+                                       "combines with cuda_graph; one process)")
     cuda_graph: bool = _opt(False, "capture the whole optimizer step (forward, backward, clipping, AdamW) in one CUDA "
                                    "graph and replay it: for small models, whose eager steps are launch-bound "
                                    "(CUDA, one process, grad_accum 1, no compile)")
@@ -482,7 +484,27 @@ def _parallel_config(t: TrainConfig) -> parallel.ParallelConfig:
     return pcfg
 
 
-def _check_cuda_graph(t: TrainConfig, d: Dist) -> None:
+def compile_blocks(model: FamilyModel) -> None:
+    """torch.compile every decoder block in place (trunk layers and exit branches; state_dict names
+    unchanged). A small model's step is mostly unfused elementwise passes over the fp32 residual stream
+    (norms, RoPE, SwiGLU, adds, casts: docs/isoflop.md); compiling the blocks fuses them, while the
+    fused multi-exit loss and the optimizer stay as they are. Blocks of one shape share one compiled
+    graph; evaluation (no grad) compiles once more."""
+    for blk in model.layers:
+        blk.compile()
+    for head in model.heads:
+        for blk in head.branch:
+            blk.compile()
+
+
+def _check_step_options(t: TrainConfig, d: Dist) -> None:
+    """--compile-blocks and --cuda-graph: the combinations they are built and tested for, else one line."""
+    if t.compile_blocks:
+        why = ("--compile compiles the whole loss module already: choose one" if t.compile else
+               "it runs one process (not under torchrun)" if d.world > 1 else
+               "not with --activation-checkpointing yet" if t.activation_checkpointing else None)
+        if why:
+            raise TrainError(f"--compile-blocks: {why}")
     if not t.cuda_graph:
         return
     why = ("it needs CUDA" if d.device.type != "cuda" else
@@ -505,7 +527,7 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
                          f"add --model vocab_size={data.vocab_size} (or prepare the data with a smaller "
                          f"--vocab-size)")
     plan = make_plan(mcfg, t, d.world)
-    _check_cuda_graph(t, d)
+    _check_step_options(t, d)
     tok = data.tokenizer()
     out = Path(t.out)
     amp = autocast_dtype(t, d.device)
@@ -518,6 +540,8 @@ def train(mcfg: FamilyConfig, t: TrainConfig) -> dict:
         model = FamilyModel(mcfg)
     adaptation = adapt.set_trainable(model, t.train)
     model = model.to(d.device)
+    if t.compile_blocks:
+        compile_blocks(model)
     weights = t.exit_weights or None
     loss_module = (adapt.DistillLoss(model, weights, t.distill, t.distill_temp) if t.distill
                    else FamilyLossModule(model, weights))

@@ -240,7 +240,8 @@ def _study(args, t0, out, work, data, sweep_dir, logf) -> int:
         cmd = [sys.executable, "-m", "trunk.cli", "sweep", args.sweep, "--out", str(sweep_dir), "--data", str(data),
                "--budgets", repr(C), "--jobs", str(jobs), "--time-limit", f"{left:.0f}", "--no-progress",
                "--compile" if C >= args.compile_from else "--no-compile",
-               "--cuda-graph" if args.cuda_graph and torch.cuda.is_available() else "--no-cuda-graph"]
+               "--cuda-graph" if args.cuda_graph and torch.cuda.is_available() else "--no-cuda-graph",
+               "--compile-blocks" if args.compile_blocks else "--no-compile-blocks"]
         rc = _run(cmd, logf, timeout=left + 60)
         log(f"C={C:.0e}: sweep exited {rc}", logf)
     records = _read(sweep_dir / "runs.jsonl")
@@ -275,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="replay each run's whole optimizer step as one CUDA graph (`familial-train sweep "
                         "--cuda-graph`; ignored without CUDA)")
+    p.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile each run's decoder blocks (`familial-train sweep --compile-blocks`)")
     p.add_argument("--tokenizer", default="bpe", help="tokenizer when none is committed yet")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when none is committed yet")
     p.add_argument("--max-corpus-bytes", type=int, default=0, help="cap the corpus (0 = all of it)")

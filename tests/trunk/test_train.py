@@ -125,6 +125,24 @@ def test_bad_configs_fail_with_one_line(data_dir, tmp_path, capsys):
     _one_line_error(capsys, ["--config", str(cfg), *base], "unknown model config field(s): widht")
     _one_line_error(capsys, ["--no-such-flag"], "unrecognized arguments")
     _one_line_error(capsys, ["--preset", "tiny", *base, "--device", "cpu", "--cuda-graph"], "--cuda-graph: it needs CUDA")
+    _one_line_error(capsys, ["--preset", "tiny", *base, "--compile-blocks", "--compile"], "--compile-blocks: --compile")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager_ones(data_dir, tmp_path):
+    """--compile-blocks (inductor, here its CPU code) trains as eager blocks do; the checkpoint keeps its names."""
+    eager, comp = tmp_path / "eager", tmp_path / "comp"
+    common = ("--steps", "4", "--exit-layers", "1,3", "--model", "branch_layers=1")
+    assert main(_args(data_dir, eager, *common)) == 0
+    assert main(_args(data_dir, comp, *common, "--compile-blocks")) == 0
+    a, b = _losses(eager), _losses(comp)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), step
+    ma, _, _ = load_checkpoint(eager)
+    mb, _, _ = load_checkpoint(comp)
+    assert ma.state_dict().keys() == mb.state_dict().keys()
+    for k, v in ma.state_dict().items():
+        assert torch.allclose(mb.state_dict()[k], v, atol=1e-4), k
 
 
 @pytest.mark.gpu
@@ -146,6 +164,12 @@ def test_cuda_graph_steps_train_as_eager_ones_and_resume(data_dir, tmp_path):
     ra, rb = (json.loads((d / "runs.jsonl").read_text()) for d in (eager, graph))
     assert rb["exit_val_loss"] == pytest.approx(ra["exit_val_loss"], abs=1e-4)
     assert rb["config"]["train"]["cuda_graph"] and rb["throughput"]["timed_steps"] == 12 - 4
+    # with compiled blocks under the captured step: the same training up to the fused kernels' rounding
+    both = tmp_path / "both"
+    assert main(_args(data_dir, both, *common, "--cuda-graph", "--compile-blocks")) == 0
+    d = _losses(both)
+    for step in a:
+        assert d[step] == pytest.approx(a[step], abs=2e-3), step
 
 
 def test_cli_error_in_a_real_process(tmp_path):
