@@ -12,7 +12,9 @@
   clients       1 vs 16 concurrent streams of 64-token requests, in-process (the 16x/1x ratio)
   overload      1,000 requests queued at once on a 16-slot pool: all complete, none lost
   relay         nano's workload and batch-1 decode through device, edge and cloud processes on one GPU
-                over gRPC loopback (`python -m relay.cli` nodes)
+                over gRPC loopback (`python -m relay.cli` nodes); each tier's load during nano (rows per
+                step, share of the wall in the stage, CPU per wall second) and, with --spy, its Python
+                stacks (py-spy: top functions in the JSON's relay_spy)
   http          64 streaming HTTP clients through `familial-serve --tier router --checkpoint` (TTFT,
                 per-token p50/p99, tokens/s)
   hf            transformers `generate` on the same shape: eager, and static cache + torch.compile
@@ -522,8 +524,17 @@ class Bench:
         n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
         reqs = self.nano_requests(n_req, lo, hi)
         load0 = await self._tier_load(ports)
+        spy = None
+        if self.args.spy:  # each tier's Python stacks during nano (benchmarks/spy.py)
+            from benchmarks.spy import Recorder
+            spy = Recorder({t: fam.procs[t].pid for t in ports}, Path(self.args.out) / "relay_spy",
+                           rate=self.args.spy_rate)
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*(one(r) for r in reqs))
+        try:
+            outs = await asyncio.gather(*(one(r) for r in reqs))
+        finally:
+            if spy is not None:
+                self.R["relay_spy"] = spy.stop()
         wall = time.perf_counter() - t0
         load1 = await self._tier_load(ports)
         # where the nano phase's time went at each tier: rows per step, the share of the wall in the stage
@@ -720,6 +731,10 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=540, help="skip sections once this much wall time is spent")
     p.add_argument("--section-timeout-s", type=float, default=300,
                    help="give up on the relay/http section after this long (tier logs go into the JSON)")
+    p.add_argument("--spy", action="store_true",
+                   help="py-spy each relay tier during the relay's nano phase: top functions into the JSON "
+                        "(relay_spy), raw stacks under OUT/relay_spy/ (needs py-spy)")
+    p.add_argument("--spy-rate", type=int, default=200, help="py-spy samples per second (--spy)")
     p.add_argument("--relay-node-args", default="", metavar="ARGS",
                    help="extra `python -m relay.cli` options for every relay node, e.g. '--micro-batches 3' "
                         "(recorded in the JSON)")
