@@ -65,7 +65,9 @@ def _as_numpy(h: torch.Tensor) -> np.ndarray:
 
 # Conversions run in numpy: on CPU it is 10-25x faster than torch's half-precision casts, and they
 # sit on every hop's critical path.
-def encode(h_BTD: torch.Tensor, wire: str = "float32") -> "pb.Tensor":
+def encode(h_BTD: torch.Tensor, wire: str = "float32", out: "pb.Tensor | None" = None) -> "pb.Tensor":
+    """h (B, T, D) as a pb.Tensor in the wire dtype; into `out` (e.g. a request's field) when given, which
+    saves copying a finished message into its parent (a 1 MB step: ~0.25 ms)."""
     if wire not in WIRE_DTYPES:
         raise CodecError(f"unknown wire dtype {wire!r}; known: {', '.join(WIRE_DTYPES)}")
     if h_BTD.dim() != 3:
@@ -85,10 +87,16 @@ def encode(h_BTD: torch.Tensor, wire: str = "float32") -> "pb.Tensor":
         data = np.clip(q, -127, 127, out=q).astype(np.int8).tobytes()
         scales = s_BT1.astype("<f4").tobytes()
     elif wire == "bfloat16":
-        data = (a if a.dtype == np.int16 else _f32_to_bf16_bits(a)).astype("<u2", copy=False).tobytes()
+        bits = a.astype("<i2", copy=False) if a.dtype == np.int16 else _f32_to_bf16_bits(a).astype("<u2", copy=False)
+        data = bits.tobytes()  # (int16 -> "<i2" is no copy on a little-endian host: one copy in all)
     else:
         data = a.astype(_NUMPY[wire], copy=False).tobytes()
-    return pb.Tensor(dtype=enum, shape=list(h_BTD.shape), data=data, scales=scales)
+    if out is None:
+        return pb.Tensor(dtype=enum, shape=list(h_BTD.shape), data=data, scales=scales)
+    out.Clear()
+    out.dtype, out.data, out.scales = enum, data, scales
+    out.shape.extend(h_BTD.shape)
+    return out
 
 
 def decode(t: "pb.Tensor", *, d_model: int | None = None, out_dtype: torch.dtype = torch.float32,
@@ -109,9 +117,10 @@ def decode(t: "pb.Tensor", *, d_model: int | None = None, out_dtype: torch.dtype
         raise CodecError(f"hidden size {D} does not match this tier's d_model {d_model}")
     if max_positions is not None and T > max_positions:
         raise CodecLimitError(f"{T} positions exceed the limit of {max_positions}")
-    if len(t.data) != B * T * D * size:
-        raise CodecError(f"{len(t.data)} data bytes for shape {list(shape)} {name}, expected {B * T * D * size}")
-    arr = np.frombuffer(t.data, dtype=_NUMPY[name]).reshape(B, T, D)
+    data = t.data  # read once: each read of a bytes field copies it
+    if len(data) != B * T * D * size:
+        raise CodecError(f"{len(data)} data bytes for shape {list(shape)} {name}, expected {B * T * D * size}")
+    arr = np.frombuffer(data, dtype=_NUMPY[name]).reshape(B, T, D)
     if name == "bfloat16" and out_dtype == torch.bfloat16:  # bits as they came: no float32 round trip
         if ((arr & 0x7F80) == 0x7F80).any():  # all exponent bits set: Inf or NaN
             raise CodecError("hidden states contain NaN or Inf")

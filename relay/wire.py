@@ -70,63 +70,109 @@ def confidence_from_pb(conf) -> list[tuple[int, float, float, float]]:
 
 
 # ---- step messages -------------------------------------------------------------------------------
+# Written as columns (pb.SeqColumns / pb.ResultColumns: one protobuf message per step, not one per
+# sequence); read from columns or, from an older peer, from one message per sequence.
+def _is_default(s: SeqStep) -> bool:
+    return ((s.policy is FIXED_POLICY or s.policy == FIXED_POLICY) and (s.sampling is GREEDY or s.sampling == GREEDY)
+            and s.verify is None)
+
+
 def step_to_pb(msg: StepMessage, wire: str) -> "pb.StepRequest":
-    seqs = []
-    for s in msg.seqs:
-        m = pb.SeqStep(seq_id=s.seq_id, pos=s.pos, count=s.count, fill_only=s.fill_only,
-                       deadline_ms=s.deadline_ms if math.isfinite(s.deadline_ms) else 0.0)
+    seqs = msg.seqs
+    cols = pb.SeqColumns(seq_id=[s.seq_id for s in seqs], pos=[s.pos for s in seqs], count=[s.count for s in seqs],
+                         max_exit=[-1 if s.want is None else s.want for s in seqs],
+                         deadline_ms=[s.deadline_ms if math.isfinite(s.deadline_ms) else 0.0 for s in seqs])
+    if any(s.fill_only for s in seqs):
+        cols.fill_only.extend([s.fill_only for s in seqs])
+    for i, s in enumerate(seqs):
+        if _is_default(s):
+            continue
+        x = cols.extras.add(index=i)
         if s.policy != FIXED_POLICY:  # the defaults go unset (they read back as themselves)
-            m.policy.CopyFrom(policy_to_pb(s.policy))
+            x.policy.CopyFrom(policy_to_pb(s.policy))
         if s.sampling != GREEDY:
-            m.sampling.CopyFrom(sampling_to_pb(s.sampling))
-        if s.want is not None:
-            m.max_exit = s.want
+            x.sampling.CopyFrom(sampling_to_pb(s.sampling))
         if s.verify is not None:
-            m.drafts.extend(s.verify.drafts)
+            x.drafts.extend(s.verify.drafts)
             if s.verify.draft_p is not None:
-                m.draft_p.CopyFrom(codec.encode(s.verify.draft_p.float()[None], "float32"))
-        seqs.append(m)
-    return pb.StepRequest(seqs=seqs, hidden=codec.encode(msg.hidden[None], wire), src=msg.src)
+                x.draft_p.CopyFrom(codec.encode(s.verify.draft_p.float()[None], "float32"))
+    req = pb.StepRequest(cols=cols, src=msg.src)
+    codec.encode(msg.hidden[None], wire, out=req.hidden)
+    return req
+
+
+def _check_seq(seq_id: str, pos: int, count: int, max_exit: int | None, deadline_ms: float, G: int) -> None:
+    if not seq_id or len(seq_id) > 256:
+        raise CodecError("seq_id must be 1..256 characters")
+    if pos < 0 or count < 1:
+        raise CodecError(f"sequence {seq_id!r}: pos must be >= 0 and count >= 1, got {pos}, {count}")
+    if max_exit is not None and not 0 <= max_exit < G:
+        raise CodecError(f"sequence {seq_id!r}: exit {max_exit} out of range 0..{G - 1}")
+    if not (math.isfinite(deadline_ms) and deadline_ms >= 0):
+        raise CodecError(f"sequence {seq_id!r}: deadline_ms must be finite and >= 0")
+
+
+def _seqs_from_columns(c: "pb.SeqColumns", G: int) -> list[SeqStep]:
+    ids, pos, count, mx, dl = list(c.seq_id), list(c.pos), list(c.count), list(c.max_exit), list(c.deadline_ms)
+    n = len(ids)
+    fo = list(c.fill_only) or [False] * n
+    if not len(pos) == len(count) == len(mx) == len(dl) == len(fo) == n:
+        raise CodecError("step columns must hold one entry per sequence each")
+    # the common case checked column-wide; a failure is then found and named sequence by sequence
+    if (min(pos) < 0 or min(count) < 1 or min(mx) < -1 or max(mx) >= G or max(map(len, ids)) > 256
+            or not all(ids) or not all(0 <= x < INF for x in dl)):
+        for i in range(n):
+            _check_seq(ids[i], pos[i], count[i], mx[i] if mx[i] != -1 else None, dl[i], G)
+    extras = {}
+    for x in c.extras:
+        if not 0 <= x.index < n or x.index in extras:
+            raise CodecError(f"step columns: extra for sequence {x.index} of {n}")
+        extras[x.index] = x
+    seqs = [SeqStep(ids[i], pos[i], count[i], None if mx[i] == -1 else mx[i], FIXED_POLICY, GREEDY, fo[i],
+                    dl[i] if dl[i] > 0 else INF) for i in range(n)]
+    for i, x in extras.items():
+        s = seqs[i]
+        s.policy, s.sampling = policy_from_pb(x.policy), sampling_from_pb(x.sampling)
+        s.verify = _verify_from_pb(x, s.seq_id, s.count, s.want, s.fill_only)
+    return seqs
 
 
 def step_from_pb(req: "pb.StepRequest", d_model: int, out_dtype, max_rows: int, G: int) -> StepMessage:
-    if not req.seqs:
+    if req.cols.seq_id:
+        seqs = _seqs_from_columns(req.cols, G)
+    elif req.seqs:
+        seqs = []
+        for m in req.seqs:
+            want = m.max_exit if m.HasField("max_exit") else None
+            _check_seq(m.seq_id, m.pos, m.count, want, m.deadline_ms, G)
+            seqs.append(SeqStep(m.seq_id, int(m.pos), int(m.count), want, policy_from_pb(m.policy),
+                                sampling_from_pb(m.sampling), m.fill_only, m.deadline_ms if m.deadline_ms > 0 else INF,
+                                _verify_from_pb(m, m.seq_id, m.count, want, m.fill_only)))
+    else:
         raise CodecError("a step message needs at least one sequence")
     h = codec.decode(req.hidden, d_model=d_model, out_dtype=out_dtype, max_positions=max_rows)[0]  # (N, D)
-    seqs, total = [], 0
-    for m in req.seqs:
-        if not m.seq_id or len(m.seq_id) > 256:
-            raise CodecError("seq_id must be 1..256 characters")
-        if m.pos < 0 or m.count < 1:
-            raise CodecError(f"sequence {m.seq_id!r}: pos must be >= 0 and count >= 1, got {m.pos}, {m.count}")
-        if m.HasField("max_exit") and not 0 <= m.max_exit < G:
-            raise CodecError(f"sequence {m.seq_id!r}: exit {m.max_exit} out of range 0..{G - 1}")
-        if not (math.isfinite(m.deadline_ms) and m.deadline_ms >= 0):
-            raise CodecError(f"sequence {m.seq_id!r}: deadline_ms must be finite and >= 0")
-        total += m.count
-        seqs.append(SeqStep(m.seq_id, int(m.pos), int(m.count), m.max_exit if m.HasField("max_exit") else None,
-                            policy_from_pb(m.policy), sampling_from_pb(m.sampling), m.fill_only,
-                            m.deadline_ms if m.deadline_ms > 0 else INF, _verify_from_pb(m)))
+    total = sum(s.count for s in seqs)
     if total != h.shape[0]:
         raise CodecError(f"sequences bring {total} rows but the hidden states have {h.shape[0]}")
     return StepMessage(seqs, h, req.src)
 
 
-def _verify_from_pb(m: "pb.SeqStep") -> Verify | None:
+def _verify_from_pb(m, seq_id: str, count: int, want: int | None, fill_only: bool) -> Verify | None:
+    """A speculative verify from a SeqStep or a SeqExtra (`drafts`, `draft_p`, `sampling`)."""
     if not m.drafts:
         return None
     k = len(m.drafts)
-    if m.count < k + 1 or not m.HasField("max_exit") or m.fill_only:
-        raise CodecError(f"sequence {m.seq_id!r}: a verify of {k} drafts needs an exit and >= {k + 1} rows")
+    if count < k + 1 or want is None or fill_only:
+        raise CodecError(f"sequence {seq_id!r}: a verify of {k} drafts needs an exit and >= {k + 1} rows")
     if any(t < 0 for t in m.drafts):
-        raise CodecError(f"sequence {m.seq_id!r}: draft token ids must be >= 0")
+        raise CodecError(f"sequence {seq_id!r}: draft token ids must be >= 0")
     p = None
     if m.HasField("draft_p"):
         p = codec.decode(m.draft_p, out_dtype=torch.float32, max_positions=k)[0]  # (k, V)
         if p.shape[0] != k or bool((p < 0).any()):
-            raise CodecError(f"sequence {m.seq_id!r}: draft_p must be {k} non-negative distributions")
+            raise CodecError(f"sequence {seq_id!r}: draft_p must be {k} non-negative distributions")
     elif not sampling_from_pb(m.sampling).greedy:
-        raise CodecError(f"sequence {m.seq_id!r}: a sampled verify needs the draft distributions (draft_p)")
+        raise CodecError(f"sequence {seq_id!r}: a sampled verify needs the draft distributions (draft_p)")
     return Verify([int(t) for t in m.drafts], p)
 
 
@@ -145,10 +191,64 @@ def result_from_pb(m: "pb.SeqResult") -> Result:
 
 
 def reply_to_pb(r: StepReply) -> "pb.StepReply":
-    return pb.StepReply(results=[result_to_pb(x) for x in r.results], tier=r.tier)
+    res = r.results
+    names: dict[str, int] = {}
+    key = lambda k: names.setdefault(k, len(names))  # noqa: E731 - an index per distinct name
+    tier = [key(x.tier) for x in res]
+    n_conf, conf = [len(x.confidence) for x in res], [c for x in res for c in x.confidence]
+    n_timing, t_keys, t_ms = [len(x.timings) for x in res], [], []
+    for x in res:
+        for k, v in x.timings.items():
+            t_keys.append(key(k))
+            t_ms.append(v)
+    cols = pb.ResultColumns(
+        token=[x.token for x in res], exit=[x.exit for x in res], tier=tier, degraded=[x.degraded for x in res],
+        length=[x.length for x in res], total_ms=[x.total_ms for x in res], n_conf=n_conf,
+        conf_exit=[c[0] for c in conf], conf_max_prob=[c[1] for c in conf], conf_entropy=[c[2] for c in conf],
+        conf_margin=[c[3] for c in conf], n_timing=n_timing, timing_key=t_keys, timing_ms=t_ms)
+    if any(x.drafted for x in res):
+        cols.drafted.extend([x.drafted for x in res])
+        cols.accepted.extend([x.accepted for x in res])
+    cols.names.extend(names)
+    for i, x in enumerate(res):
+        if x.reason or x.error:
+            code, err = x.error or ("", "")
+            cols.notes.add(index=i, reason=x.reason, error_code=code, error=err)
+    return pb.StepReply(cols=cols, tier=r.tier)
+
+
+def _results_from_columns(c: "pb.ResultColumns", n: int) -> list[Result]:
+    names = list(c.names)
+    tok, ex, tier, deg, ln, tot = list(c.token), list(c.exit), list(c.tier), list(c.degraded), list(c.length), \
+        list(c.total_ms)
+    n_conf, n_timing = list(c.n_conf), list(c.n_timing)
+    dr, ac = list(c.drafted) or [0] * n, list(c.accepted) or [0] * n
+    if not all(len(col) == n for col in (tok, ex, tier, deg, ln, tot, n_conf, n_timing, dr, ac)):
+        raise CodecError(f"step reply columns must hold {n} entries each")
+    ce, cp, cn, cm = list(c.conf_exit), list(c.conf_max_prob), list(c.conf_entropy), list(c.conf_margin)
+    tk, tm = list(c.timing_key), list(c.timing_ms)
+    if (min(n_conf, default=0) < 0 or min(n_timing, default=0) < 0 or not len(ce) == len(cp) == len(cn) == len(cm)
+            == sum(n_conf) or not len(tk) == len(tm) == sum(n_timing)
+            or any(not 0 <= k < len(names) for k in tier + tk)):
+        raise CodecError("step reply columns are inconsistent")
+    out, a, b = [], 0, 0
+    for i in range(n):
+        conf = list(zip(ce[a:a + n_conf[i]], cp[a:a + n_conf[i]], cn[a:a + n_conf[i]], cm[a:a + n_conf[i]]))
+        a += n_conf[i]
+        timings = {names[k]: v for k, v in zip(tk[b:b + n_timing[i]], tm[b:b + n_timing[i]])}
+        b += n_timing[i]
+        out.append(Result(tok[i], ex[i], names[tier[i]], deg[i], "", conf, timings, ln[i], None, tot[i], dr[i], ac[i]))
+    for note in c.notes:
+        if not 0 <= note.index < n:
+            raise CodecError(f"step reply note for result {note.index} of {n}")
+        r = out[note.index]
+        r.reason, r.error = note.reason, (note.error_code, note.error) if note.error_code else None
+    return out
 
 
 def reply_from_pb(m: "pb.StepReply", n: int) -> StepReply:
+    if m.HasField("cols"):
+        return StepReply(_results_from_columns(m.cols, n), m.tier)
     if len(m.results) != n:
         raise CodecError(f"step reply has {len(m.results)} results for {n} sequences")
     return StepReply([result_from_pb(x) for x in m.results], m.tier)

@@ -420,17 +420,51 @@ class SeqStep(_message.Message):
     draft_p: Tensor
     def __init__(self, seq_id: _Optional[str] = ..., pos: _Optional[int] = ..., count: _Optional[int] = ..., max_exit: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., fill_only: _Optional[bool] = ..., deadline_ms: _Optional[float] = ..., drafts: _Optional[_Iterable[int]] = ..., draft_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class SeqColumns(_message.Message):
+    __slots__ = ("seq_id", "pos", "count", "max_exit", "deadline_ms", "fill_only", "extras")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    POS_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXIT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    FILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    EXTRAS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: _containers.RepeatedScalarFieldContainer[str]
+    pos: _containers.RepeatedScalarFieldContainer[int]
+    count: _containers.RepeatedScalarFieldContainer[int]
+    max_exit: _containers.RepeatedScalarFieldContainer[int]
+    deadline_ms: _containers.RepeatedScalarFieldContainer[float]
+    fill_only: _containers.RepeatedScalarFieldContainer[bool]
+    extras: _containers.RepeatedCompositeFieldContainer[SeqExtra]
+    def __init__(self, seq_id: _Optional[_Iterable[str]] = ..., pos: _Optional[_Iterable[int]] = ..., count: _Optional[_Iterable[int]] = ..., max_exit: _Optional[_Iterable[int]] = ..., deadline_ms: _Optional[_Iterable[float]] = ..., fill_only: _Optional[_Iterable[bool]] = ..., extras: _Optional[_Iterable[_Union[SeqExtra, _Mapping]]] = ...) -> None: ...
+
+class SeqExtra(_message.Message):
+    __slots__ = ("index", "policy", "sampling", "drafts", "draft_p")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_P_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    policy: ExitPolicy
+    sampling: Sampling
+    drafts: _containers.RepeatedScalarFieldContainer[int]
+    draft_p: Tensor
+    def __init__(self, index: _Optional[int] = ..., policy: _Optional[_Union[ExitPolicy, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., drafts: _Optional[_Iterable[int]] = ..., draft_p: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("seqs", "hidden", "src", "call_id")
+    __slots__ = ("seqs", "hidden", "src", "call_id", "cols")
     SEQS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
     seqs: _containers.RepeatedCompositeFieldContainer[SeqStep]
     hidden: Tensor
     src: str
     call_id: int
-    def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ..., call_id: _Optional[int] = ...) -> None: ...
+    cols: SeqColumns
+    def __init__(self, seqs: _Optional[_Iterable[_Union[SeqStep, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., src: _Optional[str] = ..., call_id: _Optional[int] = ..., cols: _Optional[_Union[SeqColumns, _Mapping]] = ...) -> None: ...
 
 class SeqResult(_message.Message):
     __slots__ = ("token", "exit", "tier", "degraded", "reason", "confidence", "tiers", "hops", "length", "total_ms", "error_code", "error", "drafted", "accepted")
@@ -464,19 +498,73 @@ class SeqResult(_message.Message):
     accepted: int
     def __init__(self, token: _Optional[int] = ..., exit: _Optional[int] = ..., tier: _Optional[str] = ..., degraded: _Optional[bool] = ..., reason: _Optional[str] = ..., confidence: _Optional[_Iterable[_Union[ExitConfidence, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierTiming, _Mapping]]] = ..., hops: _Optional[_Iterable[_Union[HopTiming, _Mapping]]] = ..., length: _Optional[int] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
+class ResultColumns(_message.Message):
+    __slots__ = ("token", "exit", "names", "tier", "degraded", "length", "total_ms", "drafted", "accepted", "n_conf", "conf_exit", "conf_max_prob", "conf_entropy", "conf_margin", "n_timing", "timing_key", "timing_ms", "notes")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    N_CONF_FIELD_NUMBER: _ClassVar[int]
+    CONF_EXIT_FIELD_NUMBER: _ClassVar[int]
+    CONF_MAX_PROB_FIELD_NUMBER: _ClassVar[int]
+    CONF_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    CONF_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    N_TIMING_FIELD_NUMBER: _ClassVar[int]
+    TIMING_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMING_MS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    token: _containers.RepeatedScalarFieldContainer[int]
+    exit: _containers.RepeatedScalarFieldContainer[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    tier: _containers.RepeatedScalarFieldContainer[int]
+    degraded: _containers.RepeatedScalarFieldContainer[bool]
+    length: _containers.RepeatedScalarFieldContainer[int]
+    total_ms: _containers.RepeatedScalarFieldContainer[float]
+    drafted: _containers.RepeatedScalarFieldContainer[int]
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    n_conf: _containers.RepeatedScalarFieldContainer[int]
+    conf_exit: _containers.RepeatedScalarFieldContainer[int]
+    conf_max_prob: _containers.RepeatedScalarFieldContainer[float]
+    conf_entropy: _containers.RepeatedScalarFieldContainer[float]
+    conf_margin: _containers.RepeatedScalarFieldContainer[float]
+    n_timing: _containers.RepeatedScalarFieldContainer[int]
+    timing_key: _containers.RepeatedScalarFieldContainer[int]
+    timing_ms: _containers.RepeatedScalarFieldContainer[float]
+    notes: _containers.RepeatedCompositeFieldContainer[ResultNote]
+    def __init__(self, token: _Optional[_Iterable[int]] = ..., exit: _Optional[_Iterable[int]] = ..., names: _Optional[_Iterable[str]] = ..., tier: _Optional[_Iterable[int]] = ..., degraded: _Optional[_Iterable[bool]] = ..., length: _Optional[_Iterable[int]] = ..., total_ms: _Optional[_Iterable[float]] = ..., drafted: _Optional[_Iterable[int]] = ..., accepted: _Optional[_Iterable[int]] = ..., n_conf: _Optional[_Iterable[int]] = ..., conf_exit: _Optional[_Iterable[int]] = ..., conf_max_prob: _Optional[_Iterable[float]] = ..., conf_entropy: _Optional[_Iterable[float]] = ..., conf_margin: _Optional[_Iterable[float]] = ..., n_timing: _Optional[_Iterable[int]] = ..., timing_key: _Optional[_Iterable[int]] = ..., timing_ms: _Optional[_Iterable[float]] = ..., notes: _Optional[_Iterable[_Union[ResultNote, _Mapping]]] = ...) -> None: ...
+
+class ResultNote(_message.Message):
+    __slots__ = ("index", "reason", "error_code", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    error_code: str
+    error: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
 class StepReply(_message.Message):
-    __slots__ = ("results", "tier", "call_id", "error_code", "error")
+    __slots__ = ("results", "tier", "call_id", "error_code", "error", "cols")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SeqResult]
     tier: str
     call_id: int
     error_code: str
     error: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ..., tier: _Optional[str] = ..., call_id: _Optional[int] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    cols: ResultColumns
+    def __init__(self, results: _Optional[_Iterable[_Union[SeqResult, _Mapping]]] = ..., tier: _Optional[str] = ..., call_id: _Optional[int] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ..., cols: _Optional[_Union[ResultColumns, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_ids",)
