@@ -113,25 +113,26 @@ def _check_seq(seq_id: str, pos: int, count: int, max_exit: int | None, deadline
 
 
 def _seqs_from_columns(c: "pb.SeqColumns", G: int) -> list[SeqStep]:
-    ids, pos, count, mx, dl = list(c.seq_id), list(c.pos), list(c.count), list(c.max_exit), list(c.deadline_ms)
+    ids, pos, count, mx, dl, fo = c.seq_id, c.pos, c.count, c.max_exit, c.deadline_ms, c.fill_only
     n = len(ids)
-    fo = list(c.fill_only) or [False] * n
-    if not len(pos) == len(count) == len(mx) == len(dl) == len(fo) == n:
+    if not len(pos) == len(count) == len(mx) == len(dl) == n or len(fo) not in (0, n):
         raise CodecError("step columns must hold one entry per sequence each")
     # the common case checked column-wide; a failure is then found and named sequence by sequence
     if (min(pos) < 0 or min(count) < 1 or min(mx) < -1 or max(mx) >= G or max(map(len, ids)) > 256
             or not all(ids) or not all(0 <= x < INF for x in dl)):
         for i in range(n):
             _check_seq(ids[i], pos[i], count[i], mx[i] if mx[i] != -1 else None, dl[i], G)
-    extras = {}
+    seqs = [SeqStep(sid, p, k, None if m == -1 else m, FIXED_POLICY, GREEDY, False, d if d > 0 else INF)
+            for sid, p, k, m, d in zip(ids, pos, count, mx, dl)]
+    if len(fo):
+        for s, f in zip(seqs, fo):
+            s.fill_only = f
+    seen = set()
     for x in c.extras:
-        if not 0 <= x.index < n or x.index in extras:
+        if not 0 <= x.index < n or x.index in seen:
             raise CodecError(f"step columns: extra for sequence {x.index} of {n}")
-        extras[x.index] = x
-    seqs = [SeqStep(ids[i], pos[i], count[i], None if mx[i] == -1 else mx[i], FIXED_POLICY, GREEDY, fo[i],
-                    dl[i] if dl[i] > 0 else INF) for i in range(n)]
-    for i, x in extras.items():
-        s = seqs[i]
+        seen.add(x.index)
+        s = seqs[x.index]
         s.policy, s.sampling = policy_from_pb(x.policy), sampling_from_pb(x.sampling)
         s.verify = _verify_from_pb(x, s.seq_id, s.count, s.want, s.fill_only)
     return seqs
@@ -218,26 +219,25 @@ def reply_to_pb(r: StepReply) -> "pb.StepReply":
 
 
 def _results_from_columns(c: "pb.ResultColumns", n: int) -> list[Result]:
-    names = list(c.names)
-    tok, ex, tier, deg, ln, tot = list(c.token), list(c.exit), list(c.tier), list(c.degraded), list(c.length), \
-        list(c.total_ms)
-    n_conf, n_timing = list(c.n_conf), list(c.n_timing)
-    dr, ac = list(c.drafted) or [0] * n, list(c.accepted) or [0] * n
-    if not all(len(col) == n for col in (tok, ex, tier, deg, ln, tot, n_conf, n_timing, dr, ac)):
+    # every column read once (each read of a repeated field makes a new wrapper)
+    tok, ex, tier, deg, ln, tot, dr, ac = c.token, c.exit, c.tier, c.degraded, c.length, c.total_ms, c.drafted, c.accepted
+    n_conf, ce, cp, cn, cm = c.n_conf, c.conf_exit, c.conf_max_prob, c.conf_entropy, c.conf_margin
+    n_timing, tk, tm, names = c.n_timing, c.timing_key, c.timing_ms, list(c.names)
+    if (not len(tok) == len(ex) == len(tier) == len(deg) == len(ln) == len(tot) == len(n_conf) == len(n_timing) == n
+            or len(dr) not in (0, n) or len(ac) != len(dr)):
         raise CodecError(f"step reply columns must hold {n} entries each")
-    ce, cp, cn, cm = list(c.conf_exit), list(c.conf_max_prob), list(c.conf_entropy), list(c.conf_margin)
-    tk, tm = list(c.timing_key), list(c.timing_ms)
-    if (min(n_conf, default=0) < 0 or min(n_timing, default=0) < 0 or not len(ce) == len(cp) == len(cn) == len(cm)
-            == sum(n_conf) or not len(tk) == len(tm) == sum(n_timing)
-            or any(not 0 <= k < len(names) for k in tier + tk)):
+    nc, nt, N = sum(n_conf), sum(n_timing), len(names)
+    if (not len(ce) == len(cp) == len(cn) == len(cm) == nc or not len(tk) == len(tm) == nt
+            or (n and min(min(n_conf), min(n_timing)) < 0) or any(not 0 <= k < N for k in tier)
+            or any(not 0 <= k < N for k in tk)):
         raise CodecError("step reply columns are inconsistent")
+    conf = list(zip(ce, cp, cn, cm))
+    timing = [(names[k], v) for k, v in zip(tk, tm)]
+    dr, ac = (dr, ac) if len(dr) else ((0,) * n, (0,) * n)
     out, a, b = [], 0, 0
-    for i in range(n):
-        conf = list(zip(ce[a:a + n_conf[i]], cp[a:a + n_conf[i]], cn[a:a + n_conf[i]], cm[a:a + n_conf[i]]))
-        a += n_conf[i]
-        timings = {names[k]: v for k, v in zip(tk[b:b + n_timing[i]], tm[b:b + n_timing[i]])}
-        b += n_timing[i]
-        out.append(Result(tok[i], ex[i], names[tier[i]], deg[i], "", conf, timings, ln[i], None, tot[i], dr[i], ac[i]))
+    for t, d, l_, s_, k, m, x, y, z, w in zip(tok, ex, tier, deg, n_conf, n_timing, ln, tot, dr, ac):
+        out.append(Result(t, d, names[l_], s_, "", conf[a:a + k], dict(timing[b:b + m]), x, None, y, z, w))
+        a, b = a + k, b + m
     for note in c.notes:
         if not 0 <= note.index < n:
             raise CodecError(f"step reply note for result {note.index} of {n}")
