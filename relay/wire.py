@@ -72,11 +72,6 @@ def confidence_from_pb(conf) -> list[tuple[int, float, float, float]]:
 # ---- step messages -------------------------------------------------------------------------------
 # Written as columns (pb.SeqColumns / pb.ResultColumns: one protobuf message per step, not one per
 # sequence); read from columns or, from an older peer, from one message per sequence.
-def _is_default(s: SeqStep) -> bool:
-    return ((s.policy is FIXED_POLICY or s.policy == FIXED_POLICY) and (s.sampling is GREEDY or s.sampling == GREEDY)
-            and s.verify is None)
-
-
 def step_to_pb(msg: StepMessage, wire: str) -> "pb.StepRequest":
     seqs = msg.seqs
     cols = pb.SeqColumns(seq_id=[s.seq_id for s in seqs], pos=[s.pos for s in seqs], count=[s.count for s in seqs],
@@ -85,12 +80,15 @@ def step_to_pb(msg: StepMessage, wire: str) -> "pb.StepRequest":
     if any(s.fill_only for s in seqs):
         cols.fill_only.extend([s.fill_only for s in seqs])
     for i, s in enumerate(seqs):
-        if _is_default(s):
+        # the defaults go unset (identity first: most sequences share the module's default objects)
+        policy = s.policy is not FIXED_POLICY and s.policy != FIXED_POLICY
+        sampling = s.sampling is not GREEDY and s.sampling != GREEDY
+        if not (policy or sampling or s.verify is not None):
             continue
         x = cols.extras.add(index=i)
-        if s.policy != FIXED_POLICY:  # the defaults go unset (they read back as themselves)
+        if policy:
             x.policy.CopyFrom(policy_to_pb(s.policy))
-        if s.sampling != GREEDY:
+        if sampling:
             x.sampling.CopyFrom(sampling_to_pb(s.sampling))
         if s.verify is not None:
             x.drafts.extend(s.verify.drafts)
@@ -177,15 +175,8 @@ def _verify_from_pb(m, seq_id: str, count: int, want: int | None, fill_only: boo
     return Verify([int(t) for t in m.drafts], p)
 
 
-def result_to_pb(r: Result) -> "pb.SeqResult":
-    tiers, hops = timings_to_pb(r.timings)
-    code, err = r.error or ("", "")
-    return pb.SeqResult(token=r.token, exit=r.exit, tier=r.tier, degraded=r.degraded, reason=r.reason,
-                        confidence=confidence_to_pb(r.confidence), tiers=tiers, hops=hops, length=r.length,
-                        total_ms=r.total_ms, error_code=code, error=err, drafted=r.drafted, accepted=r.accepted)
-
-
 def result_from_pb(m: "pb.SeqResult") -> Result:
+    """An older peer's per-sequence result (nodes now answer with ResultColumns)."""
     return Result(int(m.token), int(m.exit), m.tier, m.degraded, m.reason, confidence_from_pb(m.confidence),
                   timings_from_pb(m.tiers, m.hops), int(m.length), (m.error_code, m.error) if m.error_code else None,
                   m.total_ms, int(m.drafted), int(m.accepted))

@@ -57,6 +57,18 @@ def test_older_peers_per_sequence_messages_still_read():
     assert (s.seq_id, s.pos, s.count, s.want, s.deadline_ms, s.verify) == ("old", 4, 2, 1, 10.0, None)
 
 
+def test_older_peers_per_sequence_results_still_read():
+    m = pb.StepReply(tier="cloud", results=[pb.SeqResult(
+        token=5, exit=3, tier="cloud", confidence=[pb.ExitConfidence(exit=3, max_prob=0.5, entropy=1.0, margin=0.25)],
+        tiers=[pb.TierTiming(tier="cloud", compute_ms=1.5)], hops=[pb.HopTiming(src="edge", dst="cloud", net_ms=0.5)],
+        length=9, total_ms=2.0, error_code="FAILED_PRECONDITION", error="resend")])
+    r = wire.reply_from_pb(_through_bytes(m), 1).results[0]
+    assert (r.token, r.exit, r.tier, r.length, r.error) == (5, 3, "cloud", 9, ("FAILED_PRECONDITION", "resend"))
+    assert r.confidence == [(3, 0.5, 1.0, 0.25)] and r.timings == {"cloud": 1.5, "net:edge->cloud": 0.5}
+    with pytest.raises(CodecError, match="1 results for 2 sequences"):
+        wire.reply_from_pb(m, 2)
+
+
 def test_reply_round_trips_every_field_as_columns():
     res = [Result(7, 3, "cloud", confidence=[(0, 0.5, 1.2, 0.1), (3, 0.9, 0.3, 0.8)],
                   timings={"cloud": 1.5, "edge": 0.7, "net:edge->cloud": 0.2}, length=11, total_ms=2.5),
