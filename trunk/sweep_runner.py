@@ -122,21 +122,30 @@ def device_info(opts: RunnerOptions) -> dict:
 
 
 class Estimator:
-    """Seconds a run will take: like the nearest measured run (in log N) of this sweep, else a default rate."""
+    """Seconds a run will take: like the nearest measured run (in log N) of this sweep, else a default rate.
+
+    Runs of the run's own budget are preferred when there are any: they ran with this call's settings
+    (jobs at once, CUDA graphs), which can change a small run's rate several times over.
+    """
 
     def __init__(self, done: dict, default_rate: float, overhead_s: float):
-        self.points = [(r["N"], r["flops_total"] / r["sweep"]["wall_seconds"]) for r in done.values()
-                       if r.get("sweep", {}).get("wall_seconds")]
+        self.points = []
+        for r in done.values():
+            if r.get("sweep", {}).get("wall_seconds"):
+                self.add(r)
         self.default_rate, self.overhead_s = default_rate, overhead_s
 
     def seconds(self, spec: RunSpec) -> float:
-        if self.points:
-            _, rate = min(self.points, key=lambda p: abs(math.log(p[0] / spec.N)))
+        same = [p for p in self.points if p[2] == spec.budget]
+        points = same or self.points
+        if points:
+            _, rate, _ = min(points, key=lambda p: abs(math.log(p[0] / spec.N)))
             return spec.flops / rate
         return self.overhead_s + spec.flops / self.default_rate
 
     def add(self, rec: dict) -> None:
-        self.points.append((rec["N"], rec["flops_total"] / rec["sweep"]["wall_seconds"]))
+        self.points.append((rec["N"], rec["flops_total"] / rec["sweep"]["wall_seconds"],
+                            rec["sweep"].get("budget")))
 
 
 def default_rate(cfg_rate: float) -> float:

@@ -167,3 +167,22 @@ def test_torchrun_runs(tmp_path, data_dir, capsys):
     (rec,) = _records(tmp_path / "sweep")
     assert rec["world_size"] == 2 and rec["sweep"]["device"]["nproc_per_run"] == 2
     assert rec["global_batch"] == rec["config"]["train"]["batch_size"] * rec["config"]["train"]["grad_accum"] * 2
+
+
+def test_estimator_prefers_runs_of_the_same_budget():
+    from types import SimpleNamespace
+
+    from trunk.sweep_runner import Estimator
+
+    def rec(N, budget, rate):
+        return {"N": N, "flops_total": rate * 10.0, "sweep": {"wall_seconds": 10.0, "budget": budget}}
+
+    done = {"a": rec(2e5, 1e15, 2e12), "b": rec(9e5, 3e15, 1.2e13)}
+    est = Estimator(done, default_rate=1e12, overhead_s=5.0)
+    spec = SimpleNamespace(N=2e5, budget=3e15, flops=3e15)
+    assert est.seconds(spec) == pytest.approx(3e15 / 1.2e13)            # the 3e15 run, though farther in N
+    spec_other = SimpleNamespace(N=2e5, budget=5e14, flops=5e14)
+    assert est.seconds(spec_other) == pytest.approx(5e14 / 2e12)          # none at 5e14: the nearest N
+    est.add(rec(2.1e5, 3e15, 6e12))
+    assert est.seconds(spec) == pytest.approx(3e15 / 6e12)
+    assert Estimator({}, 1e12, 5.0).seconds(spec) == pytest.approx(5.0 + 3e15 / 1e12)
