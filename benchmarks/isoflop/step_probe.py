@@ -146,7 +146,8 @@ def together(name: str, mode: str, k: int, window: float) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "step_probe.json"))
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "step_probe.json"),
+                   help="JSON file to write (a folder: step_probe.json or profile.json inside it)")
     p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="run names of study.yaml's plan")
     p.add_argument("--steps", type=int, default=60, help="timed steps per run and mode, alone")
     p.add_argument("--jobs", type=int, nargs="*", default=[3, 8], help="processes at once (the second run)")
@@ -158,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="only the kernel profile of each run, per mode")
     args = p.parse_args(argv)
+    if Path(args.out).is_dir():  # a folder ($OUT): the file goes inside it
+        args.out = str(Path(args.out) / ("profile.json" if args.profile else "step_probe.json"))
     if args.profile:
         res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "profiles": {}}
