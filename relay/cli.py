@@ -27,6 +27,7 @@ PROG = "python3 -m relay.cli"
 
 
 DEFAULT_PORT = 50051
+STOP_TIMEOUT_S = 10.0  # from SIGINT/SIGTERM to the process gone, at most (the server drains for 1 s of it)
 
 
 def add_listen_args(parser: argparse.ArgumentParser, *, port_default: int | None = DEFAULT_PORT,
@@ -152,6 +153,12 @@ async def start_node(shards: str | None = None, tier: str | None = None, *, stag
 
 
 async def _serve_until_signal(args, step_delay_ms: float) -> None:
+    # Handlers first: a signal sent as soon as "serving on" is logged must stop the node, not interrupt it
+    # (a KeyboardInterrupt inside the loop can leave grpc hanging on the way out).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     tls, next_tls = tls_from_args(args)
     stage = load_stage(args.shards, args.tier, onnx=args.onnx, device=args.device, dtype=args.dtype,
                        verify=not args.no_verify)
@@ -160,11 +167,10 @@ async def _serve_until_signal(args, step_delay_ms: float) -> None:
     logging.getLogger("familial.relay").info(
         "tier %s (layers %d..%d, exits %s) serving on %s:%d%s%s", stage.tier, stage.start_layer, stage.stop_layer,
         stage.exits, args.host, handle.port, " with TLS" if tls else "", f", next {args.next}" if args.next else "")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # grpc's aio channels can hang the shutdown after failed connects (grpc/grpc#29560): past this, the
+    # C watchdog prints every thread's stack and exits with status 1 instead of hanging.
+    faulthandler.dump_traceback_later(STOP_TIMEOUT_S, exit=True)
     await handle.stop(grace=1.0)
 
 
