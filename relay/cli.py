@@ -82,8 +82,8 @@ def add_node_args(parser: argparse.ArgumentParser, include_tier: bool = True,
                    help="rows per engine step: decode tokens plus prefill chunks (default: 8192 on CUDA, 2048 on CPU)")
     e.add_argument("--max-batch-seqs", type=int, default=256, help="sequences per engine step")
     e.add_argument("--micro-batches", type=int, default=TierConfig.micro_batches,
-                   help="with --next: run at most 1/N of the runnable sequences per step so tiers overlap "
-                        "(1: no split)")
+                   help="at the head tier, with --next: run at most 1/N of the runnable sequences per step so "
+                        "tiers overlap (1: no split; deeper tiers take each group whole)")
     e.add_argument("--max-sessions", type=int, default=4096, help="sequences tracked (resident or not)")
     e.add_argument("--idle-timeout-s", type=float, default=600, help="release sequences with no work this long")
     e.add_argument("--step-timeout-s", type=float, default=30,

@@ -6,8 +6,9 @@ decode loop lives here. Every engine step takes all ready work -- decode rows of
 chunks of prefills under a token budget, pending catch-up -- into ONE batched `Stage.forward`.
 Sequences that exit at this tier are sampled there in one batched call; the rest go to the next tier
 together, as one `StepMessage` per step, while this tier goes on with other sequences (micro-batches:
-at most 1/`micro_batches` of the runnable sequences per step when a deeper tier exists, so the tiers
-work on different groups at the same time instead of idling in turn).
+the head runs at most 1/`micro_batches` of the runnable sequences per step when a deeper tier exists,
+so the tiers work on different groups at the same time instead of idling in turn; deeper tiers take
+each group whole as it arrives -- splitting it again only multiplies their steps).
 
 KV-consistency invariant (one implementation, here): a tier's cache covers every position of a
 sequence up to its length; `acked` is what the next tier holds. A message to the next tier carries
@@ -70,8 +71,9 @@ class Downstream(Protocol):
 class TierConfig:
     max_batch_tokens: int = 2048        # rows per engine step (decode rows count one each)
     max_batch_seqs: int = 256           # sequences per engine step
-    micro_batches: int = 3              # with a deeper tier: split runnable sequences into this many groups
-                                        # (3 for a 3-tier chain on one H200, nano relay: 4,157 tok/s, 2: 3,669)
+    micro_batches: int = 3              # at the head, with a deeper tier: split runnable sequences into this
+                                        # many groups (3 for a 3-tier chain on one H200, nano relay: 4,437 tok/s,
+                                        # 1: 3,639); deeper tiers do not split what arrives
     deadline_margin_ms: float = 25.0    # kept back from a deadline to answer degraded in time
     step_timeout_s: float = 30.0        # deadline of a step whose request set none
     down_cooldown_s: float = 1.0        # after the next tier failed, degrade at once for this long
@@ -633,7 +635,7 @@ class TierEngine:
         """All ready work within the step's budgets: decodes first, then prefill chunks, FIFO."""
         budget, chosen, seen, no_slot = self.conf.max_batch_tokens, [], set(), False
         cap = self.conf.max_batch_seqs
-        if self.down is not None and self.conf.micro_batches > 1:
+        if self.down is not None and self.conf.micro_batches > 1 and self.stage.has_embedding:  # groups form at the head
             runnable = sum(1 for it in self.queue if not getattr(self.seqs.get(it.seq_id), 'running', True))
             in_flight = sum(1 for s in self.seqs.values() if s.running)
             cap = min(cap, max(1, math.ceil((runnable + in_flight) / self.conf.micro_batches)))

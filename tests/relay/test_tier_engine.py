@@ -227,3 +227,20 @@ def test_one_group_two_deadlines_each_answered_at_its_own(model):
         for e in engines:
             await e.stop()
     asyncio.run(go())
+
+
+def test_micro_batches_split_at_the_head_only(model):
+    """With micro-batches the head runs a third of the runnable sequences per step and forwards each group
+    as one message; deeper tiers take each group whole (they never run more steps than the tier above),
+    and the tokens are those of the requests run one at a time."""
+    G = model.cfg.G
+    reqs = [GenRequest(f"m{i}", [(7 * i + j) % model.cfg.vocab_size for j in range(4 + i % 3)], 6, exit=G - 1)
+            for i in range(9)]
+    engines = chain(model, [[0], [1], [2]], [16, 16, 16], micro_batches=3)
+    together = run_all(engines, reqs, concurrent=True)
+    steps = [e.counters["steps"] for e in engines]
+    rows = [e.counters["rows"] for e in engines]
+    alone = run_all(chain(model, [[0], [1], [2]], [16, 16, 16], micro_batches=1), reqs, concurrent=False)
+    assert together == alone
+    assert steps[1] <= steps[0] and steps[2] <= steps[1], steps
+    assert rows[0] / steps[0] < len(reqs), (rows, steps)  # the head did split
