@@ -215,9 +215,8 @@ def optimise(law: Law, d: LawData, x0: np.ndarray, W: torch.Tensor, group: int, 
             return evaluate(law, x, d, W[(rows + offset) // group], cfg.delta)
 
         def progress(it, n_active, done=s, size=min(cfg.max_batch, len(x0) - s)):
-            bar.n = done + size - n_active
             bar.set_postfix(iter=it, refresh=False)
-            bar.refresh()
+            bar.update(done + size - n_active - bar.n)  # redraws at most every mininterval (0.1 s)
 
         parts.append(lbfgs.minimize(fun, torch.tensor(x0[s:s + cfg.max_batch], dtype=torch.float64),
                                     cfg.lbfgs, progress, law.bounds()))
