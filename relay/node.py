@@ -83,11 +83,13 @@ class GrpcDownstream:
         self._write_lock = asyncio.Lock()
 
     async def step(self, msg: StepMessage, timeout: float) -> StepReply:
+        t0 = time.perf_counter()
         if msg.hidden.numel() * msg.hidden.element_size() > INLINE_ENCODE_BYTES:
             req = await asyncio.to_thread(wire.step_to_pb, msg, self.wire)  # big device -> host copy off the loop
         else:
             req = wire.step_to_pb(msg, self.wire)
         req.src = self.node_id  # as in Sync: the next tier keys sequences by node, and heads share a tier name
+        local_ms = (time.perf_counter() - t0) * 1e3
         timeout = max(0.001, timeout)
         if self._unary:
             rep = await self.stub.Step(req, timeout=timeout, metadata=self.metadata)
@@ -100,6 +102,7 @@ class GrpcDownstream:
                 self._unary = True  # a peer without StepStream: unary Step from now on
                 rep = await self.stub.Step(req, timeout=timeout, metadata=self.metadata)
         out = wire.reply_from_pb(rep, len(msg.seqs))
+        out.local_ms = local_ms
         self.tier = out.tier or self.tier
         return out
 

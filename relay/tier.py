@@ -868,7 +868,9 @@ class TierEngine:
             self._degrade(group, out, f"next tier {self.down.tier}: {_short(e)}")
             self._wake.set()
             return
-        rtt = (time.perf_counter() - t_send) * 1e3
+        # the hop's time: the round trip less the sender's own encoding (which waits for this step's
+        # kernels: that is this tier's compute, not the network's)
+        rtt = (time.perf_counter() - t_send) * 1e3 - sum(r.local_ms for _, _, r in replies)
         resend = []
         for msg, final, reply in replies:
             for sq, res, ck in zip(msg.seqs, reply.results, final):

@@ -87,6 +87,8 @@ class StepMessage:
 class StepReply:
     results: list[Result]             # one per SeqStep, same order
     tier: str = ""
+    local_ms: float = 0.0             # of the round trip, the sender's own part: encoding the step, which
+                                      # waits for its kernels and copies the hidden states to the host
 
 
 @dataclass(slots=True, eq=False)

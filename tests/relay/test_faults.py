@@ -110,3 +110,31 @@ def test_no_deeper_tier_at_all_degrades_at_the_head(family):
             assert not info["complete"] and [t["tier"] for t in info["tiers"]] == ["device"]
             await c.close()
     run(go())
+
+
+def test_hop_times_exclude_the_senders_encoding(family, monkeypatch):
+    """Encoding a step waits for its kernels and copies the hidden states to the host: the tier's own
+    work. The real encoder behind a 100 ms sleep must show in that tier's time, not the hop's."""
+    from relay import wire
+
+    real = wire.step_to_pb
+
+    def slow_step_to_pb(*a, **k):
+        time.sleep(0.1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(wire, "step_to_pb", slow_step_to_pb)
+    G = family.model.cfg.G
+
+    async def go():
+        async with chain(family) as hs:
+            c = RelayClient(f"127.0.0.1:{hs[0].port}")
+            g = Gen(c, family, await c.open_session(), [1, 2, 3])
+            for _ in range(3):
+                r, _ = await g.step(G - 1, deadline_s=5.0)
+                t = r.timings
+                assert r.tier == "cloud" and not r.degraded, r
+                assert t["device"] >= 100 and t["edge"] >= 100, t  # each encoded one step for the next tier
+                assert t["net:device->edge"] < 100 and t["net:edge->cloud"] < 100, t
+            await c.close()
+    run(go())
