@@ -63,6 +63,17 @@ def pct(xs, q):
     return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
+async def tier_load(addresses: dict) -> dict:
+    """Each relay tier's engine steps, rows, stage seconds, process CPU seconds and uptime (for deltas)."""
+    from relay.client import RelayClient
+    out = {}
+    for t, addr in addresses.items():
+        async with RelayClient(addr, timeout_s=10) as c:
+            st = await c.stats()
+        out[t] = {k: st["engine"][k] for k in ("steps", "rows", "stage_s")} | st["process"]
+    return out
+
+
 class Bench:
     def __init__(self, args):
         self.args, self.quick = args, args.quick
@@ -471,17 +482,6 @@ class Bench:
         if time.time() - t0 > limit_s:
             raise RuntimeError(f"{what}: not up after {limit_s:.0f} s")
 
-    @staticmethod
-    async def _tier_load(addresses: dict) -> dict:
-        """Each tier's engine steps, rows, stage seconds, process CPU seconds and uptime (for deltas)."""
-        from relay.client import RelayClient
-        out = {}
-        for t, addr in addresses.items():
-            async with RelayClient(addr, timeout_s=10) as c:
-                st = await c.stats()
-            out[t] = {k: st["engine"][k] for k in ("steps", "rows", "stage_s")} | st["process"]
-        return out
-
     async def _relay_client(self, fam, t0: float) -> dict:
         from relay.client import RelayClient
         from relay.work import GenRequest
@@ -523,7 +523,7 @@ class Bench:
         phase("nano")
         n_req, lo, hi = (16, 8, 64) if self.quick else (256, 100, 1024)
         reqs = self.nano_requests(n_req, lo, hi)
-        load0 = await self._tier_load(ports)
+        load0 = await tier_load(ports)
         spy = None
         if self.args.spy:  # each tier's Python stacks during nano (benchmarks/spy.py)
             from benchmarks.spy import Recorder
@@ -536,7 +536,7 @@ class Bench:
             if spy is not None:
                 self.R["relay_spy"] = spy.stop()
         wall = time.perf_counter() - t0
-        load1 = await self._tier_load(ports)
+        load1 = await tier_load(ports)
         # where the nano phase's time went at each tier: rows per step, the share of the wall in the stage
         # (GPU work and its launch) and the process's CPU seconds per wall second (host work, all threads)
         load = {t: {"steps": load1[t]["steps"] - load0[t]["steps"],

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.engine_throughput import tier_load  # noqa: E402
+
 TIERS = ("device", "edge", "cloud")
 
 
@@ -41,17 +43,6 @@ def make_shards(tmp: Path, preset: str) -> Path:
     save_checkpoint(tmp / "ckpt", model, ByteTokenizer(), exit_val_loss=None, dtype="float32")
     split_checkpoint(tmp / "ckpt", tmp / "shards", "device=0,edge=1,cloud=2..")
     return tmp / "shards"
-
-
-async def _stats(fam) -> dict:
-    from relay.client import RelayClient
-
-    out = {}
-    for tier, addr in fam.addresses.items():
-        async with RelayClient(addr, timeout_s=10) as c:
-            st = await c.stats()
-        out[tier] = (st["engine"]["steps"], st["engine"]["rows"], st["process"]["cpu_s"])
-    return out
 
 
 async def _load(fam, k: int, tokens: int) -> dict:
@@ -72,17 +63,17 @@ async def _load(fam, k: int, tokens: int) -> dict:
 
     try:
         await asyncio.gather(*(one(i, 8) for i in range(k)))  # warm-up
-        s0 = await _stats(fam)
+        s0 = await tier_load(fam.addresses)
         t0 = time.perf_counter()
         toks = sum(await asyncio.gather(*(one(i, tokens) for i in range(k))))
         wall = time.perf_counter() - t0
-        s1 = await _stats(fam)
+        s1 = await tier_load(fam.addresses)
     finally:
         await stream.close()
         await client.close()
     tiers = {}
     for t in s0:
-        steps, rows, cpu = (s1[t][j] - s0[t][j] for j in range(3))
+        steps, rows, cpu = (s1[t][k] - s0[t][k] for k in ("steps", "rows", "cpu_s"))
         tiers[t] = {"steps": steps, "rows_per_step": round(rows / max(steps, 1), 1),
                     "cpu_us_per_row": round(cpu / max(rows, 1) * 1e6, 1)}
     return {"tokens": toks, "wall_s": round(wall, 3), "tok_s": round(toks / wall, 1), "tiers": tiers}
